@@ -1,0 +1,142 @@
+//! The aggregator's configuration: one typed struct, loaded from an optional TOML file and `LICENSE_SYNC_AGGREGATOR_*`
+//! environment variables (the environment wins), validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// `sqlite://PATH` (the embedded default) or, later, `postgres://…`.
+    pub database_url: String,
+    /// Where agents stream snapshots (gRPC, HTTP/2).
+    pub grpc_listen: SocketAddr,
+    /// REST API, health and metrics.
+    pub http_listen: SocketAddr,
+    /// Base URL clients use to reach the REST API, for `Link` headers (e.g. `https://licenses.example.com`).
+    /// When unset, it is taken from the request's `Host` header.
+    pub public_url: Option<String>,
+    /// An instance with no successful sync for longer than this is reported stale.
+    pub stale_after_days: u32,
+    /// Largest gRPC message accepted (one batch of users).
+    pub max_message_bytes: usize,
+    /// Most users one snapshot may carry.
+    pub max_snapshot_users: usize,
+    /// Largest usage-file upload or members import accepted over REST.
+    pub max_upload_bytes: usize,
+    /// Profile links of cloud members: `<cloud_web_url>/<login>`.
+    pub cloud_web_url: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            database_url: "sqlite://license-sync.db".to_owned(),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            stale_after_days: 8,
+            max_message_bytes: 8 * 1024 * 1024,
+            max_snapshot_users: 2_000_000,
+            max_upload_bytes: 512 * 1024 * 1024,
+            cloud_web_url: "https://github.com".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// Defaults, then the file (if any), then `LICENSE_SYNC_AGGREGATOR_*` variables (e.g. `LICENSE_SYNC_AGGREGATOR_DATABASE_URL`).
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(AggregatorConfig::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!(
+                    "configuration file {} does not exist: pass an existing file to --config or omit it",
+                    file.display()
+                );
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: AggregatorConfig = figment
+            .merge(Env::prefixed("LICENSE_SYNC_AGGREGATOR_"))
+            .extract()
+            .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let scheme_ok = self.database_url.starts_with("sqlite:");
+        if !scheme_ok {
+            anyhow::bail!(
+                "database_url must start with `sqlite:` (e.g. `sqlite://license-sync.db`); got a URL with another scheme"
+            );
+        }
+        if self.stale_after_days == 0 {
+            anyhow::bail!("stale_after_days must be at least 1");
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            anyhow::bail!(
+                "max_message_bytes must be at least 65536 so that one batch of users fits"
+            );
+        }
+        if self.max_snapshot_users == 0 {
+            anyhow::bail!("max_snapshot_users must be at least 1");
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            anyhow::bail!("public_url must start with http:// or https://, got {url:?}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let config = AggregatorConfig::default();
+        config.validate().expect("defaults validate");
+        assert!(config.database_url.starts_with("sqlite:"));
+        assert_eq!(config.stale_after_days, 8);
+    }
+
+    #[test]
+    fn file_values_load_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(
+            &path,
+            "stale_after_days = 3\nhttp_listen = \"127.0.0.1:0\"\n",
+        )
+        .expect("write");
+        let config = AggregatorConfig::load(Some(&path)).expect("loads");
+        assert_eq!(config.stale_after_days, 3);
+
+        std::fs::write(&path, "stale_after_days = 0\n").expect("write");
+        let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
+        assert!(err.to_string().contains("stale_after_days"), "{err}");
+
+        std::fs::write(&path, "no_such_key = 1\n").expect("write");
+        let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+}

@@ -1,0 +1,227 @@
+//! The aggregator's one error type, and how it maps to gRPC and HTTP.
+//!
+//! | kind                 | gRPC code            | HTTP | typical cause                                     |
+//! |----------------------|----------------------|------|---------------------------------------------------|
+//! | `InvalidArgument`    | `INVALID_ARGUMENT`   | 422  | malformed snapshot, bad query parameter           |
+//! | `Unauthenticated`    | `UNAUTHENTICATED`    | 401  | missing or unknown credential                     |
+//! | `PermissionDenied`   | `PERMISSION_DENIED`  | 403  | instance writing to another instance/enterprise   |
+//! | `NotFound`           | `NOT_FOUND`          | 404  | unknown enterprise, or one the caller may not see |
+//! | `FailedPrecondition` | `FAILED_PRECONDITION`| 409  | snapshot older than the stored one                |
+//! | `AlreadyExists`      | `ALREADY_EXISTS`     | 409  | sync id reused with different content             |
+//! | `ResourceExhausted`  | `RESOURCE_EXHAUSTED` | 413  | snapshot or upload over the configured limits     |
+//! | `Unavailable`        | `UNAVAILABLE`        | 503  | database unreachable; the caller should retry     |
+//! | `Internal`           | `INTERNAL`           | 500  | a bug; the message is logged, not returned        |
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Where GitHub-style error bodies point.
+pub const DOCUMENTATION_URL: &str =
+    "https://github.com/license-sync/license-sync/blob/main/README.md#rest-api";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    NotFound,
+    FailedPrecondition,
+    AlreadyExists,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+
+    pub fn http_status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidArgument => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::FailedPrecondition | ErrorKind::AlreadyExists => StatusCode::CONFLICT,
+            ErrorKind::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short label for logs and the sync status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// An error a caller sees. `message` says what was wrong and what to do; it never holds an email or a token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+impl ServiceError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ServiceError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unauthenticated, message)
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
+    /// An unexpected failure: logged in full here, reported to the caller without internals.
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "{context}");
+        Self::new(
+            ErrorKind::Internal,
+            format!("internal error while {context}; see the aggregator's log"),
+        )
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => {
+                tracing::warn!(%error, "database unavailable");
+                ServiceError::new(
+                    ErrorKind::Unavailable,
+                    "the database is unavailable; retry later",
+                )
+            }
+            sqlx::Error::Database(db) if is_busy(db.as_ref()) => {
+                tracing::warn!(%error, "database busy");
+                ServiceError::new(ErrorKind::Unavailable, "the database is busy; retry later")
+            }
+            _ => ServiceError::internal("accessing the database", error),
+        }
+    }
+}
+
+fn is_busy(error: &dyn sqlx::error::DatabaseError) -> bool {
+    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), including extended codes.
+    error
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+impl From<license_sync_core::snapshot::SnapshotError> for ServiceError {
+    fn from(error: license_sync_core::snapshot::SnapshotError) -> Self {
+        use license_sync_core::snapshot::SnapshotError;
+        let kind = match error {
+            SnapshotError::TooManyUsers { .. } => ErrorKind::ResourceExhausted,
+            _ => ErrorKind::InvalidArgument,
+        };
+        ServiceError::new(kind, error.to_string())
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(error: ServiceError) -> Self {
+        tonic::Status::new(error.kind.grpc_code(), error.message)
+    }
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({
+            "message": self.message,
+            "documentation_url": DOCUMENTATION_URL,
+        }));
+        (self.kind.http_status(), body).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_a_matching_grpc_and_http_status() {
+        let table = [
+            (
+                ErrorKind::InvalidArgument,
+                tonic::Code::InvalidArgument,
+                422,
+            ),
+            (
+                ErrorKind::Unauthenticated,
+                tonic::Code::Unauthenticated,
+                401,
+            ),
+            (
+                ErrorKind::PermissionDenied,
+                tonic::Code::PermissionDenied,
+                403,
+            ),
+            (ErrorKind::NotFound, tonic::Code::NotFound, 404),
+            (
+                ErrorKind::FailedPrecondition,
+                tonic::Code::FailedPrecondition,
+                409,
+            ),
+            (ErrorKind::AlreadyExists, tonic::Code::AlreadyExists, 409),
+            (
+                ErrorKind::ResourceExhausted,
+                tonic::Code::ResourceExhausted,
+                413,
+            ),
+            (ErrorKind::Unavailable, tonic::Code::Unavailable, 503),
+            (ErrorKind::Internal, tonic::Code::Internal, 500),
+        ];
+        for (kind, code, status) in table {
+            assert_eq!(kind.grpc_code(), code);
+            assert_eq!(kind.http_status().as_u16(), status);
+            let grpc: tonic::Status = ServiceError::new(kind, "boom").into();
+            assert_eq!(grpc.code(), code);
+            assert_eq!(grpc.message(), "boom");
+        }
+    }
+}

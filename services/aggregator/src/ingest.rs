@@ -1,0 +1,179 @@
+//! gRPC ingest: receives a snapshot stream (header, user batches, trailer), checks it whole, then hands it to the
+//! one commit path. Nothing is written before the trailer has been checked, so a cut or invalid stream changes
+//! nothing stored.
+
+use std::sync::Arc;
+
+use license_sync_core::snapshot::{Snapshot, SnapshotDigest, SnapshotError};
+use license_sync_proto::convert::{server_user_from_proto, snapshot_meta_from_proto, timestamp};
+use license_sync_proto::v1::snapshot_chunk::Chunk;
+use license_sync_proto::v1::snapshot_ingest_server::SnapshotIngest;
+use license_sync_proto::v1::{SnapshotChunk, SyncReceipt};
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::app::App;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::store::{Arrival, Instance};
+
+pub struct IngestService {
+    app: Arc<App>,
+}
+
+impl IngestService {
+    pub fn new(app: Arc<App>) -> Self {
+        IngestService { app }
+    }
+}
+
+/// The credential from `authorization: Bearer <credential>` metadata.
+fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| {
+            ServiceError::unauthenticated(
+                "missing `authorization` metadata: the agent must send its instance credential",
+            )
+        })?
+        .to_str()
+        .map_err(|_| ServiceError::unauthenticated("the `authorization` metadata is not ASCII"))?;
+    let credential = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| {
+            ServiceError::unauthenticated(
+                "the `authorization` metadata must be `Bearer <credential>`",
+            )
+        })?;
+    Ok(credential.trim().to_owned())
+}
+
+#[tonic::async_trait]
+impl SnapshotIngest for IngestService {
+    async fn upload_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SyncReceipt>, Status> {
+        let credential = bearer_credential(&request)?;
+        let instance = self.app.authenticate_instance(&credential).await?;
+        let mut stream = request.into_inner();
+        let (snapshot, digest) = match receive_snapshot(&self.app, &instance, &mut stream).await {
+            Ok(received) => received,
+            Err(error) => {
+                self.app
+                    .record_failure(&instance, Arrival::Connect, &error)
+                    .await;
+                return Err(error.into());
+            }
+        };
+        let receipt = self
+            .app
+            .commit_snapshot(&instance, snapshot, Arrival::Connect, Some(digest))
+            .await?;
+        Ok(Response::new(SyncReceipt {
+            sync_id: receipt.sync_id.to_string(),
+            server_id: receipt.server_id.to_string(),
+            users_accepted: receipt.users_accepted,
+            committed_at: Some(timestamp(receipt.committed_at)),
+            duplicate: receipt.duplicate,
+        }))
+    }
+}
+
+async fn next_chunk(stream: &mut Streaming<SnapshotChunk>) -> ServiceResult<Option<Chunk>> {
+    match stream.message().await {
+        Ok(Some(SnapshotChunk { chunk: Some(chunk) })) => Ok(Some(chunk)),
+        Ok(Some(SnapshotChunk { chunk: None })) => Err(ServiceError::invalid(
+            "received an empty stream message: every message must carry a header, users or a trailer",
+        )),
+        Ok(None) => Ok(None),
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => Err(ServiceError::new(
+            ErrorKind::ResourceExhausted,
+            format!(
+                "a stream message is over the aggregator's limit ({}); lower the agent's batch_size",
+                status.message()
+            ),
+        )),
+        Err(status) => Err(ServiceError::invalid(format!(
+            "the snapshot stream was interrupted ({}: {}); nothing was changed, send the snapshot again",
+            status.code(),
+            status.message()
+        ))),
+    }
+}
+
+/// Reads the whole stream and checks its shape, count and digest.
+async fn receive_snapshot(
+    app: &App,
+    instance: &Instance,
+    stream: &mut Streaming<SnapshotChunk>,
+) -> ServiceResult<(Snapshot, [u8; 32])> {
+    let header = match next_chunk(stream).await? {
+        Some(Chunk::Header(header)) => header,
+        Some(_) => {
+            return Err(ServiceError::invalid(
+                "the snapshot stream must start with a header",
+            ));
+        }
+        None => return Err(ServiceError::invalid("the snapshot stream was empty")),
+    };
+    let meta = snapshot_meta_from_proto(header)
+        .map_err(|err| ServiceError::invalid(format!("invalid snapshot header: {err}")))?;
+    meta.validate(OffsetDateTime::now_utc())?;
+    if meta.instance.server_id != instance.server_id {
+        return Err(ServiceError::permission_denied(format!(
+            "this credential belongs to instance {}, not {}: use the instance's own credential",
+            instance.server_id, meta.instance.server_id
+        )));
+    }
+
+    let max_users = app.config.max_snapshot_users;
+    let mut users = Vec::new();
+    let mut digest = SnapshotDigest::default();
+    let trailer = loop {
+        match next_chunk(stream).await? {
+            Some(Chunk::Users(batch)) => {
+                if users.len() + batch.users.len() > max_users {
+                    return Err(SnapshotError::TooManyUsers {
+                        count: users.len() + batch.users.len(),
+                        max: max_users,
+                    }
+                    .into());
+                }
+                users.reserve(batch.users.len());
+                for wire_user in batch.users {
+                    let row = users.len() + 1;
+                    let user = server_user_from_proto(wire_user)
+                        .map_err(|err| ServiceError::invalid(format!("user row {row}: {err}")))?;
+                    digest.update(&user);
+                    users.push(user);
+                }
+            }
+            Some(Chunk::Trailer(trailer)) => break trailer,
+            Some(Chunk::Header(_)) => {
+                return Err(ServiceError::invalid(
+                    "the snapshot stream has a second header; send one snapshot per stream",
+                ));
+            }
+            None => {
+                return Err(ServiceError::invalid(
+                    "the snapshot stream ended before its trailer: the snapshot is incomplete and nothing was changed; send it again",
+                ));
+            }
+        }
+    };
+    let received = users.len() as u64;
+    if trailer.user_count != received {
+        return Err(SnapshotError::CountMismatch {
+            declared: trailer.user_count,
+            received,
+        }
+        .into());
+    }
+    let digest = digest.finish();
+    if trailer.users_sha256.as_slice() != digest.as_slice() {
+        return Err(SnapshotError::DigestMismatch.into());
+    }
+    Ok((Snapshot { meta, users }, digest))
+}

@@ -1,0 +1,12 @@
+//! The license-sync aggregator: stores GHES usage snapshots, merges accounts into people and serves
+//! GitHub-compatible licensing endpoints. See ARCHITECTURE.md at the repository root.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod rest;
+pub mod server;
+pub mod store;
+pub mod tokens;

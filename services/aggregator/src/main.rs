@@ -1,0 +1,255 @@
+//! `license-sync-aggregator`: the server (`serve`) and owner administration commands.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
+use license_sync_aggregator::{admin, server, store};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "license-sync-aggregator",
+    version,
+    about = "Stores GHES usage snapshots, merges accounts into people, serves GitHub-compatible licensing endpoints"
+)]
+struct Cli {
+    /// TOML configuration file; `LICENSE_SYNC_AGGREGATOR_*` variables override it.
+    #[arg(long, global = true, env = "LICENSE_SYNC_AGGREGATOR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC ingest and the REST API until SIGTERM or Ctrl-C.
+    Serve,
+    /// Manage enterprises.
+    #[command(subcommand)]
+    Enterprise(EnterpriseCommand),
+    /// Manage owners' REST tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage GHES instances and their credentials.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Manage the enterprise's cloud members.
+    #[command(subcommand)]
+    Members(MembersCommand),
+}
+
+#[derive(Subcommand)]
+enum EnterpriseCommand {
+    /// Create an enterprise with its purchased seats.
+    Create {
+        #[arg(long)]
+        slug: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        seats: i64,
+    },
+    /// Change the number of purchased seats.
+    SetSeats {
+        #[arg(long)]
+        slug: String,
+        #[arg(long)]
+        seats: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a REST token for an enterprise's owner; prints the token once.
+    Create {
+        #[arg(long)]
+        enterprise: String,
+        #[arg(long, default_value = "owner token")]
+        description: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum InstanceCommand {
+    /// Enroll a GHES instance (or rotate its credential); prints the instance credential once.
+    Add {
+        #[arg(long)]
+        enterprise: String,
+        #[arg(long)]
+        server_id: Uuid,
+        #[arg(long)]
+        hostname: String,
+    },
+    /// Retire an instance: its users stop counting and its credential stops working.
+    Retire {
+        #[arg(long)]
+        enterprise: String,
+        #[arg(long)]
+        server_id: Uuid,
+    },
+    /// List an enterprise's instances as JSON lines.
+    List {
+        #[arg(long)]
+        enterprise: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCommand {
+    /// Replace the cloud members with those of a JSON file.
+    Import {
+        #[arg(long)]
+        enterprise: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Prints one line on stdout and flushes, so that scripts and tests reading it see it at once.
+fn print_line(line: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = AggregatorConfig::load(cli.config.as_deref())?;
+    init_logging(config.log_format);
+    if let Command::Serve = cli.command {
+        let running = server::start(config).await?;
+        tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "aggregator listening");
+        print_line(
+            &serde_json::json!({
+                "grpc": running.grpc_addr.to_string(),
+                "http": running.http_addr.to_string(),
+            })
+            .to_string(),
+        )?;
+        let stop = running.stop_handle();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        });
+        return running.wait().await;
+    }
+
+    let store = store::open(&config.database_url)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    match cli.command {
+        Command::Serve => unreachable!("handled above"),
+        Command::Enterprise(EnterpriseCommand::Create { slug, name, seats }) => {
+            let name = name.unwrap_or_else(|| slug.clone());
+            let enterprise = admin::create_enterprise(&store, &slug, &name, seats).await?;
+            print_line(&serde_json::to_string(&enterprise)?)?;
+        }
+        Command::Enterprise(EnterpriseCommand::SetSeats { slug, seats }) => {
+            if seats < 0 {
+                anyhow::bail!("--seats must be zero or more");
+            }
+            let enterprise = admin::enterprise(&store, &slug).await?;
+            store.set_seats_purchased(enterprise.id, seats).await?;
+        }
+        Command::Token(TokenCommand::Create {
+            enterprise,
+            description,
+        }) => {
+            let token = admin::create_api_token(&store, &enterprise, &description).await?;
+            eprintln!("REST token for {enterprise} (shown once; only its hash is stored):");
+            print_line(&token)?;
+        }
+        Command::Instance(InstanceCommand::Add {
+            enterprise,
+            server_id,
+            hostname,
+        }) => {
+            let (_, credential) =
+                admin::add_instance(&store, &enterprise, server_id, &hostname).await?;
+            eprintln!(
+                "instance credential for {hostname} ({server_id}), shown once; any earlier credential no longer works:"
+            );
+            print_line(&credential)?;
+        }
+        Command::Instance(InstanceCommand::Retire {
+            enterprise,
+            server_id,
+        }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            store.retire_instance(enterprise.id, server_id).await?;
+        }
+        Command::Instance(InstanceCommand::List { enterprise }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            for instance in store.list_instances(enterprise.id).await? {
+                print_line(
+                    &serde_json::json!({
+                        "server_id": instance.server_id,
+                        "hostname": instance.hostname,
+                        "user_count": instance.user_count,
+                        "retired": instance.retired_at.is_some(),
+                        "enrolled": instance.has_credential,
+                    })
+                    .to_string(),
+                )?;
+            }
+        }
+        Command::Members(MembersCommand::Import { enterprise, file }) => {
+            let count = admin::import_members(&store, &enterprise, &file)
+                .await
+                .context("importing cloud members")?;
+            eprintln!("imported {count} cloud members into {enterprise}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

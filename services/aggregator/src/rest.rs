@@ -1,0 +1,666 @@
+//! The REST API: GitHub-compatible licensing endpoints, plus what GitHub does not have (usage upload, members
+//! import, instance retirement, explanations). Errors are GitHub-shaped: `{"message", "documentation_url"}`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use license_sync_core::merge::{AccountRef, Person, explain, explain_separation};
+use license_sync_core::model::CloudMember;
+use license_sync_core::snapshot::UsageFile;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::app::{App, MergedView};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::store::{Arrival, Enterprise, Instance};
+
+pub const MAX_PER_PAGE: usize = 100;
+pub const DEFAULT_PER_PAGE: usize = 30;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/enterprises/{enterprise}/consumed-licenses",
+            get(consumed_licenses),
+        )
+        .route(
+            "/enterprises/{enterprise}/license-sync-status",
+            get(license_sync_status),
+        )
+        .route("/enterprises/{enterprise}/server-usage", post(upload_usage))
+        .route(
+            "/enterprises/{enterprise}/cloud-members",
+            put(import_cloud_members),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}",
+            delete(retire_instance),
+        )
+        .route(
+            "/enterprises/{enterprise}/license-explanations",
+            get(license_explanation),
+        )
+        .route(
+            "/enterprises/{enterprise}/likely-duplicates",
+            get(likely_duplicates),
+        )
+        // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
+        .layer(DefaultBodyLimit::disable())
+        .fallback(|| async { ServiceError::not_found("Not Found") })
+        .with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
+    app.store.ping().await?;
+    Ok("ready")
+}
+
+/// `Authorization: Bearer TOKEN` or `Authorization: token TOKEN`, as GitHub accepts.
+fn request_token(headers: &HeaderMap) -> ServiceResult<&str> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ServiceError::unauthenticated("Requires authentication"))?
+        .to_str()
+        .map_err(|_| ServiceError::unauthenticated("Bad credentials"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| ServiceError::unauthenticated("Bad credentials"))?;
+    if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") {
+        Ok(token.trim())
+    } else {
+        Err(ServiceError::unauthenticated(
+            "Bad credentials: use `Authorization: Bearer TOKEN`",
+        ))
+    }
+}
+
+async fn authorize(app: &App, headers: &HeaderMap, enterprise: &str) -> ServiceResult<Enterprise> {
+    let token = request_token(headers)?;
+    app.authorize_enterprise(token, enterprise).await
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    per_page: Option<String>,
+    page: Option<String>,
+}
+
+/// Page size and number, validated as GitHub does: `per_page` above 100 is served as 100.
+fn parse_page(query: &PageQuery) -> ServiceResult<(usize, usize)> {
+    let parse = |name: &str, value: &Option<String>, default: usize| -> ServiceResult<usize> {
+        match value.as_deref() {
+            None | Some("") => Ok(default),
+            Some(text) => match text.parse::<usize>() {
+                Ok(number) if number >= 1 => Ok(number),
+                _ => Err(ServiceError::invalid(format!(
+                    "`{name}` must be a positive integer, got {text:?}"
+                ))),
+            },
+        }
+    };
+    let per_page = parse("per_page", &query.per_page, DEFAULT_PER_PAGE)?.min(MAX_PER_PAGE);
+    let page = parse("page", &query.page, 1)?;
+    Ok((per_page, page))
+}
+
+/// Base URL for `Link` headers: the configured public URL, else the request's `Host`.
+fn base_url(app: &App, headers: &HeaderMap) -> String {
+    if let Some(url) = &app.config.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|value| value.to_str().ok())
+        .filter(|proto| *proto == "https")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+/// RFC 8288 `Link` header with the relations GitHub sends: `prev`/`first` after page 1, `next`/`last` before the
+/// last page.
+fn link_header(url: &str, per_page: usize, page: usize, last_page: usize) -> Option<String> {
+    let link =
+        |page: usize, rel: &str| format!("<{url}?per_page={per_page}&page={page}>; rel=\"{rel}\"");
+    let mut links = Vec::new();
+    if page > 1 {
+        links.push(link(page.saturating_sub(1).clamp(1, last_page), "prev"));
+    }
+    if page < last_page {
+        links.push(link(page + 1, "next"));
+        links.push(link(last_page, "last"));
+    }
+    if page > 1 {
+        links.push(link(1, "first"));
+    }
+    (!links.is_empty()).then(|| links.join(", "))
+}
+
+/// One entry of `users` in GitHub's "Enterprise Consumed Licenses" schema.
+#[derive(Debug, Serialize)]
+struct ConsumedUser {
+    github_com_login: String,
+    github_com_name: Option<String>,
+    enterprise_server_user_ids: Vec<String>,
+    github_com_user: bool,
+    enterprise_server_user: Option<bool>,
+    visual_studio_subscription_user: bool,
+    license_type: &'static str,
+    github_com_profile: Option<String>,
+    github_com_member_roles: Vec<String>,
+    github_com_enterprise_roles: Vec<String>,
+    github_com_verified_domain_emails: Vec<String>,
+    github_com_saml_name_id: Option<String>,
+    github_com_orgs_with_pending_invites: Vec<String>,
+    github_com_two_factor_auth: Option<bool>,
+    enterprise_server_emails: Vec<String>,
+    visual_studio_license_status: Option<String>,
+    visual_studio_subscription_email: Option<String>,
+    total_user_accounts: usize,
+    /// Ours: the person's stable id, for `license-explanations?person=`.
+    person_id: String,
+    /// Ours: a tie rule decided which cloud member this person's GHES account joined.
+    ambiguous: bool,
+}
+
+fn consumed_user(view: &MergedView, person: &Person, cloud_web_url: &str) -> ConsumedUser {
+    let member = person
+        .cloud_member
+        .and_then(|index| view.cloud_members.get(index as usize));
+    let mut server_ids = Vec::with_capacity(person.server_accounts.len());
+    let mut server_emails: Vec<String> = Vec::new();
+    for link in &person.server_accounts {
+        let instance = &view.instances[link.account.instance as usize];
+        let user = &instance.users[link.account.user as usize];
+        server_ids.push(format!("{}:{}", instance.hostname, user.id));
+        let email = user.email.trim();
+        if !email.is_empty()
+            && !server_emails
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(email))
+        {
+            server_emails.push(email.to_owned());
+        }
+    }
+    // GitHub's own example gives empty strings, not nulls, for a server-only person; clients expect that.
+    let text = |value: Option<&str>| Some(value.unwrap_or_default().to_owned());
+    ConsumedUser {
+        github_com_login: member.map(|m| m.login.clone()).unwrap_or_default(),
+        github_com_name: text(member.and_then(|m| m.name.as_deref())),
+        enterprise_server_user_ids: server_ids,
+        github_com_user: member.is_some(),
+        enterprise_server_user: Some(!person.server_accounts.is_empty()),
+        visual_studio_subscription_user: member.is_some_and(|m| m.visual_studio_subscription_user),
+        license_type: "enterprise",
+        github_com_profile: text(
+            member
+                .map(|m| format!("{}/{}", cloud_web_url.trim_end_matches('/'), m.login))
+                .as_deref(),
+        ),
+        github_com_member_roles: member.map(|m| m.member_roles.clone()).unwrap_or_default(),
+        github_com_enterprise_roles: member
+            .map(|m| m.enterprise_roles.clone())
+            .unwrap_or_default(),
+        github_com_verified_domain_emails: member
+            .map(|m| m.verified_emails.clone())
+            .unwrap_or_default(),
+        github_com_saml_name_id: text(
+            member
+                .and_then(|m| m.identity.as_ref())
+                .and_then(|identity| identity.name_id.as_deref()),
+        ),
+        github_com_orgs_with_pending_invites: member
+            .map(|m| m.orgs_with_pending_invites.clone())
+            .unwrap_or_default(),
+        github_com_two_factor_auth: member.and_then(|m| m.two_factor_auth),
+        enterprise_server_emails: server_emails,
+        visual_studio_license_status: text(None),
+        visual_studio_subscription_email: text(None),
+        total_user_accounts: person.total_user_accounts(),
+        person_id: person.id.clone(),
+        ambiguous: person.ambiguous(),
+    }
+}
+
+fn overage(consumed: u64, purchased: i64) -> u64 {
+    consumed.saturating_sub(u64::try_from(purchased).unwrap_or(0))
+}
+
+async fn consumed_licenses(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    Query(query): Query<PageQuery>,
+    headers: HeaderMap,
+) -> ServiceResult<Response> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let (per_page, page) = parse_page(&query)?;
+    let view = app.merged_view(enterprise.id).await?;
+    let consuming = &view.merged.consuming;
+    let total = consuming.len();
+    let last_page = total.div_ceil(per_page).max(1);
+    let start = (page - 1).saturating_mul(per_page).min(total);
+    let end = start.saturating_add(per_page).min(total);
+    let users: Vec<ConsumedUser> = consuming[start..end]
+        .iter()
+        .map(|&position| {
+            consumed_user(
+                &view,
+                &view.merged.people[position as usize],
+                &app.config.cloud_web_url,
+            )
+        })
+        .collect();
+    let consumed = view.merged.total_seats_consumed();
+    let body = json!({
+        "total_seats_consumed": consumed,
+        "total_seats_purchased": view.seats_purchased,
+        "total_seats_overage": overage(consumed, view.seats_purchased),
+        "users": users,
+    });
+    let mut response = Json(body).into_response();
+    let url = format!(
+        "{}/enterprises/{}/consumed-licenses",
+        base_url(&app, &headers),
+        enterprise.slug
+    );
+    if let Some(link) = link_header(&url, per_page, page, last_page)
+        && let Ok(value) = HeaderValue::from_str(&link)
+    {
+        response.headers_mut().insert(header::LINK, value);
+    }
+    Ok(response)
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&Rfc3339).unwrap_or_default()
+}
+
+fn instance_status(instance: &Instance, stale_after: time::Duration, now: OffsetDateTime) -> Value {
+    let (date, status) = match (instance.last_attempt_at, instance.last_attempt_ok) {
+        (Some(at), Some(true)) => (rfc3339(at), "success"),
+        (Some(at), _) => (rfc3339(at), "failed"),
+        (None, _) => (String::new(), "pending"),
+    };
+    let stale = instance
+        .last_success_at
+        .is_none_or(|success| now - success > stale_after);
+    json!({
+        "server_id": instance.server_id.to_string(),
+        "hostname": instance.hostname,
+        "last_sync": {
+            "date": date,
+            "status": status,
+            "error": instance.last_error,
+        },
+        "arrival": instance.last_success_via.map(Arrival::as_str),
+        "last_success_date": instance.last_success_at.map(rfc3339),
+        "generated_at": instance.generated_at.map(rfc3339),
+        "ghes_version": instance.ghes_version,
+        "user_count": instance.user_count,
+        "rows_skipped": instance.rows_skipped,
+        "stale": stale,
+        "enrolled": instance.has_credential,
+    })
+}
+
+async fn license_sync_status(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    headers: HeaderMap,
+) -> ServiceResult<Json<Value>> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let instances = app.store.list_instances(enterprise.id).await?;
+    let now = OffsetDateTime::now_utc();
+    let stale_after = time::Duration::days(i64::from(app.config.stale_after_days));
+    let server_instances: Vec<Value> = instances
+        .iter()
+        .filter(|instance| instance.retired_at.is_none())
+        .map(|instance| instance_status(instance, stale_after, now))
+        .collect();
+    Ok(Json(json!({ "server_instances": server_instances })))
+}
+
+/// Reads a request body up to the configured limit.
+async fn read_body(app: &App, body: Body) -> ServiceResult<Bytes> {
+    let limit = app.config.max_upload_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ServiceError::new(
+            ErrorKind::ResourceExhausted,
+            format!("the request body is over the {limit}-byte limit (max_upload_bytes)"),
+        )
+    })
+}
+
+/// Parses JSON without echoing input values in the error (they may hold email addresses).
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> ServiceResult<T> {
+    serde_json::from_slice(bytes).map_err(|err| {
+        let problem = match err.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "is not valid JSON"
+            }
+            serde_json::error::Category::Data => "does not have the expected fields and types",
+            serde_json::error::Category::Io => "could not be read",
+        };
+        ServiceError::invalid(format!(
+            "the body {problem} (line {}, column {}): expected {what}",
+            err.line(),
+            err.column()
+        ))
+    })
+}
+
+/// "Add server usage": the manual upload of a usage file exported by an agent.
+async fn upload_usage(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServiceResult<Response> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let bytes = read_body(&app, body).await?;
+    let what = "a usage file written by `license-sync-agent export`";
+    let value: Value = parse_json(&bytes, what)?;
+    match value.get("format").and_then(Value::as_str) {
+        Some(UsageFile::FORMAT) => {}
+        Some(other) => {
+            return Err(ServiceError::invalid(format!(
+                "unsupported usage file format {other:?}; this aggregator reads {:?}",
+                UsageFile::FORMAT
+            )));
+        }
+        None => {
+            return Err(ServiceError::invalid(format!(
+                "the body has no \"format\" field: expected {what}"
+            )));
+        }
+    }
+    drop(value);
+    let file: UsageFile = parse_json(&bytes, what)?;
+    let instance = app
+        .store
+        .instance_for_upload(
+            enterprise.id,
+            file.meta.instance.server_id,
+            &file.meta.instance.hostname,
+        )
+        .await?;
+    let snapshot = match file.into_snapshot() {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            let error = ServiceError::from(error);
+            app.record_failure(&instance, Arrival::Upload, &error).await;
+            return Err(error);
+        }
+    };
+    let receipt = app
+        .commit_snapshot(&instance, snapshot, Arrival::Upload, None)
+        .await?;
+    let status = if receipt.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(receipt)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MembersBody {
+    List(Vec<CloudMember>),
+    Wrapped { members: Vec<CloudMember> },
+}
+
+/// Replaces the enterprise's cloud members whole.
+async fn import_cloud_members(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServiceResult<Json<Value>> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let bytes = read_body(&app, body).await?;
+    let members = match parse_json::<MembersBody>(
+        &bytes,
+        "a JSON array of cloud members (or {\"members\": [...]})",
+    )? {
+        MembersBody::List(members) | MembersBody::Wrapped { members } => members,
+    };
+    validate_members(&members)?;
+    app.store
+        .replace_cloud_members(enterprise.id, &members)
+        .await?;
+    tracing::info!(enterprise = %enterprise.slug, members = members.len(), "cloud members imported");
+    Ok(Json(json!({ "members_imported": members.len() })))
+}
+
+pub fn validate_members(members: &[CloudMember]) -> ServiceResult<()> {
+    let mut ids = std::collections::HashSet::with_capacity(members.len());
+    let mut logins = std::collections::HashSet::with_capacity(members.len());
+    for (index, member) in members.iter().enumerate() {
+        let entry = index + 1;
+        if member.id <= 0 {
+            return Err(ServiceError::invalid(format!(
+                "member {entry}: `id` must be a positive cloud user id"
+            )));
+        }
+        if member.login.trim().is_empty() {
+            return Err(ServiceError::invalid(format!(
+                "member {entry} (id {}): `login` is empty",
+                member.id
+            )));
+        }
+        if !ids.insert(member.id) {
+            return Err(ServiceError::invalid(format!(
+                "member {entry}: id {} appears more than once; each cloud account must appear once",
+                member.id
+            )));
+        }
+        if !logins.insert(member.login.to_lowercase()) {
+            return Err(ServiceError::invalid(format!(
+                "member {entry}: login {:?} appears more than once",
+                member.login
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn retire_instance(
+    State(app): State<Arc<App>>,
+    Path((enterprise, server_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServiceResult<StatusCode> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let server_id = Uuid::parse_str(&server_id)
+        .map_err(|_| ServiceError::invalid(format!("{server_id:?} is not a server id (UUID)")))?;
+    app.store.retire_instance(enterprise.id, server_id).await?;
+    tracing::info!(enterprise = %enterprise.slug, %server_id, "instance retired");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct ExplainQuery {
+    /// `<hostname>:<user id>`, `github.com:<login>`, or a person id.
+    account: Option<String>,
+    person: Option<String>,
+    /// A second account or person id: why are these two licenses?
+    other: Option<String>,
+}
+
+/// Finds the person holding an account reference or with a person id.
+fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v Person> {
+    if let Some(person) = view.merged.person_by_id(reference) {
+        return Ok(person);
+    }
+    let not_found = || {
+        ServiceError::not_found(format!(
+            "no account or person {reference:?}: use `<hostname>:<user id>`, `github.com:<login>` or a person_id"
+        ))
+    };
+    let (prefix, rest) = reference.rsplit_once(':').ok_or_else(not_found)?;
+    if prefix.eq_ignore_ascii_case("github.com") {
+        let index = view
+            .cloud_members
+            .iter()
+            .position(|member| member.login.eq_ignore_ascii_case(rest))
+            .ok_or_else(not_found)?;
+        return view
+            .merged
+            .person_of_cloud_member(index as u32)
+            .ok_or_else(not_found);
+    }
+    let user_id: i64 = rest.parse().map_err(|_| not_found())?;
+    for (instance_index, instance) in view.instances.iter().enumerate() {
+        if !instance.hostname.eq_ignore_ascii_case(prefix) {
+            continue;
+        }
+        if let Some(user_index) = instance.users.iter().position(|user| user.id == user_id) {
+            return view
+                .merged
+                .person_of_account(AccountRef {
+                    instance: instance_index as u32,
+                    user: user_index as u32,
+                })
+                .ok_or_else(not_found);
+        }
+    }
+    Err(not_found())
+}
+
+/// "Why is this one license?" and, with `other`, "why are these two licenses?".
+async fn license_explanation(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    Query(query): Query<ExplainQuery>,
+    headers: HeaderMap,
+) -> ServiceResult<Json<Value>> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let reference = query.account.or(query.person).ok_or_else(|| {
+        ServiceError::invalid(
+            "give `account=<hostname>:<user id>` (or `github.com:<login>`) or `person=<person_id>`",
+        )
+    })?;
+    let view = app.merged_view(enterprise.id).await?;
+    let person = find_person(&view, &reference)?;
+    let explanation = explain(person, &view.instances, &view.cloud_members);
+    let Some(other_reference) = query.other else {
+        return Ok(Json(json!({ "explanation": explanation })));
+    };
+    let other = find_person(&view, &other_reference)?;
+    let reasons = explain_separation(
+        (person, &reference),
+        (other, &other_reference),
+        &view.instances,
+        &view.cloud_members,
+    );
+    Ok(Json(json!({
+        "explanation": explanation,
+        "other_explanation": explain(other, &view.instances, &view.cloud_members),
+        "same_person": person.id == other.id,
+        "licenses": if person.id == other.id {
+            u8::from(person.consumes_license)
+        } else {
+            u8::from(person.consumes_license) + u8::from(other.consumes_license)
+        },
+        "reasons": reasons,
+    })))
+}
+
+async fn likely_duplicates(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    headers: HeaderMap,
+) -> ServiceResult<Json<Value>> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let view = app.merged_view(enterprise.id).await?;
+    Ok(Json(json!({
+        "likely_duplicates": view.merged.likely_duplicates,
+        "stats": view.merged.stats,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header_has_github_relations() {
+        let url = "http://h/enterprises/e/consumed-licenses";
+        assert_eq!(link_header(url, 10, 1, 1), None);
+        let first = link_header(url, 10, 1, 3).expect("links");
+        assert_eq!(
+            first,
+            "<http://h/enterprises/e/consumed-licenses?per_page=10&page=2>; rel=\"next\", \
+             <http://h/enterprises/e/consumed-licenses?per_page=10&page=3>; rel=\"last\""
+        );
+        let middle = link_header(url, 10, 2, 3).expect("links");
+        for rel in ["prev", "next", "last", "first"] {
+            assert!(middle.contains(&format!("rel=\"{rel}\"")), "{middle}");
+        }
+        let last = link_header(url, 10, 3, 3).expect("links");
+        assert!(
+            last.contains("page=2>; rel=\"prev\"") && !last.contains("next"),
+            "{last}"
+        );
+        // Past the end: prev points at the last page.
+        let beyond = link_header(url, 10, 9, 3).expect("links");
+        assert!(beyond.contains("page=3>; rel=\"prev\""), "{beyond}");
+    }
+
+    #[test]
+    fn page_parameters_are_validated_and_clamped() {
+        let query = |per_page: Option<&str>, page: Option<&str>| PageQuery {
+            per_page: per_page.map(str::to_owned),
+            page: page.map(str::to_owned),
+        };
+        assert_eq!(parse_page(&query(None, None)).ok(), Some((30, 1)));
+        assert_eq!(
+            parse_page(&query(Some("500"), Some("2"))).ok(),
+            Some((100, 2))
+        );
+        for bad in [
+            query(Some("0"), None),
+            query(Some("x"), None),
+            query(None, Some("-1")),
+        ] {
+            let err = parse_page(&bad).expect_err("invalid");
+            assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn authorization_accepts_bearer_and_token_schemes() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            request_token(&headers).expect_err("missing").kind,
+            ErrorKind::Unauthenticated
+        );
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(request_token(&headers).ok(), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
+        assert_eq!(request_token(&headers).ok(), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(request_token(&headers).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Binds the gRPC and HTTP listeners and runs both until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use license_sync_proto::v1::FILE_DESCRIPTOR_SET;
+use license_sync_proto::v1::snapshot_ingest_server::SnapshotIngestServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tower_http::trace::TraceLayer;
+
+use crate::app::App;
+use crate::config::AggregatorConfig;
+use crate::ingest::IngestService;
+use crate::{rest, store};
+
+/// A running aggregator. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and waits for both servers.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until both servers have stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        for task in self.tasks {
+            task.await.context("server task panicked")??;
+        }
+        Ok(())
+    }
+
+    pub fn stop_handle(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // Ends when `true` is sent or the sender is gone.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
+    let store = store::open(&config.database_url)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let max_message_bytes = config.max_message_bytes;
+    let app = App::new(store, config);
+    let (stop, stop_rx) = watch::channel(false);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SnapshotIngestServer<IngestService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let ingest = SnapshotIngestServer::new(IngestService::new(Arc::clone(&app)))
+        .max_decoding_message_size(max_message_bytes);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ingest)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let grpc_task = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
+
+    let router = rest::router(Arc::clone(&app)).layer(TraceLayer::new_for_http());
+    let http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(stopped(http_stop))
+            .await
+            .context("HTTP server failed")
+    });
+
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        app,
+        stop,
+        tasks: vec![grpc_task, http_task],
+    })
+}

@@ -1,0 +1,668 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Durability: `synchronous = FULL`, so a snapshot acknowledged to an agent survives a power loss.
+//! Concurrency: SQLite has one writer; writes are serialised by `write_lock` inside the process, so a deferred
+//! transaction never has to upgrade its lock against another of ours (which SQLite answers with SQLITE_BUSY
+//! without waiting). Readers run in parallel on WAL snapshots.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use license_sync_core::merge::InstanceUsers;
+use license_sync_core::model::{CloudMember, ServerUser, UserRole};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::{
+    Arrival, CommitOutcome, Enterprise, Instance, MergeInput, SnapshotCommit, Store,
+    time_to_unix_ms, unix_ms_to_time, unix_to_time,
+};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Rows per multi-row INSERT: 10 columns × 3000 rows stays under SQLite's 32766 bound parameters.
+const USER_ROWS_PER_INSERT: usize = 3000;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    write_lock: Mutex<()>,
+}
+
+impl SqliteStore {
+    pub async fn open(database_url: &str) -> ServiceResult<Self> {
+        let options = SqliteConnectOptions::from_str(database_url)
+            .map_err(|err| ServiceError::invalid(format!("invalid SQLite database_url: {err}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|err| {
+                ServiceError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot open the SQLite database: {err}"),
+                )
+            })?;
+        MIGRATOR.run(&pool).await.map_err(|err| {
+            ServiceError::new(
+                ErrorKind::Internal,
+                format!("cannot apply database migrations: {err}"),
+            )
+        })?;
+        Ok(SqliteStore {
+            pool,
+            write_lock: Mutex::new(()),
+        })
+    }
+}
+
+fn now_unix() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn enterprise_from_row(row: &SqliteRow) -> Result<Enterprise, sqlx::Error> {
+    Ok(Enterprise {
+        id: row.try_get("id")?,
+        slug: row.try_get("slug")?,
+        name: row.try_get("name")?,
+        seats_purchased: row.try_get("seats_purchased")?,
+        generation: row.try_get("generation")?,
+    })
+}
+
+const INSTANCE_COLUMNS: &str = "id, enterprise_id, server_id, hostname, ghes_version, \
+     credential_sha256 IS NOT NULL AS has_credential, retired_at, generated_at_ms, user_count, \
+     last_success_at, last_success_via, last_attempt_at, last_attempt_ok, last_attempt_via, last_error, \
+     rows_skipped";
+
+fn instance_from_row(row: &SqliteRow) -> Result<Instance, sqlx::Error> {
+    let server_id: String = row.try_get("server_id")?;
+    let arrival = |column: &str| -> Result<Option<Arrival>, sqlx::Error> {
+        Ok(row
+            .try_get::<Option<String>, _>(column)?
+            .as_deref()
+            .and_then(Arrival::parse))
+    };
+    Ok(Instance {
+        id: row.try_get("id")?,
+        enterprise_id: row.try_get("enterprise_id")?,
+        server_id: Uuid::parse_str(&server_id).map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+        hostname: row.try_get("hostname")?,
+        ghes_version: row.try_get("ghes_version")?,
+        has_credential: row.try_get("has_credential")?,
+        retired_at: row
+            .try_get::<Option<i64>, _>("retired_at")?
+            .map(unix_to_time),
+        generated_at: row
+            .try_get::<Option<i64>, _>("generated_at_ms")?
+            .map(unix_ms_to_time),
+        user_count: row.try_get("user_count")?,
+        last_success_at: row
+            .try_get::<Option<i64>, _>("last_success_at")?
+            .map(unix_to_time),
+        last_success_via: arrival("last_success_via")?,
+        last_attempt_at: row
+            .try_get::<Option<i64>, _>("last_attempt_at")?
+            .map(unix_to_time),
+        last_attempt_ok: row.try_get("last_attempt_ok")?,
+        last_attempt_via: arrival("last_attempt_via")?,
+        last_error: row.try_get("last_error")?,
+        rows_skipped: row.try_get("rows_skipped")?,
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> ServiceResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_enterprise(
+        &self,
+        slug: &str,
+        name: &str,
+        seats: i64,
+    ) -> ServiceResult<Enterprise> {
+        let _write = self.write_lock.lock().await;
+        let result = sqlx::query(
+            "INSERT INTO enterprises (slug, name, seats_purchased, created_at) VALUES (?, ?, ?, ?) \
+             RETURNING id, slug, name, seats_purchased, generation",
+        )
+        .bind(slug)
+        .bind(name)
+        .bind(seats)
+        .bind(now_unix())
+        .fetch_one(&self.pool)
+        .await;
+        match result {
+            Ok(row) => Ok(enterprise_from_row(&row)?),
+            Err(err) if is_unique_violation(&err) => Err(ServiceError::new(
+                ErrorKind::AlreadyExists,
+                format!("enterprise {slug:?} already exists; choose another slug"),
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()> {
+        let _write = self.write_lock.lock().await;
+        sqlx::query(
+            "UPDATE enterprises SET seats_purchased = ?, generation = generation + 1 WHERE id = ?",
+        )
+        .bind(seats)
+        .bind(enterprise_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>> {
+        let row = sqlx::query(
+            "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE slug = ?",
+        )
+        .bind(slug)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+    }
+
+    async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64> {
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM enterprises WHERE id = ?")
+                .bind(enterprise_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        generation.ok_or_else(|| ServiceError::not_found("enterprise not found"))
+    }
+
+    async fn create_api_token(
+        &self,
+        enterprise_id: i64,
+        token_sha256: &str,
+        description: &str,
+    ) -> ServiceResult<()> {
+        let _write = self.write_lock.lock().await;
+        sqlx::query(
+            "INSERT INTO api_tokens (enterprise_id, token_sha256, description, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(enterprise_id)
+        .bind(token_sha256)
+        .bind(description)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn enterprise_for_api_token(
+        &self,
+        token_sha256: &str,
+    ) -> ServiceResult<Option<Enterprise>> {
+        let row = sqlx::query(
+            "SELECT e.id, e.slug, e.name, e.seats_purchased, e.generation FROM api_tokens t \
+             JOIN enterprises e ON e.id = t.enterprise_id \
+             WHERE t.token_sha256 = ? AND t.revoked_at IS NULL",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+    }
+
+    async fn enroll_instance(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        hostname: &str,
+        credential_sha256: &str,
+    ) -> ServiceResult<Instance> {
+        let _write = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<i64> =
+            sqlx::query_scalar("SELECT enterprise_id FROM instances WHERE server_id = ?")
+                .bind(server_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        match owner {
+            Some(owner) if owner != enterprise_id => {
+                return Err(ServiceError::permission_denied(format!(
+                    "instance {server_id} is enrolled in another enterprise; retire it there first"
+                )));
+            }
+            Some(_) => {
+                let was_retired: Option<i64> =
+                    sqlx::query_scalar("SELECT retired_at FROM instances WHERE server_id = ?")
+                        .bind(server_id.to_string())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query(
+                    "UPDATE instances SET credential_sha256 = ?, hostname = ?, retired_at = NULL \
+                     WHERE server_id = ?",
+                )
+                .bind(credential_sha256)
+                .bind(hostname)
+                .bind(server_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                if was_retired.is_some() {
+                    // Its stored users count again.
+                    bump_generation(&mut tx, enterprise_id).await?;
+                }
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO instances (enterprise_id, server_id, hostname, credential_sha256, created_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(enterprise_id)
+                .bind(server_id.to_string())
+                .bind(hostname)
+                .bind(credential_sha256)
+                .bind(now_unix())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE server_id = ?"
+        ))
+        .bind(server_id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let instance = instance_from_row(&row)?;
+        tx.commit().await?;
+        Ok(instance)
+    }
+
+    async fn instance_for_upload(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        hostname: &str,
+    ) -> ServiceResult<Instance> {
+        let _write = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE server_id = ?"
+        ))
+        .bind(server_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let instance = match row {
+            Some(row) => instance_from_row(&row)?,
+            None => {
+                sqlx::query(
+                    "INSERT INTO instances (enterprise_id, server_id, hostname, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(enterprise_id)
+                .bind(server_id.to_string())
+                .bind(hostname)
+                .bind(now_unix())
+                .execute(&mut *tx)
+                .await?;
+                let row = sqlx::query(&format!(
+                    "SELECT {INSTANCE_COLUMNS} FROM instances WHERE server_id = ?"
+                ))
+                .bind(server_id.to_string())
+                .fetch_one(&mut *tx)
+                .await?;
+                instance_from_row(&row)?
+            }
+        };
+        if instance.enterprise_id != enterprise_id {
+            return Err(ServiceError::permission_denied(format!(
+                "instance {server_id} belongs to another enterprise; upload its usage there"
+            )));
+        }
+        tx.commit().await?;
+        Ok(instance)
+    }
+
+    async fn instance_for_credential(
+        &self,
+        credential_sha256: &str,
+    ) -> ServiceResult<Option<Instance>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE credential_sha256 = ? AND retired_at IS NULL"
+        ))
+        .bind(credential_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(instance_from_row).transpose()?)
+    }
+
+    async fn list_instances(&self, enterprise_id: i64) -> ServiceResult<Vec<Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE enterprise_id = ? ORDER BY hostname, server_id"
+        ))
+        .bind(enterprise_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(instance_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()> {
+        let _write = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE instances SET retired_at = ?, credential_sha256 = NULL \
+             WHERE enterprise_id = ? AND server_id = ? AND retired_at IS NULL",
+        )
+        .bind(now_unix())
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ServiceError::not_found(format!(
+                "no active instance {server_id} in this enterprise"
+            )));
+        }
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> ServiceResult<CommitOutcome> {
+        let _write = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let meta = &commit.snapshot.meta;
+        let sync_id = meta.sync_id.to_string();
+
+        let applied = sqlx::query(
+            "SELECT instance_id, users_sha256, user_count, committed_at_ms FROM applied_syncs WHERE sync_id = ?",
+        )
+        .bind(&sync_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(applied) = applied {
+            let instance_id: i64 = applied.try_get("instance_id")?;
+            let sha: String = applied.try_get("users_sha256")?;
+            if instance_id != commit.instance_id || sha != commit.users_sha256 {
+                return Err(ServiceError::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "sync id {sync_id} was already used for a different snapshot; a new snapshot needs a new sync id"
+                    ),
+                ));
+            }
+            let user_count: i64 = applied.try_get("user_count")?;
+            return Ok(CommitOutcome::Duplicate {
+                committed_at: unix_ms_to_time(applied.try_get("committed_at_ms")?),
+                user_count: user_count as u64,
+            });
+        }
+
+        let stored = sqlx::query(
+            "SELECT enterprise_id, generated_at_ms, retired_at FROM instances WHERE id = ?",
+        )
+        .bind(commit.instance_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::not_found("the instance no longer exists; enroll it again"))?;
+        let enterprise_id: i64 = stored.try_get("enterprise_id")?;
+        if stored.try_get::<Option<i64>, _>("retired_at")?.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::FailedPrecondition,
+                "the instance is retired; enroll it again before syncing",
+            ));
+        }
+        let new_generated_ms = time_to_unix_ms(meta.generated_at);
+        if let Some(stored_ms) = stored.try_get::<Option<i64>, _>("generated_at_ms")?
+            && stored_ms > new_generated_ms
+        {
+            return Err(ServiceError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "this snapshot was generated at {} but the stored one is newer ({}); read the users again and send a new snapshot",
+                    rfc3339(meta.generated_at),
+                    rfc3339(unix_ms_to_time(stored_ms)),
+                ),
+            ));
+        }
+
+        sqlx::query("DELETE FROM server_users WHERE instance_id = ?")
+            .bind(commit.instance_id)
+            .execute(&mut *tx)
+            .await?;
+        for chunk in commit.snapshot.users.chunks(USER_ROWS_PER_INSERT) {
+            let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO server_users (instance_id, user_id, login, email, role, suspended, dormant, \
+                 created_at, last_active, two_factor_enabled) ",
+            );
+            insert.push_values(chunk, |mut row, user| {
+                row.push_bind(commit.instance_id)
+                    .push_bind(user.id)
+                    .push_bind(&user.login)
+                    .push_bind(&user.email)
+                    .push_bind(user.role.as_str())
+                    .push_bind(user.suspended)
+                    .push_bind(user.dormant)
+                    .push_bind(user.created_at.map(OffsetDateTime::unix_timestamp))
+                    .push_bind(user.last_active.map(OffsetDateTime::unix_timestamp))
+                    .push_bind(user.two_factor_enabled);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+
+        let now = commit.now.unix_timestamp();
+        let via = commit.via.as_str();
+        sqlx::query(
+            "UPDATE instances SET hostname = ?, ghes_version = ?, generated_at_ms = ?, user_count = ?, \
+             last_success_at = ?, last_success_via = ?, last_attempt_at = ?, last_attempt_ok = 1, \
+             last_attempt_via = ?, last_error = '', rows_skipped = ?, license_seats = ?, license_seats_used = ? \
+             WHERE id = ?",
+        )
+        .bind(&meta.instance.hostname)
+        .bind(&meta.instance.ghes_version)
+        .bind(new_generated_ms)
+        .bind(commit.snapshot.users.len() as i64)
+        .bind(now)
+        .bind(via)
+        .bind(now)
+        .bind(via)
+        .bind(meta.source_report.rows_skipped as i64)
+        .bind(meta.license.as_ref().and_then(|l| l.seats))
+        .bind(meta.license.as_ref().map(|l| l.seats_used))
+        .bind(commit.instance_id)
+        .execute(&mut *tx)
+        .await?;
+        let committed_ms = time_to_unix_ms(commit.now);
+        sqlx::query(
+            "INSERT INTO applied_syncs (sync_id, instance_id, users_sha256, user_count, via, committed_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&sync_id)
+        .bind(commit.instance_id)
+        .bind(commit.users_sha256)
+        .bind(commit.snapshot.users.len() as i64)
+        .bind(via)
+        .bind(committed_ms)
+        .execute(&mut *tx)
+        .await?;
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(CommitOutcome::Applied {
+            committed_at: commit.now,
+        })
+    }
+
+    async fn record_failed_sync(
+        &self,
+        instance_id: i64,
+        via: Arrival,
+        error: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()> {
+        let _write = self.write_lock.lock().await;
+        sqlx::query(
+            "UPDATE instances SET last_attempt_at = ?, last_attempt_ok = 0, last_attempt_via = ?, last_error = ? \
+             WHERE id = ?",
+        )
+        .bind(now.unix_timestamp())
+        .bind(via.as_str())
+        .bind(error)
+        .bind(instance_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn replace_cloud_members(
+        &self,
+        enterprise_id: i64,
+        members: &[CloudMember],
+    ) -> ServiceResult<()> {
+        let _write = self.write_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM cloud_members WHERE enterprise_id = ?")
+            .bind(enterprise_id)
+            .execute(&mut *tx)
+            .await?;
+        let encoded: Vec<(i64, &str, String)> = members
+            .iter()
+            .map(|member| {
+                serde_json::to_string(member)
+                    .map(|json| (member.id, member.login.as_str(), json))
+                    .map_err(|err| ServiceError::internal("encoding a cloud member", err))
+            })
+            .collect::<Result<_, _>>()?;
+        for chunk in encoded.chunks(USER_ROWS_PER_INSERT) {
+            let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO cloud_members (enterprise_id, member_id, login, attributes_json) ",
+            );
+            insert.push_values(chunk, |mut row, (id, login, json)| {
+                row.push_bind(enterprise_id)
+                    .push_bind(*id)
+                    .push_bind(*login)
+                    .push_bind(json.as_str());
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+        // One read transaction: a consistent WAL snapshot of accounts, members and generation.
+        let mut tx = self.pool.begin().await?;
+        let enterprise =
+            sqlx::query("SELECT generation, seats_purchased FROM enterprises WHERE id = ?")
+                .bind(enterprise_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
+        let generation: i64 = enterprise.try_get("generation")?;
+        let seats_purchased: i64 = enterprise.try_get("seats_purchased")?;
+
+        let instance_rows = sqlx::query(
+            "SELECT id, hostname FROM instances WHERE enterprise_id = ? AND retired_at IS NULL ORDER BY id",
+        )
+        .bind(enterprise_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut instances = Vec::with_capacity(instance_rows.len());
+        let mut position_of_instance = std::collections::HashMap::new();
+        for row in &instance_rows {
+            let id: i64 = row.try_get("id")?;
+            position_of_instance.insert(id, instances.len());
+            instances.push(InstanceUsers {
+                hostname: row.try_get("hostname")?,
+                users: Vec::new(),
+            });
+        }
+
+        {
+            let mut rows = sqlx::query(
+                "SELECT u.instance_id, u.user_id, u.login, u.email, u.role, u.suspended, u.dormant, \
+                 u.created_at, u.last_active, u.two_factor_enabled \
+                 FROM server_users u JOIN instances i ON i.id = u.instance_id \
+                 WHERE i.enterprise_id = ? AND i.retired_at IS NULL",
+            )
+            .bind(enterprise_id)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let instance_id: i64 = row.try_get("instance_id")?;
+                let Some(&position) = position_of_instance.get(&instance_id) else {
+                    continue;
+                };
+                let role: String = row.try_get("role")?;
+                instances[position].users.push(ServerUser {
+                    id: row.try_get("user_id")?,
+                    login: row.try_get("login")?,
+                    email: row.try_get("email")?,
+                    role: UserRole::parse(&role).unwrap_or_default(),
+                    suspended: row.try_get("suspended")?,
+                    dormant: row.try_get("dormant")?,
+                    created_at: row
+                        .try_get::<Option<i64>, _>("created_at")?
+                        .map(unix_to_time),
+                    last_active: row
+                        .try_get::<Option<i64>, _>("last_active")?
+                        .map(unix_to_time),
+                    two_factor_enabled: row.try_get("two_factor_enabled")?,
+                });
+            }
+        }
+
+        let member_rows = sqlx::query(
+            "SELECT attributes_json FROM cloud_members WHERE enterprise_id = ? ORDER BY member_id",
+        )
+        .bind(enterprise_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let cloud_members = member_rows
+            .iter()
+            .map(|row| -> ServiceResult<CloudMember> {
+                let json: String = row.try_get("attributes_json")?;
+                serde_json::from_str(&json)
+                    .map_err(|err| ServiceError::internal("decoding a stored cloud member", err))
+            })
+            .collect::<ServiceResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(MergeInput {
+            generation,
+            seats_purchased,
+            instances,
+            cloud_members,
+        })
+    }
+}
+
+async fn bump_generation(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    enterprise_id: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE enterprises SET generation = generation + 1 WHERE id = ?")
+        .bind(enterprise_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| time.unix_timestamp().to_string())
+}

@@ -1,0 +1,13 @@
+//! The domain of license-sync, free of I/O so that every rule can be unit-tested on its own.
+//!
+//! - [`model`]: server users, instance identity, cloud members.
+//! - [`email`]: the email normalisation every match uses.
+//! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
+//! - [`snapshot`]: a full snapshot of one instance, its digest, validation and the usage-file format.
+//! - [`merge`]: the unique-user engine that turns accounts into people (SPEC §3–4).
+
+pub mod all_users_csv;
+pub mod email;
+pub mod merge;
+pub mod model;
+pub mod snapshot;

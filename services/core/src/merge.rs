@@ -1,0 +1,1204 @@
+//! The unique-user merge engine (SPEC §3–4): turns the accounts of every GHES instance and the enterprise's cloud
+//! members into people, each person consuming at most one license.
+//!
+//! The rules, in the order they apply to a GHES account:
+//! 1. Its **primary email** is normalised ([`crate::email`]). An invalid address matches nothing: the account is its
+//!    own person ([`MatchRule::InvalidEmail`]).
+//! 2. The email is compared with the SAML/SCIM identity attributes of the cloud members (NameID, `emailaddress` and
+//!    `name` claims, `username`, every SCIM `emails` value), normalised the same way ([`MatchRule::Identity`]).
+//! 3. Without an identity match, with the cloud members' **verified** emails ([`MatchRule::VerifiedEmail`]).
+//! 4. Accounts that match no cloud member join the other unmatched accounts with the same normalised email, across
+//!    instances ([`MatchRule::SamePrimaryEmail`]); alone, they are their own person ([`MatchRule::Unmatched`]).
+//!
+//! Ties: an identity match beats a verified-email match; among candidates of the same tier the lowest cloud user id
+//! wins. Whenever an email matched more than one cloud member (at either tier) the link records every candidate, and
+//! the person is flagged ambiguous so an owner can fix the data.
+//!
+//! Every cloud member is a person of its own (two cloud accounts are two people even if they share an address).
+//!
+//! The result does not depend on the order of the inputs' rows beyond the documented ties: people are sorted by a
+//! stable key (login, then person id) and accounts within a person by (hostname, user id).
+
+use std::collections::{BTreeSet, HashMap, hash_map::Entry};
+
+use serde::Serialize;
+
+use crate::email::{InvalidEmail, normalize_email, normalize_text};
+use crate::model::{CloudMember, ServerConsumption, ServerUser};
+
+/// The users of one GHES instance, as stored from its latest snapshot.
+#[derive(Debug, Clone)]
+pub struct InstanceUsers {
+    pub hostname: String,
+    pub users: Vec<ServerUser>,
+}
+
+/// Points at one GHES account of the merge input: `instances[instance].users[user]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountRef {
+    pub instance: u32,
+    pub user: u32,
+}
+
+/// Which identity attribute matched (SPEC §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityAttribute {
+    NameId,
+    EmailaddressClaim,
+    NameClaim,
+    Username,
+    ScimEmail,
+}
+
+impl IdentityAttribute {
+    pub fn describe(self) -> &'static str {
+        match self {
+            IdentityAttribute::NameId => "SAML NameID",
+            IdentityAttribute::EmailaddressClaim => "SAML emailaddress claim",
+            IdentityAttribute::NameClaim => "SAML name claim",
+            IdentityAttribute::Username => "SCIM username",
+            IdentityAttribute::ScimEmail => "SCIM emails value",
+        }
+    }
+}
+
+/// Why a GHES account belongs to its person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum MatchRule {
+    /// Its primary email equals an identity attribute of the person's cloud member.
+    Identity { attribute: IdentityAttribute },
+    /// Its primary email equals a verified email of the person's cloud member.
+    VerifiedEmail,
+    /// It matched no cloud member and shares its primary email with the person's other GHES accounts.
+    SamePrimaryEmail,
+    /// It matched no cloud member and no other account has its primary email.
+    Unmatched,
+    /// Its primary email is not a usable address, so it matches nothing.
+    InvalidEmail { reason: InvalidEmailReason },
+}
+
+/// [`InvalidEmail`] in a serialisable form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidEmailReason {
+    Empty,
+    MissingAt,
+    SeveralAt,
+    EmptyLocalPart,
+    EmptyDomain,
+}
+
+impl From<InvalidEmail> for InvalidEmailReason {
+    fn from(value: InvalidEmail) -> Self {
+        match value {
+            InvalidEmail::Empty => InvalidEmailReason::Empty,
+            InvalidEmail::MissingAt => InvalidEmailReason::MissingAt,
+            InvalidEmail::SeveralAt => InvalidEmailReason::SeveralAt,
+            InvalidEmail::EmptyLocalPart => InvalidEmailReason::EmptyLocalPart,
+            InvalidEmail::EmptyDomain => InvalidEmailReason::EmptyDomain,
+        }
+    }
+}
+
+impl InvalidEmailReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            InvalidEmailReason::Empty => "the primary email is empty",
+            InvalidEmailReason::MissingAt => "the primary email has no '@'",
+            InvalidEmailReason::SeveralAt => "the primary email has more than one '@'",
+            InvalidEmailReason::EmptyLocalPart => "the primary email has nothing before the '@'",
+            InvalidEmailReason::EmptyDomain => "the primary email has nothing after the '@'",
+        }
+    }
+}
+
+/// One GHES account of a person and the rule that put it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLink {
+    pub account: AccountRef,
+    pub rule: MatchRule,
+    /// Every cloud member the email matched (indexes into the cloud input, by ascending cloud id) when there was
+    /// more than one; empty otherwise.
+    pub tied_candidates: Vec<u32>,
+}
+
+/// One person: at most one cloud member plus any number of GHES accounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Person {
+    /// Stable identifier: `cloud:<cloud id>`, or `server:<hostname>:<user id>` of its first GHES account.
+    pub id: String,
+    /// Index into the cloud input.
+    pub cloud_member: Option<u32>,
+    /// Sorted by (hostname, user id).
+    pub server_accounts: Vec<ServerLink>,
+    pub consumes_license: bool,
+}
+
+impl Person {
+    /// True when one of its accounts matched several cloud members and a tie rule decided.
+    pub fn ambiguous(&self) -> bool {
+        self.server_accounts
+            .iter()
+            .any(|link| !link.tied_candidates.is_empty())
+    }
+
+    /// Cloud account (if any) plus GHES accounts: GitHub's `total_user_accounts`.
+    pub fn total_user_accounts(&self) -> usize {
+        usize::from(self.cloud_member.is_some()) + self.server_accounts.len()
+    }
+}
+
+/// Why separate people are probably one human (SPEC §4.8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "value", rename_all = "snake_case")]
+pub enum DuplicateReason {
+    /// The same login (case-insensitive) on several instances or in the cloud.
+    SameLogin(String),
+    /// The same display name (normalised) on several cloud accounts.
+    SameName(String),
+}
+
+/// License-consuming people that share a login or a display name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LikelyDuplicate {
+    #[serde(flatten)]
+    pub reason: DuplicateReason,
+    /// Person ids, sorted.
+    pub people: Vec<String>,
+}
+
+/// Counts that summarise a merge, for status pages and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MergeStats {
+    pub server_accounts: u64,
+    pub cloud_members: u64,
+    pub people: u64,
+    pub consuming_people: u64,
+    pub matched_by_identity: u64,
+    pub matched_by_verified_email: u64,
+    pub merged_by_primary_email: u64,
+    pub invalid_emails: u64,
+    pub ambiguous_accounts: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Merged {
+    /// Every person, sorted by (login, id).
+    pub people: Vec<Person>,
+    /// Indexes into `people` of those who consume a license, in the same order.
+    pub consuming: Vec<u32>,
+    pub likely_duplicates: Vec<LikelyDuplicate>,
+    pub stats: MergeStats,
+    /// Where each GHES account ended: `person_of_account[instance][user]` is an index into `people`.
+    person_of_account: Vec<Vec<u32>>,
+    person_of_cloud_member: Vec<u32>,
+}
+
+impl Merged {
+    /// `total_seats_consumed`: people with at least one license-consuming account.
+    pub fn total_seats_consumed(&self) -> u64 {
+        self.consuming.len() as u64
+    }
+
+    pub fn person_of_account(&self, account: AccountRef) -> Option<&Person> {
+        let index = *self
+            .person_of_account
+            .get(account.instance as usize)?
+            .get(account.user as usize)?;
+        self.people.get(index as usize)
+    }
+
+    pub fn person_of_cloud_member(&self, cloud_index: u32) -> Option<&Person> {
+        let index = *self.person_of_cloud_member.get(cloud_index as usize)?;
+        self.people.get(index as usize)
+    }
+
+    pub fn person_by_id(&self, id: &str) -> Option<&Person> {
+        self.people.iter().find(|person| person.id == id)
+    }
+}
+
+/// How an email matched the cloud side.
+struct CloudMatch {
+    winner: u32,
+    rule: MatchRule,
+    tied_candidates: Vec<u32>,
+}
+
+/// Normalised identity attribute → (cloud index, attribute), and normalised verified email → cloud indexes.
+struct CloudIndex<'a> {
+    cloud: &'a [CloudMember],
+    identity: HashMap<String, Vec<(u32, IdentityAttribute)>>,
+    verified: HashMap<String, Vec<u32>>,
+}
+
+impl<'a> CloudIndex<'a> {
+    fn build(cloud: &'a [CloudMember]) -> Self {
+        let mut identity: HashMap<String, Vec<(u32, IdentityAttribute)>> = HashMap::new();
+        let mut verified: HashMap<String, Vec<u32>> = HashMap::new();
+        for (index, member) in cloud.iter().enumerate() {
+            let index = index as u32;
+            if let Some(external) = &member.identity {
+                let singles = [
+                    (&external.name_id, IdentityAttribute::NameId),
+                    (&external.emailaddress, IdentityAttribute::EmailaddressClaim),
+                    (&external.name, IdentityAttribute::NameClaim),
+                    (&external.username, IdentityAttribute::Username),
+                ];
+                let values = singles
+                    .into_iter()
+                    .filter_map(|(value, attribute)| value.as_deref().map(|v| (v, attribute)))
+                    .chain(
+                        external
+                            .emails
+                            .iter()
+                            .map(|email| (email.as_str(), IdentityAttribute::ScimEmail)),
+                    );
+                for (value, attribute) in values {
+                    let key = normalize_text(value);
+                    if key.is_empty() {
+                        continue;
+                    }
+                    let entries = identity.entry(key).or_default();
+                    // One entry per member and value: the first attribute in the documented order names the match.
+                    if !entries.iter().any(|(member, _)| *member == index) {
+                        entries.push((index, attribute));
+                    }
+                }
+            }
+            for email in &member.verified_emails {
+                if let Ok(email) = normalize_email(email) {
+                    let entries = verified.entry(email.as_str().to_owned()).or_default();
+                    if !entries.contains(&index) {
+                        entries.push(index);
+                    }
+                }
+            }
+        }
+        CloudIndex {
+            cloud,
+            identity,
+            verified,
+        }
+    }
+
+    fn lowest_id(&self, candidates: impl Iterator<Item = u32>) -> Option<u32> {
+        candidates.min_by_key(|&index| (self.cloud[index as usize].id, index))
+    }
+
+    fn find(&self, email: &str) -> Option<CloudMatch> {
+        let by_identity = self.identity.get(email);
+        let by_verified = self.verified.get(email);
+        let (winner, rule) = if let Some(entries) = by_identity.filter(|e| !e.is_empty()) {
+            let winner = self.lowest_id(entries.iter().map(|(index, _)| *index))?;
+            let attribute = entries
+                .iter()
+                .find(|(index, _)| *index == winner)
+                .map(|(_, attribute)| *attribute)?;
+            (winner, MatchRule::Identity { attribute })
+        } else {
+            let winner = self.lowest_id(by_verified?.iter().copied())?;
+            (winner, MatchRule::VerifiedEmail)
+        };
+        let mut candidates: Vec<u32> = by_identity
+            .into_iter()
+            .flatten()
+            .map(|(index, _)| *index)
+            .chain(by_verified.into_iter().flatten().copied())
+            .collect();
+        candidates.sort_by_key(|&index| (self.cloud[index as usize].id, index));
+        candidates.dedup();
+        let tied_candidates = if candidates.len() > 1 {
+            candidates
+        } else {
+            Vec::new()
+        };
+        Some(CloudMatch {
+            winner,
+            rule,
+            tied_candidates,
+        })
+    }
+}
+
+/// A person being built, before sorting.
+struct Draft {
+    cloud_member: Option<u32>,
+    links: Vec<ServerLink>,
+}
+
+/// Merges every instance's accounts with the cloud members into people.
+pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
+    let index = CloudIndex::build(cloud);
+    let mut stats = MergeStats {
+        cloud_members: cloud.len() as u64,
+        ..MergeStats::default()
+    };
+
+    // Every cloud member is a person; drafts[i] for i < cloud.len() is cloud member i.
+    let mut drafts: Vec<Draft> = (0..cloud.len() as u32)
+        .map(|member| Draft {
+            cloud_member: Some(member),
+            links: Vec::new(),
+        })
+        .collect();
+    // Unmatched accounts by normalised email → draft index.
+    let mut server_only_by_email: HashMap<String, u32> = HashMap::new();
+
+    for (instance_index, instance) in instances.iter().enumerate() {
+        for (user_index, user) in instance.users.iter().enumerate() {
+            stats.server_accounts += 1;
+            let account = AccountRef {
+                instance: instance_index as u32,
+                user: user_index as u32,
+            };
+            let email = match normalize_email(&user.email) {
+                Ok(email) => email,
+                Err(invalid) => {
+                    stats.invalid_emails += 1;
+                    drafts.push(Draft {
+                        cloud_member: None,
+                        links: vec![ServerLink {
+                            account,
+                            rule: MatchRule::InvalidEmail {
+                                reason: invalid.into(),
+                            },
+                            tied_candidates: Vec::new(),
+                        }],
+                    });
+                    continue;
+                }
+            };
+            if let Some(found) = index.find(email.as_str()) {
+                match found.rule {
+                    MatchRule::Identity { .. } => stats.matched_by_identity += 1,
+                    _ => stats.matched_by_verified_email += 1,
+                }
+                if !found.tied_candidates.is_empty() {
+                    stats.ambiguous_accounts += 1;
+                }
+                drafts[found.winner as usize].links.push(ServerLink {
+                    account,
+                    rule: found.rule,
+                    tied_candidates: found.tied_candidates,
+                });
+                continue;
+            }
+            let link = ServerLink {
+                account,
+                rule: MatchRule::Unmatched,
+                tied_candidates: Vec::new(),
+            };
+            match server_only_by_email.entry(email.as_str().to_owned()) {
+                Entry::Occupied(existing) => drafts[*existing.get() as usize].links.push(link),
+                Entry::Vacant(slot) => {
+                    slot.insert(drafts.len() as u32);
+                    drafts.push(Draft {
+                        cloud_member: None,
+                        links: vec![link],
+                    });
+                }
+            }
+        }
+    }
+
+    let mut people: Vec<(String, Person)> = drafts
+        .into_iter()
+        .map(|draft| finish_person(draft, instances, cloud, &mut stats))
+        .collect();
+    people.sort_by(|(key_a, a), (key_b, b)| key_a.cmp(key_b).then_with(|| a.id.cmp(&b.id)));
+    let people: Vec<Person> = people.into_iter().map(|(_, person)| person).collect();
+
+    let mut person_of_account: Vec<Vec<u32>> = instances
+        .iter()
+        .map(|instance| vec![0; instance.users.len()])
+        .collect();
+    let mut person_of_cloud_member = vec![0; cloud.len()];
+    let mut consuming = Vec::new();
+    for (position, person) in people.iter().enumerate() {
+        let position = position as u32;
+        if let Some(member) = person.cloud_member {
+            person_of_cloud_member[member as usize] = position;
+        }
+        for link in &person.server_accounts {
+            person_of_account[link.account.instance as usize][link.account.user as usize] =
+                position;
+        }
+        if person.consumes_license {
+            consuming.push(position);
+        }
+    }
+    stats.people = people.len() as u64;
+    stats.consuming_people = consuming.len() as u64;
+
+    let likely_duplicates = find_likely_duplicates(&people, &consuming, instances, cloud);
+    Merged {
+        people,
+        consuming,
+        likely_duplicates,
+        stats,
+        person_of_account,
+        person_of_cloud_member,
+    }
+}
+
+fn server_user(instances: &[InstanceUsers], account: AccountRef) -> &ServerUser {
+    &instances[account.instance as usize].users[account.user as usize]
+}
+
+/// Sorts a draft's accounts, names the person, decides whether it consumes; returns (sort key, person).
+fn finish_person(
+    mut draft: Draft,
+    instances: &[InstanceUsers],
+    cloud: &[CloudMember],
+    stats: &mut MergeStats,
+) -> (String, Person) {
+    draft.links.sort_by(|a, b| {
+        let host_a = &instances[a.account.instance as usize].hostname;
+        let host_b = &instances[b.account.instance as usize].hostname;
+        host_a.cmp(host_b).then_with(|| {
+            server_user(instances, a.account)
+                .id
+                .cmp(&server_user(instances, b.account).id)
+        })
+    });
+    if draft.cloud_member.is_none() && draft.links.len() > 1 {
+        for link in &mut draft.links {
+            link.rule = MatchRule::SamePrimaryEmail;
+        }
+        stats.merged_by_primary_email += draft.links.len() as u64;
+    }
+    let member = draft.cloud_member.map(|index| &cloud[index as usize]);
+    let consumes_license = member.is_some_and(|member| member.consumes_license)
+        || draft.links.iter().any(|link| {
+            server_user(instances, link.account)
+                .consumption()
+                .consumes()
+        });
+    let (sort_key, id) = match (member, draft.links.first()) {
+        (Some(member), _) => (member.login.to_lowercase(), format!("cloud:{}", member.id)),
+        (None, Some(first)) => {
+            let user = server_user(instances, first.account);
+            let hostname = &instances[first.account.instance as usize].hostname;
+            (
+                user.login.to_lowercase(),
+                format!("server:{hostname}:{}", user.id),
+            )
+        }
+        // A draft always has a cloud member or an account; keep a total order anyway.
+        (None, None) => (String::new(), String::from("empty")),
+    };
+    (
+        sort_key,
+        Person {
+            id,
+            cloud_member: draft.cloud_member,
+            server_accounts: draft.links,
+            consumes_license,
+        },
+    )
+}
+
+fn find_likely_duplicates(
+    people: &[Person],
+    consuming: &[u32],
+    instances: &[InstanceUsers],
+    cloud: &[CloudMember],
+) -> Vec<LikelyDuplicate> {
+    let mut by_login: HashMap<String, BTreeSet<u32>> = HashMap::new();
+    let mut by_name: HashMap<String, BTreeSet<u32>> = HashMap::new();
+    for &position in consuming {
+        let person = &people[position as usize];
+        if let Some(member) = person.cloud_member.map(|index| &cloud[index as usize]) {
+            by_login
+                .entry(member.login.to_lowercase())
+                .or_default()
+                .insert(position);
+            if let Some(name) = member.name.as_deref().map(normalize_text)
+                && !name.is_empty()
+            {
+                by_name.entry(name).or_default().insert(position);
+            }
+        }
+        for link in &person.server_accounts {
+            let user = server_user(instances, link.account);
+            if user.consumption() == ServerConsumption::BuiltIn {
+                continue;
+            }
+            by_login
+                .entry(user.login.to_lowercase())
+                .or_default()
+                .insert(position);
+        }
+    }
+    let to_ids = |positions: BTreeSet<u32>| -> Vec<String> {
+        let mut ids: Vec<String> = positions
+            .into_iter()
+            .map(|position| people[position as usize].id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut duplicates: Vec<LikelyDuplicate> = by_login
+        .into_iter()
+        .filter(|(_, positions)| positions.len() > 1)
+        .map(|(login, positions)| LikelyDuplicate {
+            reason: DuplicateReason::SameLogin(login),
+            people: to_ids(positions),
+        })
+        .chain(
+            by_name
+                .into_iter()
+                .filter(|(_, positions)| positions.len() > 1)
+                .map(|(name, positions)| LikelyDuplicate {
+                    reason: DuplicateReason::SameName(name),
+                    people: to_ids(positions),
+                }),
+        )
+        .collect();
+    duplicates.sort_by(|a, b| {
+        let key = |d: &LikelyDuplicate| match &d.reason {
+            DuplicateReason::SameLogin(value) => (0, value.clone()),
+            DuplicateReason::SameName(value) => (1, value.clone()),
+        };
+        key(a).cmp(&key(b))
+    });
+    duplicates
+}
+
+/// The answer to "why is this one license?" for one person.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub person_id: String,
+    pub consumes_license: bool,
+    pub ambiguous: bool,
+    pub total_user_accounts: usize,
+    pub summary: String,
+    pub accounts: Vec<AccountExplanation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AccountExplanation {
+    /// `github.com:<login>` for the cloud account, `<hostname>:<user id>` for a GHES account.
+    pub account: String,
+    pub login: String,
+    pub consumes_license: bool,
+    /// Why it does or does not consume (`active`, `dormant`, `suspended`, `built_in`, `cloud_member`,
+    /// `cloud_non_consuming`).
+    pub consumption: &'static str,
+    /// The matching rule, absent for the cloud account itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<MatchRule>,
+    pub detail: String,
+    /// Other cloud members the email also matched, when a tie rule decided.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tied_with: Vec<String>,
+}
+
+/// Explains one person: which accounts it joins, by which rule, and which of them consume.
+pub fn explain(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMember]) -> Explanation {
+    let member = person.cloud_member.map(|index| &cloud[index as usize]);
+    let mut accounts = Vec::with_capacity(person.total_user_accounts());
+    if let Some(member) = member {
+        accounts.push(AccountExplanation {
+            account: format!("github.com:{}", member.login),
+            login: member.login.clone(),
+            consumes_license: member.consumes_license,
+            consumption: if member.consumes_license {
+                "cloud_member"
+            } else {
+                "cloud_non_consuming"
+            },
+            rule: None,
+            detail: format!(
+                "cloud member {} (id {}){}",
+                member.login,
+                member.id,
+                if member.consumes_license {
+                    ""
+                } else {
+                    "; its role does not consume a license by itself"
+                }
+            ),
+            tied_with: Vec::new(),
+        });
+    }
+    for link in &person.server_accounts {
+        let user = server_user(instances, link.account);
+        let hostname = &instances[link.account.instance as usize].hostname;
+        let consumption = user.consumption();
+        let cloud_name = || {
+            member
+                .map(|m| format!("{} (id {})", m.login, m.id))
+                .unwrap_or_default()
+        };
+        let detail = match link.rule {
+            MatchRule::Identity { attribute } => format!(
+                "primary email equals the {} of cloud member {}",
+                attribute.describe(),
+                cloud_name()
+            ),
+            MatchRule::VerifiedEmail => format!(
+                "primary email equals a verified email of cloud member {}",
+                cloud_name()
+            ),
+            MatchRule::SamePrimaryEmail => {
+                "matches no cloud member; same primary email as the other GHES accounts of this person"
+                    .to_owned()
+            }
+            MatchRule::Unmatched => {
+                "matches no cloud member and no other GHES account has its primary email".to_owned()
+            }
+            MatchRule::InvalidEmail { reason } => {
+                format!("{}, so it cannot be matched and counts on its own", reason.describe())
+            }
+        };
+        let tied_with = if link.tied_candidates.is_empty() {
+            Vec::new()
+        } else {
+            link.tied_candidates
+                .iter()
+                .filter(|&&index| Some(index) != person.cloud_member)
+                .map(|&index| {
+                    let other = &cloud[index as usize];
+                    format!("{} (id {})", other.login, other.id)
+                })
+                .collect()
+        };
+        accounts.push(AccountExplanation {
+            account: format!("{hostname}:{}", user.id),
+            login: user.login.clone(),
+            consumes_license: consumption.consumes(),
+            consumption: match consumption {
+                ServerConsumption::Active => "active",
+                ServerConsumption::Dormant => "dormant",
+                ServerConsumption::Suspended => "suspended",
+                ServerConsumption::BuiltIn => "built_in",
+            },
+            rule: Some(link.rule),
+            detail,
+            tied_with,
+        });
+    }
+    let consuming_accounts = accounts.iter().filter(|a| a.consumes_license).count();
+    let summary = if person.consumes_license {
+        format!(
+            "One license: {} account(s) belong to this person, {} of them consume a license, and all count once.",
+            accounts.len(),
+            consuming_accounts
+        )
+    } else {
+        format!(
+            "No license: none of this person's {} account(s) consumes one.",
+            accounts.len()
+        )
+    };
+    Explanation {
+        person_id: person.id.clone(),
+        consumes_license: person.consumes_license,
+        ambiguous: person.ambiguous(),
+        total_user_accounts: person.total_user_accounts(),
+        summary,
+        accounts,
+    }
+}
+
+/// The answer to "why are these two licenses?": why two accounts were not merged into one person.
+pub fn explain_separation(
+    a: (&Person, &str),
+    b: (&Person, &str),
+    instances: &[InstanceUsers],
+    cloud: &[CloudMember],
+) -> Vec<String> {
+    let (person_a, label_a) = a;
+    let (person_b, label_b) = b;
+    if person_a.id == person_b.id {
+        return vec![format!(
+            "{label_a} and {label_b} are the same person ({}).",
+            person_a.id
+        )];
+    }
+    let mut reasons = Vec::new();
+    if let (Some(_), Some(_)) = (person_a.cloud_member, person_b.cloud_member) {
+        reasons.push(
+            "they belong to two different cloud accounts, and every cloud account is its own person"
+                .to_owned(),
+        );
+    }
+    // Valid normalised primary emails of a person's GHES accounts, and the reasons of the invalid ones.
+    let emails = |person: &Person| -> (BTreeSet<String>, Vec<InvalidEmailReason>) {
+        let mut valid = BTreeSet::new();
+        let mut invalid = Vec::new();
+        for link in &person.server_accounts {
+            match normalize_email(&server_user(instances, link.account).email) {
+                Ok(email) => {
+                    valid.insert(email.as_str().to_owned());
+                }
+                Err(reason) => invalid.push(reason.into()),
+            }
+        }
+        (valid, invalid)
+    };
+    let ((emails_a, invalid_a), (emails_b, invalid_b)) = (emails(person_a), emails(person_b));
+    for (label, invalid) in [(label_a, &invalid_a), (label_b, &invalid_b)] {
+        for reason in invalid {
+            reasons.push(format!(
+                "{label}: {}, so it matches nothing",
+                reason.describe()
+            ));
+        }
+    }
+    if !emails_a.is_empty() && !emails_b.is_empty() && emails_a.is_disjoint(&emails_b) {
+        reasons.push(
+            "their GHES accounts have different primary emails (after trimming, NFC and lower-casing)"
+                .to_owned(),
+        );
+    }
+    let cloud_emails = |person: &Person| -> BTreeSet<String> {
+        person
+            .cloud_member
+            .map(|index| &cloud[index as usize])
+            .into_iter()
+            .flat_map(|member| member.verified_emails.iter())
+            .filter_map(|email| normalize_email(email).ok())
+            .map(|email| email.as_str().to_owned())
+            .collect()
+    };
+    for (label, person, other_emails) in [
+        (label_a, person_a, &emails_b),
+        (label_b, person_b, &emails_a),
+    ] {
+        if person.cloud_member.is_some() {
+            let verified = cloud_emails(person);
+            let overlap = other_emails.iter().any(|e| verified.contains(e));
+            reasons.push(if overlap {
+                format!(
+                    "a primary email of the other person is also a verified email of {label}'s cloud account, but a tie rule (identity first, then lowest cloud id) gave that account to another cloud member"
+                )
+            } else {
+                format!(
+                    "no primary email of the other person equals a verified email or identity attribute of {label}'s cloud account"
+                )
+            });
+        }
+    }
+    if reasons.is_empty() {
+        reasons.push("no matching rule connects them".to_owned());
+    }
+    reasons
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ExternalIdentity, UserRole};
+
+    fn user(id: i64, login: &str, email: &str) -> ServerUser {
+        ServerUser {
+            id,
+            login: login.to_owned(),
+            email: email.to_owned(),
+            role: UserRole::User,
+            suspended: false,
+            dormant: false,
+            created_at: None,
+            last_active: None,
+            two_factor_enabled: None,
+        }
+    }
+
+    fn instance(hostname: &str, users: Vec<ServerUser>) -> InstanceUsers {
+        InstanceUsers {
+            hostname: hostname.to_owned(),
+            users,
+        }
+    }
+
+    fn member(id: i64, login: &str, verified: &[&str]) -> CloudMember {
+        CloudMember {
+            id,
+            login: login.to_owned(),
+            name: None,
+            verified_emails: verified.iter().map(|e| (*e).to_owned()).collect(),
+            identity: None,
+            consumes_license: true,
+            member_roles: Vec::new(),
+            enterprise_roles: Vec::new(),
+            orgs_with_pending_invites: Vec::new(),
+            two_factor_auth: None,
+            visual_studio_subscription_user: false,
+        }
+    }
+
+    fn person_of<'a>(merged: &'a Merged, instance: u32, user: u32) -> &'a Person {
+        merged
+            .person_of_account(AccountRef { instance, user })
+            .expect("account is in a person")
+    }
+
+    #[test]
+    fn same_person_on_three_instances_and_the_cloud_is_one_license() {
+        let instances = vec![
+            instance("ghes-1", vec![user(1, "mona", "Mona@Example.com")]),
+            instance("ghes-2", vec![user(7, "mlisa", " mona@example.COM ")]),
+            instance("ghes-3", vec![user(3, "mona", "mona@example.com")]),
+        ];
+        let cloud = vec![member(42, "monalisa", &["mona@example.com"])];
+        let merged = merge(&instances, &cloud);
+        assert_eq!(merged.total_seats_consumed(), 1);
+        assert_eq!(merged.people.len(), 1);
+        let person = &merged.people[0];
+        assert_eq!(person.id, "cloud:42");
+        assert_eq!(person.total_user_accounts(), 4);
+        assert!(
+            person
+                .server_accounts
+                .iter()
+                .all(|link| link.rule == MatchRule::VerifiedEmail)
+        );
+    }
+
+    #[test]
+    fn server_accounts_without_cloud_match_merge_across_instances_by_primary_email() {
+        let instances = vec![
+            instance("ghes-1", vec![user(1, "hubot", "hubot@example.com")]),
+            instance("ghes-2", vec![user(2, "hubot2", "HUBOT@example.com")]),
+        ];
+        let merged = merge(&instances, &[]);
+        assert_eq!(merged.total_seats_consumed(), 1);
+        let person = person_of(&merged, 0, 0);
+        assert_eq!(person.id, "server:ghes-1:1");
+        assert_eq!(person.server_accounts.len(), 2);
+        assert!(
+            person
+                .server_accounts
+                .iter()
+                .all(|link| link.rule == MatchRule::SamePrimaryEmail)
+        );
+    }
+
+    #[test]
+    fn a_lone_unmatched_account_is_its_own_person() {
+        let merged = merge(
+            &[instance("h", vec![user(5, "solo", "solo@example.com")])],
+            &[],
+        );
+        assert_eq!(merged.total_seats_consumed(), 1);
+        assert_eq!(
+            merged.people[0].server_accounts[0].rule,
+            MatchRule::Unmatched
+        );
+    }
+
+    #[test]
+    fn an_invalid_email_matches_nothing_even_when_equal_to_another() {
+        let instances = vec![
+            instance("ghes-1", vec![user(1, "a", "not-an-email")]),
+            instance("ghes-2", vec![user(1, "b", "not-an-email")]),
+        ];
+        let cloud = vec![member(1, "a", &["not-an-email"])];
+        let merged = merge(&instances, &cloud);
+        // Two server people plus the cloud member: nothing merged.
+        assert_eq!(merged.people.len(), 3);
+        assert_eq!(merged.stats.invalid_emails, 2);
+        assert_eq!(
+            person_of(&merged, 0, 0).server_accounts[0].rule,
+            MatchRule::InvalidEmail {
+                reason: InvalidEmailReason::MissingAt
+            }
+        );
+    }
+
+    #[test]
+    fn only_the_primary_email_is_the_server_key() {
+        // The cloud member's login equals the server login, but emails differ: no merge.
+        let instances = vec![instance("h", vec![user(1, "mona", "mona@corp.example")])];
+        let cloud = vec![member(1, "mona", &["mona@home.example"])];
+        let merged = merge(&instances, &cloud);
+        assert_eq!(merged.total_seats_consumed(), 2);
+        assert_eq!(merged.likely_duplicates.len(), 1);
+        assert_eq!(
+            merged.likely_duplicates[0].reason,
+            DuplicateReason::SameLogin("mona".into())
+        );
+        assert_eq!(
+            merged.likely_duplicates[0].people,
+            vec!["cloud:1".to_owned(), "server:h:1".to_owned()]
+        );
+    }
+
+    #[test]
+    fn each_identity_attribute_matches() {
+        let cases = [
+            (
+                ExternalIdentity {
+                    name_id: Some("Mona@Example.com".into()),
+                    ..Default::default()
+                },
+                IdentityAttribute::NameId,
+            ),
+            (
+                ExternalIdentity {
+                    emailaddress: Some("mona@example.com".into()),
+                    ..Default::default()
+                },
+                IdentityAttribute::EmailaddressClaim,
+            ),
+            (
+                ExternalIdentity {
+                    name: Some("MONA@example.com".into()),
+                    ..Default::default()
+                },
+                IdentityAttribute::NameClaim,
+            ),
+            (
+                ExternalIdentity {
+                    username: Some("mona@example.com ".into()),
+                    ..Default::default()
+                },
+                IdentityAttribute::Username,
+            ),
+            (
+                ExternalIdentity {
+                    emails: vec!["other@example.com".into(), "mona@example.com".into()],
+                    ..Default::default()
+                },
+                IdentityAttribute::ScimEmail,
+            ),
+        ];
+        for (identity, attribute) in cases {
+            let mut cloud_member = member(9, "mona-cloud", &[]);
+            cloud_member.identity = Some(identity);
+            let merged = merge(
+                &[instance("h", vec![user(1, "mona", "mona@example.com")])],
+                &[cloud_member],
+            );
+            assert_eq!(merged.total_seats_consumed(), 1, "{attribute:?}");
+            assert_eq!(
+                person_of(&merged, 0, 0).server_accounts[0].rule,
+                MatchRule::Identity { attribute }
+            );
+        }
+    }
+
+    #[test]
+    fn identity_match_beats_verified_email_match_even_with_a_higher_id() {
+        let mut by_identity = member(500, "saml-mona", &[]);
+        by_identity.identity = Some(ExternalIdentity {
+            name_id: Some("mona@example.com".into()),
+            ..Default::default()
+        });
+        let by_verified = member(3, "mona-verified", &["mona@example.com"]);
+        let cloud = vec![by_verified, by_identity];
+        let merged = merge(
+            &[instance("h", vec![user(1, "m", "mona@example.com")])],
+            &cloud,
+        );
+        let person = person_of(&merged, 0, 0);
+        assert_eq!(person.id, "cloud:500");
+        assert!(person.ambiguous());
+        // Candidates are listed by ascending cloud id.
+        assert_eq!(person.server_accounts[0].tied_candidates, vec![0, 1]);
+    }
+
+    #[test]
+    fn among_equal_matches_the_lowest_cloud_id_wins_and_is_flagged_ambiguous() {
+        let cloud = vec![
+            member(30, "c", &["shared@example.com"]),
+            member(10, "a", &["shared@example.com"]),
+            member(20, "b", &["shared@example.com"]),
+        ];
+        let merged = merge(
+            &[instance("h", vec![user(1, "x", "shared@example.com")])],
+            &cloud,
+        );
+        let person = person_of(&merged, 0, 0);
+        assert_eq!(person.id, "cloud:10");
+        assert!(person.ambiguous());
+        assert_eq!(merged.stats.ambiguous_accounts, 1);
+        // Three cloud members, each its own person; the server account joins one of them.
+        assert_eq!(merged.total_seats_consumed(), 3);
+        let explanation = explain(
+            person,
+            &[instance("h", vec![user(1, "x", "shared@example.com")])],
+            &cloud,
+        );
+        assert_eq!(
+            explanation.accounts[1].tied_with,
+            vec!["b (id 20)", "c (id 30)"]
+        );
+    }
+
+    #[test]
+    fn among_identity_matches_the_lowest_cloud_id_wins() {
+        let mut high = member(8, "high", &[]);
+        high.identity = Some(ExternalIdentity {
+            username: Some("dup@example.com".into()),
+            ..Default::default()
+        });
+        let mut low = member(2, "low", &[]);
+        low.identity = Some(ExternalIdentity {
+            emails: vec!["dup@example.com".into()],
+            ..Default::default()
+        });
+        let merged = merge(
+            &[instance("h", vec![user(1, "x", "dup@example.com")])],
+            &[high, low],
+        );
+        let person = person_of(&merged, 0, 0);
+        assert_eq!(person.id, "cloud:2");
+        assert_eq!(
+            person.server_accounts[0].rule,
+            MatchRule::Identity {
+                attribute: IdentityAttribute::ScimEmail
+            }
+        );
+    }
+
+    #[test]
+    fn unverified_addresses_are_not_used() {
+        // Only `verified_emails` is compared; a member without it does not match.
+        let merged = merge(
+            &[instance("h", vec![user(1, "x", "x@example.com")])],
+            &[member(1, "x-cloud", &[])],
+        );
+        assert_eq!(merged.total_seats_consumed(), 2);
+    }
+
+    #[test]
+    fn suspended_and_built_in_accounts_do_not_consume_but_dormant_do() {
+        let mut suspended = user(1, "gone", "gone@example.com");
+        suspended.suspended = true;
+        let mut dormant = user(2, "sleepy", "sleepy@example.com");
+        dormant.dormant = true;
+        let ghost = user(3, "ghost", "ghost@example.com");
+        let scim = user(4, "scim-admin", "scim@example.com");
+        let merged = merge(&[instance("h", vec![suspended, dormant, ghost, scim])], &[]);
+        assert_eq!(merged.people.len(), 4);
+        assert_eq!(merged.total_seats_consumed(), 1);
+        let consuming = &merged.people[merged.consuming[0] as usize];
+        assert_eq!(consuming.id, "server:h:2");
+    }
+
+    #[test]
+    fn a_suspended_account_merged_with_an_active_one_still_counts_once() {
+        let mut suspended = user(1, "a", "a@example.com");
+        suspended.suspended = true;
+        let merged = merge(
+            &[
+                instance("h1", vec![suspended]),
+                instance("h2", vec![user(9, "a", "a@example.com")]),
+            ],
+            &[],
+        );
+        assert_eq!(merged.people.len(), 1);
+        assert_eq!(merged.total_seats_consumed(), 1);
+        assert_eq!(merged.people[0].total_user_accounts(), 2);
+    }
+
+    #[test]
+    fn cloud_members_consume_per_their_flag() {
+        let mut billing = member(1, "billing", &["billing@example.com"]);
+        billing.consumes_license = false;
+        let merged = merge(&[], &[billing.clone(), member(2, "dev", &[])]);
+        assert_eq!(merged.total_seats_consumed(), 1);
+        // A non-consuming cloud member with an active GHES account consumes through that account.
+        let merged = merge(
+            &[instance(
+                "h",
+                vec![user(1, "billing", "billing@example.com")],
+            )],
+            &[billing],
+        );
+        assert_eq!(merged.total_seats_consumed(), 1);
+        assert_eq!(merged.people.len(), 1);
+    }
+
+    #[test]
+    fn people_are_sorted_by_login_then_id_independent_of_input_order() {
+        let a = vec![
+            instance(
+                "h1",
+                vec![
+                    user(1, "zed", "z@example.com"),
+                    user(2, "amy", "a@example.com"),
+                ],
+            ),
+            instance("h2", vec![user(1, "Bob", "b@example.com")]),
+        ];
+        let mut b = a.clone();
+        b.reverse();
+        b[1].users.reverse();
+        let ids = |merged: Merged| merged.people.into_iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(merge(&a, &[])),
+            vec!["server:h1:2", "server:h2:1", "server:h1:1"]
+        );
+        assert_eq!(ids(merge(&b, &[])), ids(merge(&a, &[])));
+    }
+
+    #[test]
+    fn the_first_account_names_a_server_only_person_regardless_of_input_order() {
+        let first = vec![
+            instance("b-host", vec![user(5, "x", "x@example.com")]),
+            instance("a-host", vec![user(9, "x", "x@example.com")]),
+        ];
+        let merged = merge(&first, &[]);
+        assert_eq!(merged.people[0].id, "server:a-host:9");
+    }
+
+    #[test]
+    fn likely_duplicates_by_shared_cloud_name() {
+        let mut one = member(1, "jdoe", &[]);
+        one.name = Some("Jane Doe".into());
+        let mut two = member(2, "jane-d", &[]);
+        two.name = Some(" jane doe".into());
+        let merged = merge(&[], &[one, two]);
+        assert_eq!(
+            merged.likely_duplicates,
+            vec![LikelyDuplicate {
+                reason: DuplicateReason::SameName("jane doe".into()),
+                people: vec!["cloud:1".into(), "cloud:2".into()],
+            }]
+        );
+    }
+
+    #[test]
+    fn explanation_names_every_account_and_rule() {
+        let instances = vec![
+            instance("ghes-1", vec![user(1, "mona", "mona@example.com")]),
+            instance("ghes-2", vec![user(2, "mona", "mona@example.com")]),
+        ];
+        let merged = merge(&instances, &[]);
+        let explanation = explain(&merged.people[0], &instances, &[]);
+        assert_eq!(explanation.total_user_accounts, 2);
+        assert_eq!(explanation.accounts[0].account, "ghes-1:1");
+        assert_eq!(explanation.accounts[1].account, "ghes-2:2");
+        assert!(explanation.summary.starts_with("One license"));
+        let json = serde_json::to_value(&explanation).expect("serialize");
+        assert_eq!(json["accounts"][0]["rule"]["rule"], "same_primary_email");
+    }
+
+    #[test]
+    fn separation_is_explained_by_different_emails() {
+        let instances = vec![
+            instance("ghes-1", vec![user(1, "mona", "mona@example.com")]),
+            instance("ghes-2", vec![user(2, "mona", "mona@example.org")]),
+        ];
+        let merged = merge(&instances, &[]);
+        let reasons = explain_separation(
+            (person_of(&merged, 0, 0), "ghes-1:1"),
+            (person_of(&merged, 1, 0), "ghes-2:2"),
+            &instances,
+            &[],
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("different primary emails")),
+            "{reasons:?}"
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! A full snapshot of one GHES instance: its identity, when it was read, and every user row.
+//!
+//! The same snapshot travels as a gRPC stream or as an exported usage file; both end in
+//! [`Snapshot::validate`] on the aggregator, so the rules below hold whichever way it arrives.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::model::{InstanceIdentity, InstanceLicense, ServerUser, SourceReport};
+
+/// Everything about a snapshot except its users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Unique per snapshot; a retry reuses it so that the aggregator applies the snapshot once.
+    pub sync_id: Uuid,
+    #[serde(flatten)]
+    pub instance: InstanceIdentity,
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    #[serde(default)]
+    pub license: Option<InstanceLicense>,
+    #[serde(default)]
+    pub source_report: SourceReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    pub users: Vec<ServerUser>,
+}
+
+/// Limits the aggregator enforces on one snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotLimits {
+    pub max_users: usize,
+}
+
+impl Default for SnapshotLimits {
+    fn default() -> Self {
+        SnapshotLimits {
+            max_users: 2_000_000,
+        }
+    }
+}
+
+/// Why a snapshot was refused. Each message says what was wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(
+        "the snapshot's hostname is empty: set the instance hostname in the agent's configuration"
+    )]
+    EmptyHostname,
+    #[error("the snapshot's hostname {0:?} contains whitespace or control characters")]
+    InvalidHostname(String),
+    #[error("the snapshot's server_id is the nil UUID: configure the instance's real server id")]
+    NilServerId,
+    #[error(
+        "generated_at {generated_at} is more than 5 minutes in the future: check the agent host's clock"
+    )]
+    GeneratedInFuture { generated_at: String },
+    #[error(
+        "user id {id} appears more than once in the snapshot (rows {first} and {second}): each GHES account must appear once"
+    )]
+    DuplicateUserId {
+        id: i64,
+        first: usize,
+        second: usize,
+    },
+    #[error("user row {row} (id {id}) has an empty login")]
+    EmptyLogin { row: usize, id: i64 },
+    #[error(
+        "the snapshot has {count} users, over the limit of {max}: raise `max_snapshot_users` if this is expected"
+    )]
+    TooManyUsers { count: usize, max: usize },
+    #[error(
+        "the snapshot declares {declared} users but {received} were received: the transfer was incomplete, send it again"
+    )]
+    CountMismatch { declared: u64, received: u64 },
+    #[error(
+        "the snapshot's digest does not match its users: the data was altered or truncated in transit, send it again"
+    )]
+    DigestMismatch,
+}
+
+impl Snapshot {
+    /// Checks everything that can be checked without the stored state.
+    pub fn validate(
+        &self,
+        limits: &SnapshotLimits,
+        now: OffsetDateTime,
+    ) -> Result<(), SnapshotError> {
+        self.meta.validate(now)?;
+        validate_users(&self.users, limits)
+    }
+
+    pub fn digest(&self) -> [u8; 32] {
+        let mut digest = SnapshotDigest::default();
+        for user in &self.users {
+            digest.update(user);
+        }
+        digest.finish()
+    }
+}
+
+impl SnapshotMeta {
+    pub fn validate(&self, now: OffsetDateTime) -> Result<(), SnapshotError> {
+        let hostname = &self.instance.hostname;
+        if hostname.trim().is_empty() {
+            return Err(SnapshotError::EmptyHostname);
+        }
+        if hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(SnapshotError::InvalidHostname(hostname.clone()));
+        }
+        if self.instance.server_id.is_nil() {
+            return Err(SnapshotError::NilServerId);
+        }
+        if self.generated_at > now + time::Duration::minutes(5) {
+            return Err(SnapshotError::GeneratedInFuture {
+                generated_at: self
+                    .generated_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks the user rows: the count limit, unique ids and non-empty logins.
+pub fn validate_users(users: &[ServerUser], limits: &SnapshotLimits) -> Result<(), SnapshotError> {
+    if users.len() > limits.max_users {
+        return Err(SnapshotError::TooManyUsers {
+            count: users.len(),
+            max: limits.max_users,
+        });
+    }
+    let mut first_row_of_id: HashMap<i64, usize> = HashMap::with_capacity(users.len());
+    for (index, user) in users.iter().enumerate() {
+        let row = index + 1;
+        if let Some(first) = first_row_of_id.insert(user.id, row) {
+            return Err(SnapshotError::DuplicateUserId {
+                id: user.id,
+                first,
+                second: row,
+            });
+        }
+        if user.login.trim().is_empty() {
+            return Err(SnapshotError::EmptyLogin { row, id: user.id });
+        }
+    }
+    Ok(())
+}
+
+/// SHA-256 over the users of a snapshot, in order.
+///
+/// Each field is written in a fixed order with a length prefix, so the digest does not depend on how the users
+/// were encoded on the wire (protobuf batches or JSON).
+#[derive(Default)]
+pub struct SnapshotDigest {
+    hasher: Sha256,
+}
+
+impl SnapshotDigest {
+    pub fn update(&mut self, user: &ServerUser) {
+        let hasher = &mut self.hasher;
+        hasher.update(user.id.to_le_bytes());
+        for text in [user.login.as_str(), user.email.as_str(), user.role.as_str()] {
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
+        }
+        hasher.update([
+            u8::from(user.suspended),
+            u8::from(user.dormant),
+            match user.two_factor_enabled {
+                None => 0,
+                Some(false) => 1,
+                Some(true) => 2,
+            },
+        ]);
+        for time in [user.created_at, user.last_active] {
+            match time {
+                None => hasher.update([0u8]),
+                Some(time) => {
+                    hasher.update([1u8]);
+                    hasher.update(time.unix_timestamp().to_le_bytes());
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.hasher.finalize().into()
+    }
+}
+
+/// The exported usage file (SPEC §6): what an owner uploads by hand when the agent cannot reach the aggregator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageFile {
+    /// Always [`UsageFile::FORMAT`]; lets the upload endpoint reject other JSON with a clear message.
+    pub format: String,
+    #[serde(flatten)]
+    pub meta: SnapshotMeta,
+    pub user_count: u64,
+    /// Hex SHA-256 of the users ([`SnapshotDigest`]); detects a truncated or edited file.
+    pub users_sha256: String,
+    pub users: Vec<ServerUser>,
+}
+
+impl UsageFile {
+    pub const FORMAT: &'static str = "license-sync-usage/v1";
+
+    pub fn from_snapshot(snapshot: Snapshot) -> Self {
+        let digest = snapshot.digest();
+        UsageFile {
+            format: Self::FORMAT.to_owned(),
+            meta: snapshot.meta,
+            user_count: snapshot.users.len() as u64,
+            users_sha256: hex::encode(digest),
+            users: snapshot.users,
+        }
+    }
+
+    /// Checks the declared count and digest, and returns the snapshot the file carries.
+    pub fn into_snapshot(self) -> Result<Snapshot, SnapshotError> {
+        let snapshot = Snapshot {
+            meta: self.meta,
+            users: self.users,
+        };
+        let received = snapshot.users.len() as u64;
+        if received != self.user_count {
+            return Err(SnapshotError::CountMismatch {
+                declared: self.user_count,
+                received,
+            });
+        }
+        if hex::encode(snapshot.digest()) != self.users_sha256.to_ascii_lowercase() {
+            return Err(SnapshotError::DigestMismatch);
+        }
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::UserRole;
+
+    fn user(id: i64, login: &str) -> ServerUser {
+        ServerUser {
+            id,
+            login: login.to_owned(),
+            email: format!("{login}@example.com"),
+            role: UserRole::User,
+            suspended: false,
+            dormant: false,
+            created_at: None,
+            last_active: None,
+            two_factor_enabled: None,
+        }
+    }
+
+    fn snapshot(users: Vec<ServerUser>) -> Snapshot {
+        Snapshot {
+            meta: SnapshotMeta {
+                sync_id: Uuid::from_u128(1),
+                instance: InstanceIdentity {
+                    server_id: Uuid::from_u128(2),
+                    hostname: "ghes.example.com".into(),
+                    ghes_version: "3.14.0".into(),
+                },
+                generated_at: OffsetDateTime::UNIX_EPOCH,
+                license: None,
+                source_report: SourceReport::default(),
+            },
+            users,
+        }
+    }
+
+    #[test]
+    fn duplicate_user_ids_are_refused_with_both_rows() {
+        let snap = snapshot(vec![user(1, "a"), user(2, "b"), user(1, "c")]);
+        let err = snap
+            .validate(&SnapshotLimits::default(), OffsetDateTime::now_utc())
+            .expect_err("duplicate");
+        assert_eq!(
+            err,
+            SnapshotError::DuplicateUserId {
+                id: 1,
+                first: 1,
+                second: 3
+            }
+        );
+    }
+
+    #[test]
+    fn too_many_users_and_future_snapshots_are_refused() {
+        let snap = snapshot(vec![user(1, "a"), user(2, "b")]);
+        let limits = SnapshotLimits { max_users: 1 };
+        assert!(matches!(
+            snap.validate(&limits, OffsetDateTime::now_utc()),
+            Err(SnapshotError::TooManyUsers { count: 2, max: 1 })
+        ));
+        let mut future = snapshot(vec![]);
+        future.meta.generated_at = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        assert!(matches!(
+            future.validate(&SnapshotLimits::default(), OffsetDateTime::now_utc()),
+            Err(SnapshotError::GeneratedInFuture { .. })
+        ));
+    }
+
+    #[test]
+    fn digest_changes_with_any_field_and_with_order() {
+        let base = snapshot(vec![user(1, "a"), user(2, "b")]).digest();
+        let reordered = snapshot(vec![user(2, "b"), user(1, "a")]).digest();
+        assert_ne!(base, reordered);
+        let mut suspended = user(2, "b");
+        suspended.suspended = true;
+        assert_ne!(base, snapshot(vec![user(1, "a"), suspended]).digest());
+        // Length prefixes keep ("ab","c") apart from ("a","bc").
+        let mut shifted_a = user(1, "ab");
+        shifted_a.email = "c".into();
+        let mut shifted_b = user(1, "a");
+        shifted_b.email = "bc".into();
+        assert_ne!(
+            snapshot(vec![shifted_a]).digest(),
+            snapshot(vec![shifted_b]).digest()
+        );
+    }
+
+    #[test]
+    fn usage_file_round_trips_and_detects_tampering() {
+        let file = UsageFile::from_snapshot(snapshot(vec![user(1, "a"), user(2, "b")]));
+        let json = serde_json::to_string(&file).expect("serialize");
+        let parsed: UsageFile = serde_json::from_str(&json).expect("parse");
+        assert_eq!(
+            parsed.clone().into_snapshot().expect("valid").users.len(),
+            2
+        );
+
+        let mut truncated = parsed.clone();
+        truncated.users.pop();
+        assert!(matches!(
+            truncated.into_snapshot(),
+            Err(SnapshotError::CountMismatch {
+                declared: 2,
+                received: 1
+            })
+        ));
+        let mut edited = parsed;
+        edited.users[0].suspended = true;
+        assert_eq!(edited.into_snapshot(), Err(SnapshotError::DigestMismatch));
+    }
+}
