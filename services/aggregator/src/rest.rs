@@ -172,6 +172,8 @@ struct ConsumedUser {
     github_com_orgs_with_pending_invites: Vec<String>,
     github_com_two_factor_auth: Option<bool>,
     enterprise_server_emails: Vec<String>,
+    /// The name PyGithub's `NamedEnterpriseUser` reads; same content as `enterprise_server_emails`.
+    enterprise_server_primary_emails: Vec<String>,
     visual_studio_license_status: Option<String>,
     visual_studio_subscription_email: Option<String>,
     total_user_accounts: usize,
@@ -231,6 +233,7 @@ fn consumed_user(view: &MergedView, person: &Person, cloud_web_url: &str) -> Con
             .map(|m| m.orgs_with_pending_invites.clone())
             .unwrap_or_default(),
         github_com_two_factor_auth: member.and_then(|m| m.two_factor_auth),
+        enterprise_server_primary_emails: server_emails.clone(),
         enterprise_server_emails: server_emails,
         visual_studio_license_status: text(None),
         visual_studio_subscription_email: text(None),

@@ -39,7 +39,11 @@ fn snapshot(server_id: Uuid, generated_at: i64, users: Vec<ServerUser>) -> Snaps
     }
 }
 
-async fn commit(store: &DynStore, instance_id: i64, snapshot: &Snapshot) -> Result<CommitOutcome, ErrorKind> {
+async fn commit(
+    store: &DynStore,
+    instance_id: i64,
+    snapshot: &Snapshot,
+) -> Result<CommitOutcome, ErrorKind> {
     let sha = hex::encode(snapshot.digest());
     store
         .commit_snapshot(SnapshotCommit {
@@ -65,23 +69,54 @@ async fn stored_logins(store: &DynStore, enterprise_id: i64) -> Vec<String> {
 }
 
 pub async fn enterprises_and_tokens(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
     assert_eq!(acme.seats_purchased, 10);
-    let again = store.create_enterprise("acme", "Acme 2", 1).await.expect_err("duplicate slug");
+    let again = store
+        .create_enterprise("acme", "Acme 2", 1)
+        .await
+        .expect_err("duplicate slug");
     assert_eq!(again.kind, ErrorKind::AlreadyExists);
-    store.create_api_token(acme.id, "hash-1", "ci").await.expect("token");
-    let found = store.enterprise_for_api_token("hash-1").await.expect("lookup");
+    store
+        .create_api_token(acme.id, "hash-1", "ci")
+        .await
+        .expect("token");
+    let found = store
+        .enterprise_for_api_token("hash-1")
+        .await
+        .expect("lookup");
     assert_eq!(found.map(|e| e.slug), Some("acme".to_owned()));
-    assert!(store.enterprise_for_api_token("other").await.expect("lookup").is_none());
+    assert!(
+        store
+            .enterprise_for_api_token("other")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
     store.set_seats_purchased(acme.id, 25).await.expect("seats");
-    let reloaded = store.enterprise_by_slug("acme").await.expect("get").expect("exists");
+    let reloaded = store
+        .enterprise_by_slug("acme")
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(reloaded.seats_purchased, 25);
-    assert!(reloaded.generation > acme.generation, "seat changes bump the generation");
+    assert!(
+        reloaded.generation > acme.generation,
+        "seat changes bump the generation"
+    );
 }
 
 pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
-    let other = store.create_enterprise("other", "Other", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let other = store
+        .create_enterprise("other", "Other", 10)
+        .await
+        .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
         .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
@@ -89,15 +124,32 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
         .expect("enroll");
     assert!(instance.has_credential);
     assert_eq!(
-        store.instance_for_credential("cred-1").await.expect("lookup").map(|i| i.server_id),
+        store
+            .instance_for_credential("cred-1")
+            .await
+            .expect("lookup")
+            .map(|i| i.server_id),
         Some(server_id)
     );
     store
         .enroll_instance(acme.id, server_id, "ghes-1", "cred-2")
         .await
         .expect("re-enroll");
-    assert!(store.instance_for_credential("cred-1").await.expect("lookup").is_none(), "old credential revoked");
-    assert!(store.instance_for_credential("cred-2").await.expect("lookup").is_some());
+    assert!(
+        store
+            .instance_for_credential("cred-1")
+            .await
+            .expect("lookup")
+            .is_none(),
+        "old credential revoked"
+    );
+    assert!(
+        store
+            .instance_for_credential("cred-2")
+            .await
+            .expect("lookup")
+            .is_some()
+    );
     let stolen = store
         .enroll_instance(other.id, server_id, "ghes-1", "cred-3")
         .await
@@ -111,15 +163,31 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
 }
 
 pub async fn commit_replaces_the_snapshot_whole(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
     let server_id = Uuid::new_v4();
-    let instance = store.enroll_instance(acme.id, server_id, "ghes-1", "c").await.expect("enroll");
-    let first = snapshot(server_id, 1_700_000_000, vec![user(1, "a"), user(2, "b"), user(3, "c")]);
-    assert!(matches!(commit(&store, instance.id, &first).await, Ok(CommitOutcome::Applied { .. })));
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .await
+        .expect("enroll");
+    let first = snapshot(
+        server_id,
+        1_700_000_000,
+        vec![user(1, "a"), user(2, "b"), user(3, "c")],
+    );
+    assert!(matches!(
+        commit(&store, instance.id, &first).await,
+        Ok(CommitOutcome::Applied { .. })
+    ));
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b", "c"]);
 
     let second = snapshot(server_id, 1_700_000_100, vec![user(2, "b"), user(4, "d")]);
-    assert!(matches!(commit(&store, instance.id, &second).await, Ok(CommitOutcome::Applied { .. })));
+    assert!(matches!(
+        commit(&store, instance.id, &second).await,
+        Ok(CommitOutcome::Applied { .. })
+    ));
     assert_eq!(stored_logins(&store, acme.id).await, ["b", "d"]);
 
     let input = store.load_merge_input(acme.id).await.expect("load");
@@ -134,48 +202,97 @@ pub async fn commit_replaces_the_snapshot_whole(store: DynStore) {
 }
 
 pub async fn retried_sync_id_is_applied_once(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
     let server_id = Uuid::new_v4();
-    let instance = store.enroll_instance(acme.id, server_id, "ghes-1", "c").await.expect("enroll");
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .await
+        .expect("enroll");
     let first = snapshot(server_id, 1_700_000_000, vec![user(1, "a")]);
     commit(&store, instance.id, &first).await.expect("applied");
-    let generation = store.enterprise_generation(acme.id).await.expect("generation");
+    let generation = store
+        .enterprise_generation(acme.id)
+        .await
+        .expect("generation");
 
-    let retry = commit(&store, instance.id, &first).await.expect("acknowledged");
-    assert!(matches!(retry, CommitOutcome::Duplicate { user_count: 1, .. }), "{retry:?}");
-    assert_eq!(store.enterprise_generation(acme.id).await.expect("generation"), generation);
+    let retry = commit(&store, instance.id, &first)
+        .await
+        .expect("acknowledged");
+    assert!(
+        matches!(retry, CommitOutcome::Duplicate { user_count: 1, .. }),
+        "{retry:?}"
+    );
+    assert_eq!(
+        store
+            .enterprise_generation(acme.id)
+            .await
+            .expect("generation"),
+        generation
+    );
 
     // A newer snapshot, then the old retry again: still acknowledged as applied, not refused as older.
     let newer = snapshot(server_id, 1_700_000_500, vec![user(1, "a"), user(2, "b")]);
     commit(&store, instance.id, &newer).await.expect("applied");
-    assert!(matches!(commit(&store, instance.id, &first).await, Ok(CommitOutcome::Duplicate { .. })));
+    assert!(matches!(
+        commit(&store, instance.id, &first).await,
+        Ok(CommitOutcome::Duplicate { .. })
+    ));
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b"]);
 
     let mut reused = snapshot(server_id, 1_700_000_900, vec![user(9, "z")]);
     reused.meta.sync_id = first.meta.sync_id;
-    assert_eq!(commit(&store, instance.id, &reused).await, Err(ErrorKind::AlreadyExists));
+    assert_eq!(
+        commit(&store, instance.id, &reused).await,
+        Err(ErrorKind::AlreadyExists)
+    );
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b"]);
 }
 
 pub async fn older_snapshot_is_refused_and_changes_nothing(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
-    let server_id = Uuid::new_v4();
-    let instance = store.enroll_instance(acme.id, server_id, "ghes-1", "c").await.expect("enroll");
-    commit(&store, instance.id, &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]))
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
         .await
-        .expect("applied");
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .await
+        .expect("enroll");
+    commit(
+        &store,
+        instance.id,
+        &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]),
+    )
+    .await
+    .expect("applied");
     let older = snapshot(server_id, 1_600_000_000, vec![user(2, "b")]);
-    assert_eq!(commit(&store, instance.id, &older).await, Err(ErrorKind::FailedPrecondition));
+    assert_eq!(
+        commit(&store, instance.id, &older).await,
+        Err(ErrorKind::FailedPrecondition)
+    );
     assert_eq!(stored_logins(&store, acme.id).await, ["a"]);
 }
 
 pub async fn a_commit_failing_midway_leaves_the_previous_snapshot(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
-    let server_id = Uuid::new_v4();
-    let instance = store.enroll_instance(acme.id, server_id, "ghes-1", "c").await.expect("enroll");
-    commit(&store, instance.id, &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]))
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
         .await
-        .expect("applied");
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .await
+        .expect("enroll");
+    commit(
+        &store,
+        instance.id,
+        &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]),
+    )
+    .await
+    .expect("applied");
     // Bypasses validation: the duplicate key fails the INSERT after the DELETE ran, inside the transaction.
     let mut users: Vec<ServerUser> = (1..=5000).map(|id| user(id, &format!("u{id}"))).collect();
     users.push(user(4999, "again"));
@@ -187,18 +304,36 @@ pub async fn a_commit_failing_midway_leaves_the_previous_snapshot(store: DynStor
     // The sync id of the failed commit is not recorded as applied.
     let mut fixed = broken.clone();
     fixed.users.pop();
-    assert!(matches!(commit(&store, instance.id, &fixed).await, Ok(CommitOutcome::Applied { .. })));
+    assert!(matches!(
+        commit(&store, instance.id, &fixed).await,
+        Ok(CommitOutcome::Applied { .. })
+    ));
 }
 
 pub async fn failed_attempts_are_recorded_without_touching_users(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
-    let server_id = Uuid::new_v4();
-    let instance = store.enroll_instance(acme.id, server_id, "ghes-1", "c").await.expect("enroll");
-    commit(&store, instance.id, &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]))
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
         .await
-        .expect("applied");
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .await
+        .expect("enroll");
+    commit(
+        &store,
+        instance.id,
+        &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]),
+    )
+    .await
+    .expect("applied");
     store
-        .record_failed_sync(instance.id, Arrival::Upload, "digest mismatch", OffsetDateTime::now_utc())
+        .record_failed_sync(
+            instance.id,
+            Arrival::Upload,
+            "digest mismatch",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("record");
     let listed = store.list_instances(acme.id).await.expect("list");
@@ -209,24 +344,60 @@ pub async fn failed_attempts_are_recorded_without_touching_users(store: DynStore
 }
 
 pub async fn retired_instances_stop_counting(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
     let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
-    let first = store.enroll_instance(acme.id, one, "ghes-1", "c1").await.expect("enroll");
-    let second = store.enroll_instance(acme.id, two, "ghes-2", "c2").await.expect("enroll");
-    commit(&store, first.id, &snapshot(one, 1_700_000_000, vec![user(1, "a")])).await.expect("applied");
-    commit(&store, second.id, &snapshot(two, 1_700_000_000, vec![user(1, "b")])).await.expect("applied");
+    let first = store
+        .enroll_instance(acme.id, one, "ghes-1", "c1")
+        .await
+        .expect("enroll");
+    let second = store
+        .enroll_instance(acme.id, two, "ghes-2", "c2")
+        .await
+        .expect("enroll");
+    commit(
+        &store,
+        first.id,
+        &snapshot(one, 1_700_000_000, vec![user(1, "a")]),
+    )
+    .await
+    .expect("applied");
+    commit(
+        &store,
+        second.id,
+        &snapshot(two, 1_700_000_000, vec![user(1, "b")]),
+    )
+    .await
+    .expect("applied");
     store.retire_instance(acme.id, two).await.expect("retire");
     assert_eq!(stored_logins(&store, acme.id).await, ["a"]);
-    assert!(store.instance_for_credential("c2").await.expect("lookup").is_none());
-    let again = store.retire_instance(acme.id, two).await.expect_err("already retired");
+    assert!(
+        store
+            .instance_for_credential("c2")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    let again = store
+        .retire_instance(acme.id, two)
+        .await
+        .expect_err("already retired");
     assert_eq!(again.kind, ErrorKind::NotFound);
     // Re-enrolling brings its stored users back.
-    store.enroll_instance(acme.id, two, "ghes-2", "c3").await.expect("re-enroll");
+    store
+        .enroll_instance(acme.id, two, "ghes-2", "c3")
+        .await
+        .expect("re-enroll");
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b"]);
 }
 
 pub async fn cloud_members_are_replaced_whole(store: DynStore) {
-    let acme = store.create_enterprise("acme", "Acme", 10).await.expect("create");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
     let member = |id: i64, login: &str| CloudMember {
         id,
         login: login.to_owned(),
@@ -244,7 +415,10 @@ pub async fn cloud_members_are_replaced_whole(store: DynStore) {
         .replace_cloud_members(acme.id, &[member(1, "a"), member(2, "b")])
         .await
         .expect("import");
-    store.replace_cloud_members(acme.id, &[member(3, "c")]).await.expect("import");
+    store
+        .replace_cloud_members(acme.id, &[member(3, "c")])
+        .await
+        .expect("import");
     let input = store.load_merge_input(acme.id).await.expect("load");
     assert_eq!(input.cloud_members, vec![member(3, "c")]);
 }
@@ -283,7 +457,9 @@ macro_rules! store_suite {
 async fn open_sqlite() -> Option<(DynStore, tempfile::TempDir)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let store = license_sync_aggregator::store::open(&url).await.expect("open sqlite");
+    let store = license_sync_aggregator::store::open(&url)
+        .await
+        .expect("open sqlite");
     Some((store, dir))
 }
 

@@ -832,7 +832,7 @@ mod tests {
         }
     }
 
-    fn person_of<'a>(merged: &'a Merged, instance: u32, user: u32) -> &'a Person {
+    fn person_of(merged: &Merged, instance: u32, user: u32) -> &Person {
         merged
             .person_of_account(AccountRef { instance, user })
             .expect("account is in a person")

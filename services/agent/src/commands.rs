@@ -1,0 +1,137 @@
+//! The one-shot operations behind the CLI: `check`, `export` and `sync`. Each returns a serialisable summary, printed
+//! by the CLI as one JSON line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use license_sync_core::model::InstanceLicense;
+use serde::Serialize;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::client::AggregatorClient;
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+use crate::export::write_usage_file;
+use crate::snapshot::{
+    BuiltSnapshot, SkippedLine, build_snapshot, log_diagnostics, validate_snapshot,
+};
+use crate::source::read_source;
+
+/// Reads the source and builds a snapshot that passes the aggregator's validation.
+pub async fn prepare_snapshot(config: &AgentConfig) -> Result<BuiltSnapshot, AgentError> {
+    let data = read_source(config).await?;
+    let built = build_snapshot(&config.instance, data);
+    log_diagnostics(&built);
+    validate_snapshot(&built.snapshot)?;
+    Ok(built)
+}
+
+/// What `check` saw, without sending anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckSummary {
+    pub server_id: Uuid,
+    pub hostname: String,
+    pub ghes_version: String,
+    pub users: u64,
+    pub rows_read: u64,
+    pub rows_skipped: u64,
+    pub skipped: Vec<SkippedLine>,
+    pub license: Option<InstanceLicense>,
+}
+
+pub async fn check(config: &AgentConfig) -> Result<CheckSummary, AgentError> {
+    let built = prepare_snapshot(config).await?;
+    let skipped = built.skipped_lines();
+    let meta = built.snapshot.meta;
+    Ok(CheckSummary {
+        server_id: meta.instance.server_id,
+        hostname: meta.instance.hostname,
+        ghes_version: meta.instance.ghes_version,
+        users: built.snapshot.users.len() as u64,
+        rows_read: meta.source_report.rows_read,
+        rows_skipped: meta.source_report.rows_skipped,
+        skipped,
+        license: meta.license,
+    })
+}
+
+/// What `export` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub path: PathBuf,
+    pub sync_id: Uuid,
+    pub server_id: Uuid,
+    pub hostname: String,
+    pub users: u64,
+    pub rows_read: u64,
+    pub rows_skipped: u64,
+    pub skipped: Vec<SkippedLine>,
+}
+
+pub async fn export(config: &AgentConfig, output: &Path) -> Result<ExportSummary, AgentError> {
+    let built = prepare_snapshot(config).await?;
+    let skipped = built.skipped_lines();
+    let meta = built.snapshot.meta.clone();
+    let output = output.to_owned();
+    let exported = tokio::task::spawn_blocking(move || write_usage_file(&output, built.snapshot))
+        .await
+        .map_err(|error| AgentError::Internal(format!("the export task failed: {error}")))??;
+    tracing::info!(path = %exported.path.display(), users = exported.users, bytes = exported.bytes, "wrote the usage file");
+    Ok(ExportSummary {
+        path: exported.path,
+        sync_id: meta.sync_id,
+        server_id: meta.instance.server_id,
+        hostname: meta.instance.hostname,
+        users: exported.users,
+        rows_read: meta.source_report.rows_read,
+        rows_skipped: meta.source_report.rows_skipped,
+        skipped,
+    })
+}
+
+/// The receipt of a `sync`, as the CLI prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncSummary {
+    pub sync_id: Uuid,
+    pub server_id: Uuid,
+    pub hostname: String,
+    pub users_sent: u64,
+    pub users_accepted: u64,
+    pub duplicate: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub committed_at: Option<OffsetDateTime>,
+    pub rows_read: u64,
+    pub rows_skipped: u64,
+    pub skipped: Vec<SkippedLine>,
+}
+
+/// Reads the source and streams the snapshot to the aggregator. The aggregator is contacted first, so that an
+/// unreachable or misconfigured aggregator fails before a possibly long report build on GHES.
+pub async fn sync(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
+    let aggregator = config.aggregator()?;
+    let mut client = AggregatorClient::connect(aggregator).await?;
+    let built = prepare_snapshot(config).await?;
+    let skipped = built.skipped_lines();
+    let snapshot = Arc::new(built.snapshot);
+    let receipt = client.upload(snapshot.clone()).await?;
+    let meta = &snapshot.meta;
+    tracing::info!(
+        sync_id = %receipt.sync_id,
+        users_accepted = receipt.users_accepted,
+        duplicate = receipt.duplicate,
+        "the aggregator committed the snapshot"
+    );
+    Ok(SyncSummary {
+        sync_id: receipt.sync_id,
+        server_id: meta.instance.server_id,
+        hostname: meta.instance.hostname.clone(),
+        users_sent: snapshot.users.len() as u64,
+        users_accepted: receipt.users_accepted,
+        duplicate: receipt.duplicate,
+        committed_at: receipt.committed_at,
+        rows_read: meta.source_report.rows_read,
+        rows_skipped: meta.source_report.rows_skipped,
+        skipped,
+    })
+}

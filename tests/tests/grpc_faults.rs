@@ -1,0 +1,330 @@
+//! Faults on the gRPC ingest, driven by a raw client so that each stream can be cut or bent exactly:
+//! nothing stored may change unless a whole, valid snapshot was committed.
+
+use std::time::Duration;
+
+use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
+use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
+use license_sync_e2e::Aggregator;
+use license_sync_proto::convert::{server_user, snapshot_header};
+use license_sync_proto::v1::snapshot_chunk::Chunk;
+use license_sync_proto::v1::snapshot_ingest_client::SnapshotIngestClient;
+use license_sync_proto::v1::{SnapshotChunk, SnapshotTrailer, UserBatch};
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use uuid::Uuid;
+
+struct Fixture {
+    aggregator: Aggregator,
+    token: String,
+    credential: String,
+    server_id: Uuid,
+}
+
+fn fixture() -> Fixture {
+    let aggregator = Aggregator::start().expect("aggregator starts");
+    aggregator
+        .admin(&["enterprise", "create", "--slug", "acme", "--seats", "10"])
+        .expect("enterprise");
+    let token = aggregator
+        .admin(&["token", "create", "--enterprise", "acme"])
+        .expect("token");
+    let server_id = Uuid::new_v4();
+    let credential = aggregator
+        .admin(&[
+            "instance",
+            "add",
+            "--enterprise",
+            "acme",
+            "--server-id",
+            &server_id.to_string(),
+            "--hostname",
+            "ghes.test",
+        ])
+        .expect("credential");
+    Fixture {
+        aggregator,
+        token,
+        credential,
+        server_id,
+    }
+}
+
+fn snapshot(server_id: Uuid, users: usize) -> Snapshot {
+    Snapshot {
+        meta: SnapshotMeta {
+            sync_id: Uuid::new_v4(),
+            instance: InstanceIdentity {
+                server_id,
+                hostname: "ghes.test".into(),
+                ghes_version: "3.14.2".into(),
+            },
+            generated_at: OffsetDateTime::now_utc() - time::Duration::minutes(1),
+            license: None,
+            source_report: SourceReport::default(),
+        },
+        users: (1..=users as i64)
+            .map(|id| ServerUser {
+                id,
+                login: format!("user{id}"),
+                email: format!("user{id}@example.com"),
+                role: UserRole::User,
+                suspended: false,
+                dormant: false,
+                created_at: None,
+                last_active: None,
+                two_factor_enabled: None,
+            })
+            .collect(),
+    }
+}
+
+fn chunks(snapshot: &Snapshot) -> Vec<SnapshotChunk> {
+    let mut chunks = vec![SnapshotChunk {
+        chunk: Some(Chunk::Header(snapshot_header(&snapshot.meta))),
+    }];
+    for batch in snapshot.users.chunks(10) {
+        chunks.push(SnapshotChunk {
+            chunk: Some(Chunk::Users(UserBatch {
+                users: batch.iter().map(server_user).collect(),
+            })),
+        });
+    }
+    chunks.push(SnapshotChunk {
+        chunk: Some(Chunk::Trailer(SnapshotTrailer {
+            user_count: snapshot.users.len() as u64,
+            users_sha256: snapshot.digest().to_vec(),
+        })),
+    });
+    chunks
+}
+
+async fn send(
+    fixture: &Fixture,
+    credential: &str,
+    chunks: Vec<SnapshotChunk>,
+) -> Result<Value, tonic::Status> {
+    let mut client = SnapshotIngestClient::connect(fixture.aggregator.grpc_url.clone())
+        .await
+        .expect("connect");
+    let mut request = tonic::Request::new(futures::stream::iter(chunks));
+    let value: MetadataValue<_> = format!("Bearer {credential}").parse().expect("metadata");
+    request.metadata_mut().insert("authorization", value);
+    let receipt = client.upload_snapshot(request).await?.into_inner();
+    Ok(serde_json::json!({
+        "users_accepted": receipt.users_accepted,
+        "duplicate": receipt.duplicate,
+        "sync_id": receipt.sync_id,
+    }))
+}
+
+async fn consumed(fixture: &Fixture) -> u64 {
+    let body: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/enterprises/acme/consumed-licenses",
+            fixture.aggregator.http_url
+        ))
+        .bearer_auth(&fixture.token)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    body["total_seats_consumed"].as_u64().expect("count")
+}
+
+async fn last_error(fixture: &Fixture) -> String {
+    let body: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/enterprises/acme/license-sync-status",
+            fixture.aggregator.http_url
+        ))
+        .bearer_auth(&fixture.token)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    body["server_instances"][0]["last_sync"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_snapshot_is_applied_once_per_sync_id() {
+    let fixture = fixture();
+    let snap = snapshot(fixture.server_id, 25);
+    let first = send(&fixture, &fixture.credential, chunks(&snap))
+        .await
+        .expect("applied");
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(first["users_accepted"], 25);
+    let retry = send(&fixture, &fixture.credential, chunks(&snap))
+        .await
+        .expect("acknowledged");
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(consumed(&fixture).await, 25);
+}
+
+#[tokio::test]
+async fn a_stream_cut_halfway_changes_nothing() {
+    let fixture = fixture();
+    send(
+        &fixture,
+        &fixture.credential,
+        chunks(&snapshot(fixture.server_id, 5)),
+    )
+    .await
+    .expect("baseline");
+    assert_eq!(consumed(&fixture).await, 5);
+
+    // Send the header and half the batches, then drop the call mid-stream.
+    let bigger = snapshot(fixture.server_id, 40);
+    let all = chunks(&bigger);
+    let (sender, receiver) = mpsc::channel(16);
+    let mut client = SnapshotIngestClient::connect(fixture.aggregator.grpc_url.clone())
+        .await
+        .expect("connect");
+    let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+    let value: MetadataValue<_> = format!("Bearer {}", fixture.credential)
+        .parse()
+        .expect("metadata");
+    request.metadata_mut().insert("authorization", value);
+    let call = tokio::spawn(async move { client.upload_snapshot(request).await });
+    for chunk in all.iter().take(3).cloned() {
+        sender.send(chunk).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort();
+    drop(sender);
+    let _ = call.await;
+
+    // The failure is recorded once the server notices the reset; the stored snapshot is intact.
+    let mut error = String::new();
+    for _ in 0..50 {
+        error = last_error(&fixture).await;
+        if !error.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        error.contains("interrupted") || error.contains("ended before"),
+        "{error}"
+    );
+    assert_eq!(consumed(&fixture).await, 5);
+}
+
+#[tokio::test]
+async fn a_stream_without_trailer_or_with_a_bad_digest_changes_nothing() {
+    let fixture = fixture();
+    send(
+        &fixture,
+        &fixture.credential,
+        chunks(&snapshot(fixture.server_id, 5)),
+    )
+    .await
+    .expect("baseline");
+
+    let snap = snapshot(fixture.server_id, 30);
+    let mut no_trailer = chunks(&snap);
+    no_trailer.pop();
+    let status = send(&fixture, &fixture.credential, no_trailer)
+        .await
+        .expect_err("incomplete");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("trailer"), "{}", status.message());
+
+    let mut bad_digest = chunks(&snap);
+    if let Some(SnapshotChunk {
+        chunk: Some(Chunk::Trailer(trailer)),
+    }) = bad_digest.last_mut()
+    {
+        trailer.users_sha256[0] ^= 0xff;
+    }
+    let status = send(&fixture, &fixture.credential, bad_digest)
+        .await
+        .expect_err("digest");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("digest"), "{}", status.message());
+
+    let mut bad_count = chunks(&snap);
+    if let Some(SnapshotChunk {
+        chunk: Some(Chunk::Trailer(trailer)),
+    }) = bad_count.last_mut()
+    {
+        trailer.user_count += 1;
+    }
+    let status = send(&fixture, &fixture.credential, bad_count)
+        .await
+        .expect_err("count");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let mut duplicated = snap.clone();
+    duplicated.users[7].id = 3;
+    let status = send(&fixture, &fixture.credential, chunks(&duplicated))
+        .await
+        .expect_err("duplicate ids");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("more than once"),
+        "{}",
+        status.message()
+    );
+
+    assert_eq!(consumed(&fixture).await, 5);
+}
+
+#[tokio::test]
+async fn credentials_are_checked_against_the_instance() {
+    let fixture = fixture();
+    let snap = snapshot(fixture.server_id, 3);
+    let status = send(&fixture, "lsi_unknown", chunks(&snap))
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // A valid credential of another instance cannot write this instance's snapshot.
+    let other_id = Uuid::new_v4();
+    let other_credential = fixture
+        .aggregator
+        .admin(&[
+            "instance",
+            "add",
+            "--enterprise",
+            "acme",
+            "--server-id",
+            &other_id.to_string(),
+            "--hostname",
+            "other.test",
+        ])
+        .expect("credential");
+    let status = send(&fixture, &other_credential, chunks(&snap))
+        .await
+        .expect_err("foreign");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(consumed(&fixture).await, 0);
+}
+
+#[tokio::test]
+async fn an_older_snapshot_is_refused_with_failed_precondition() {
+    let fixture = fixture();
+    let newer = snapshot(fixture.server_id, 4);
+    let mut older = snapshot(fixture.server_id, 9);
+    older.meta.generated_at = newer.meta.generated_at - time::Duration::hours(1);
+    send(&fixture, &fixture.credential, chunks(&newer))
+        .await
+        .expect("applied");
+    let status = send(&fixture, &fixture.credential, chunks(&older))
+        .await
+        .expect_err("older");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(consumed(&fixture).await, 4);
+}
