@@ -4,7 +4,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -20,22 +19,16 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds every binary of the workspace once per test process, so a test run never uses stale binaries even when
-/// only this package was selected (`cargo test -p license-sync-e2e`).
+/// A binary of the workspace. `cargo test --workspace` / `cargo nextest run --workspace` (what `scripts/test.sh`
+/// runs) build them, because their packages have integration tests. Building them here instead would use another
+/// feature set (dev-dependencies are not unified into plain builds) and rebuild half the graph on every run.
 pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut command = Command::new(cargo);
-        command.args(["build", "--workspace", "--bins", "--quiet"]);
-        if target_dir().ends_with("release") {
-            command.arg("--release");
-        }
-        let status = command.status().expect("run cargo build");
-        assert!(status.success(), "building the workspace binaries failed");
-    });
     let path = target_dir().join(name);
-    assert!(path.exists(), "{} was not built", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the whole workspace's tests (./scripts/test.sh) or `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
@@ -98,6 +91,7 @@ pub struct Aggregator {
     pub process: Option<Process>,
     pub grpc_url: String,
     pub http_url: String,
+    env: Vec<(String, String)>,
 }
 
 impl Aggregator {
@@ -111,12 +105,21 @@ impl Aggregator {
     }
 
     pub fn start() -> Result<Self> {
+        Self::start_with_env(&[])
+    }
+
+    /// Starts with extra `LICENSE_SYNC_AGGREGATOR_*` settings, e.g. small limits.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut aggregator = Aggregator {
             dir,
             process: None,
             grpc_url: String::new(),
             http_url: String::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         aggregator.restart()?;
         Ok(aggregator)
@@ -136,7 +139,8 @@ impl Aggregator {
             )
             .env("LICENSE_SYNC_AGGREGATOR_GRPC_LISTEN", "127.0.0.1:0")
             .env("LICENSE_SYNC_AGGREGATOR_HTTP_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = self.dir.path().join(format!("aggregator-{}.log", now_ms()));
         let (process, ready) = Process::spawn(command, log)?;
         self.grpc_url = format!("http://{}", ready["grpc"].as_str().context("grpc address")?);

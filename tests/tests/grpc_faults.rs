@@ -26,7 +26,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let aggregator = Aggregator::start().expect("aggregator starts");
+    fixture_with_env(&[])
+}
+
+fn fixture_with_env(env: &[(&str, &str)]) -> Fixture {
+    let aggregator = Aggregator::start_with_env(env).expect("aggregator starts");
     aggregator
         .admin(&["enterprise", "create", "--slug", "acme", "--seats", "10"])
         .expect("enterprise");
@@ -327,4 +331,141 @@ async fn an_older_snapshot_is_refused_with_failed_precondition() {
         .expect_err("older");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(consumed(&fixture).await, 4);
+}
+
+#[tokio::test]
+async fn oversized_snapshots_and_uploads_are_refused_with_the_limit() {
+    let fixture = fixture_with_env(&[
+        ("LICENSE_SYNC_AGGREGATOR_MAX_SNAPSHOT_USERS", "20"),
+        ("LICENSE_SYNC_AGGREGATOR_MAX_MESSAGE_BYTES", "65536"),
+        ("LICENSE_SYNC_AGGREGATOR_MAX_UPLOAD_BYTES", "2048"),
+    ]);
+    let status = send(
+        &fixture,
+        &fixture.credential,
+        chunks(&snapshot(fixture.server_id, 30)),
+    )
+    .await
+    .expect_err("over max_snapshot_users");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("max_snapshot_users"),
+        "{}",
+        status.message()
+    );
+
+    // One batch larger than max_message_bytes.
+    let snap = snapshot(fixture.server_id, 1000);
+    let mut one_batch = vec![chunks(&snap).remove(0)];
+    one_batch.push(SnapshotChunk {
+        chunk: Some(Chunk::Users(UserBatch {
+            users: snap.users.iter().map(server_user).collect(),
+        })),
+    });
+    let status = send(&fixture, &fixture.credential, one_batch)
+        .await
+        .expect_err("message too large");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/enterprises/acme/server-usage",
+            fixture.aggregator.http_url
+        ))
+        .bearer_auth(&fixture.token)
+        .body(vec![b' '; 4096])
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.expect("json");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_upload_bytes")),
+        "{body}"
+    );
+    assert_eq!(consumed(&fixture).await, 0);
+}
+
+#[tokio::test]
+async fn grpc_health_and_reflection_are_served() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let fixture = fixture();
+    let channel = tonic::transport::Endpoint::from_shared(fixture.aggregator.grpc_url.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let answer = health
+        .check(HealthCheckRequest {
+            service: "licensesync.v1.SnapshotIngest".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("message")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"licensesync.v1.SnapshotIngest".to_owned()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_abandoned_after_the_idle_timeout() {
+    let fixture = fixture_with_env(&[("LICENSE_SYNC_AGGREGATOR_STREAM_IDLE_TIMEOUT_SECS", "1")]);
+    let snap = snapshot(fixture.server_id, 5);
+    let (sender, receiver) = mpsc::channel(4);
+    let mut client = SnapshotIngestClient::connect(fixture.aggregator.grpc_url.clone())
+        .await
+        .expect("connect");
+    let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+    let value: MetadataValue<_> = format!("Bearer {}", fixture.credential)
+        .parse()
+        .expect("metadata");
+    request.metadata_mut().insert("authorization", value);
+    sender.send(chunks(&snap).remove(0)).await.expect("header");
+    // Keep the stream open but silent: the aggregator gives up and answers.
+    let status = client
+        .upload_snapshot(request)
+        .await
+        .expect_err("abandoned");
+    drop(sender);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("sent nothing"),
+        "{}",
+        status.message()
+    );
+    assert!(last_error(&fixture).await.contains("sent nothing"));
+    assert_eq!(consumed(&fixture).await, 0);
 }

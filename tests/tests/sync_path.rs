@@ -647,3 +647,74 @@ fn the_aggregator_keeps_everything_across_a_restart() {
         .is_some()
     );
 }
+
+/// The Python interpreter that has PyGithub (`scripts/test.sh` makes one), or `None` with the reason.
+fn python_with_pygithub() -> Result<PathBuf, String> {
+    let python = std::env::var("LICENSE_SYNC_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import github"])
+        .output()
+        .map_err(|err| format!("cannot run {python}: {err}"))?;
+    if probe.status.success() {
+        Ok(PathBuf::from(python))
+    } else {
+        Err(format!(
+            "{python} cannot import PyGithub; run scripts/test.sh, which installs it"
+        ))
+    }
+}
+
+#[test]
+fn pygithub_reads_consumed_licenses_across_pages() {
+    let python = match python_with_pygithub() {
+        Ok(python) => python,
+        Err(reason) if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_none() => {
+            eprintln!("SKIPPED pygithub_reads_consumed_licenses_across_pages: {reason}");
+            return;
+        }
+        Err(reason) => panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {reason}"),
+    };
+    let setup = setup();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/pygithub_consumed_licenses.py");
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .args([&setup.aggregator.http_url, &setup.token, "acme", "3"])
+        .output()
+        .expect("run PyGithub");
+    assert!(
+        output.status.success(),
+        "PyGithub failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read: Value = serde_json::from_slice(&output.stdout).expect("json from the script");
+    let rest = setup.consumed();
+    assert_eq!(read["total_seats_consumed"], 8);
+    assert_eq!(read["total_seats_purchased"], 5);
+    // Three pages of 3, 3 and 2, followed through the Link header: every person once, in the REST order.
+    let users = read["users"].as_array().expect("users");
+    assert_eq!(users.len(), 8);
+    for (from_pygithub, from_rest) in users.iter().zip(rest["users"].as_array().expect("users")) {
+        assert_eq!(
+            from_pygithub["github_com_login"],
+            from_rest["github_com_login"]
+        );
+        assert_eq!(
+            from_pygithub["enterprise_server_user_ids"],
+            from_rest["enterprise_server_user_ids"]
+        );
+        assert_eq!(
+            from_pygithub["total_user_accounts"],
+            from_rest["total_user_accounts"]
+        );
+        assert_eq!(from_pygithub["license_type"], "enterprise");
+    }
+    let mona = users
+        .iter()
+        .find(|u| u["github_com_login"] == "monalisa")
+        .expect("monalisa");
+    // The same address in two spellings is listed once, as first seen.
+    assert_eq!(
+        mona["enterprise_server_primary_emails"],
+        json!(["Mona@Example.com"])
+    );
+}

@@ -26,6 +26,8 @@ pub struct AggregatorConfig {
     pub max_message_bytes: usize,
     /// Most users one snapshot may carry.
     pub max_snapshot_users: usize,
+    /// A snapshot stream that sends nothing for this long is abandoned (nothing is stored).
+    pub stream_idle_timeout_secs: u64,
     /// Largest usage-file upload or members import accepted over REST.
     pub max_upload_bytes: usize,
     /// Profile links of cloud members: `<cloud_web_url>/<login>`.
@@ -52,6 +54,7 @@ impl Default for AggregatorConfig {
             stale_after_days: 8,
             max_message_bytes: 8 * 1024 * 1024,
             max_snapshot_users: 2_000_000,
+            stream_idle_timeout_secs: 120,
             max_upload_bytes: 512 * 1024 * 1024,
             cloud_web_url: "https://github.com".to_owned(),
             log_format: LogFormat::Text,
@@ -94,6 +97,9 @@ impl AggregatorConfig {
             anyhow::bail!(
                 "max_message_bytes must be at least 65536 so that one batch of users fits"
             );
+        }
+        if self.stream_idle_timeout_secs == 0 {
+            anyhow::bail!("stream_idle_timeout_secs must be at least 1");
         }
         if self.max_snapshot_users == 0 {
             anyhow::bail!("max_snapshot_users must be at least 1");

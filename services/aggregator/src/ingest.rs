@@ -3,6 +3,7 @@
 //! nothing stored.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use license_sync_core::snapshot::{Snapshot, SnapshotDigest, SnapshotError};
 use license_sync_proto::convert::{server_user_from_proto, snapshot_meta_from_proto, timestamp};
@@ -57,20 +58,13 @@ impl SnapshotIngest for IngestService {
     ) -> Result<Response<SyncReceipt>, Status> {
         let credential = bearer_credential(&request)?;
         let instance = self.app.authenticate_instance(&credential).await?;
-        let mut stream = request.into_inner();
-        let (snapshot, digest) = match receive_snapshot(&self.app, &instance, &mut stream).await {
-            Ok(received) => received,
-            Err(error) => {
-                self.app
-                    .record_failure(&instance, Arrival::Connect, &error)
-                    .await;
-                return Err(error.into());
-            }
-        };
-        let receipt = self
-            .app
-            .commit_snapshot(&instance, snapshot, Arrival::Connect, Some(digest))
-            .await?;
+        let stream = request.into_inner();
+        // Its own task: when a client resets the stream, the server drops this handler's future, but the ingest
+        // still runs to its end, so the failed attempt is recorded and a started commit completes or rolls back.
+        let app = Arc::clone(&self.app);
+        let receipt = tokio::spawn(ingest(app, instance, stream))
+            .await
+            .map_err(|err| ServiceError::internal("receiving a snapshot", err))??;
         Ok(Response::new(SyncReceipt {
             sync_id: receipt.sync_id.to_string(),
             server_id: receipt.server_id.to_string(),
@@ -81,8 +75,34 @@ impl SnapshotIngest for IngestService {
     }
 }
 
-async fn next_chunk(stream: &mut Streaming<SnapshotChunk>) -> ServiceResult<Option<Chunk>> {
-    match stream.message().await {
+async fn ingest(
+    app: Arc<App>,
+    instance: Instance,
+    mut stream: Streaming<SnapshotChunk>,
+) -> ServiceResult<crate::app::Receipt> {
+    let (snapshot, digest) = match receive_snapshot(&app, &instance, &mut stream).await {
+        Ok(received) => received,
+        Err(error) => {
+            app.record_failure(&instance, Arrival::Connect, &error)
+                .await;
+            return Err(error);
+        }
+    };
+    app.commit_snapshot(&instance, snapshot, Arrival::Connect, Some(digest))
+        .await
+}
+
+async fn next_chunk(
+    stream: &mut Streaming<SnapshotChunk>,
+    idle_timeout: Duration,
+) -> ServiceResult<Option<Chunk>> {
+    let Ok(message) = tokio::time::timeout(idle_timeout, stream.message()).await else {
+        return Err(ServiceError::invalid(format!(
+            "the snapshot stream sent nothing for {} s and was abandoned; nothing was changed, send the snapshot again",
+            idle_timeout.as_secs()
+        )));
+    };
+    match message {
         Ok(Some(SnapshotChunk { chunk: Some(chunk) })) => Ok(Some(chunk)),
         Ok(Some(SnapshotChunk { chunk: None })) => Err(ServiceError::invalid(
             "received an empty stream message: every message must carry a header, users or a trailer",
@@ -109,7 +129,8 @@ async fn receive_snapshot(
     instance: &Instance,
     stream: &mut Streaming<SnapshotChunk>,
 ) -> ServiceResult<(Snapshot, [u8; 32])> {
-    let header = match next_chunk(stream).await? {
+    let idle_timeout = Duration::from_secs(app.config.stream_idle_timeout_secs);
+    let header = match next_chunk(stream, idle_timeout).await? {
         Some(Chunk::Header(header)) => header,
         Some(_) => {
             return Err(ServiceError::invalid(
@@ -132,7 +153,7 @@ async fn receive_snapshot(
     let mut users = Vec::new();
     let mut digest = SnapshotDigest::default();
     let trailer = loop {
-        match next_chunk(stream).await? {
+        match next_chunk(stream, idle_timeout).await? {
             Some(Chunk::Users(batch)) => {
                 if users.len() + batch.users.len() > max_users {
                     return Err(SnapshotError::TooManyUsers {

@@ -38,7 +38,12 @@ pub enum InvalidEmail {
 /// Normalises any text the same way an email is normalised, without checking that it is an address.
 /// Used for SAML/SCIM attributes (NameID, `name`, `username`, ...), which are compared as text.
 pub fn normalize_text(raw: &str) -> String {
-    raw.trim().nfc().flat_map(char::to_lowercase).collect()
+    let trimmed = raw.trim();
+    if trimmed.is_ascii() {
+        // NFC leaves ASCII unchanged; this path avoids the per-character decomposition work.
+        return trimmed.to_ascii_lowercase();
+    }
+    trimmed.nfc().flat_map(char::to_lowercase).collect()
 }
 
 /// Normalises an email address: trim whitespace, Unicode NFC, lower-case the whole address.

@@ -507,19 +507,24 @@ fn find_likely_duplicates(
     instances: &[InstanceUsers],
     cloud: &[CloudMember],
 ) -> Vec<LikelyDuplicate> {
-    let mut by_login: HashMap<String, BTreeSet<u32>> = HashMap::new();
-    let mut by_name: HashMap<String, BTreeSet<u32>> = HashMap::new();
+    // Positions are visited in increasing order, so each list stays sorted; pushing only when the last entry
+    // differs keeps one entry per person.
+    fn add(map: &mut HashMap<String, Vec<u32>>, key: String, position: u32) {
+        let positions = map.entry(key).or_default();
+        if positions.last() != Some(&position) {
+            positions.push(position);
+        }
+    }
+    let mut by_login: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
     for &position in consuming {
         let person = &people[position as usize];
         if let Some(member) = person.cloud_member.map(|index| &cloud[index as usize]) {
-            by_login
-                .entry(member.login.to_lowercase())
-                .or_default()
-                .insert(position);
+            add(&mut by_login, member.login.to_lowercase(), position);
             if let Some(name) = member.name.as_deref().map(normalize_text)
                 && !name.is_empty()
             {
-                by_name.entry(name).or_default().insert(position);
+                add(&mut by_name, name, position);
             }
         }
         for link in &person.server_accounts {
@@ -527,13 +532,10 @@ fn find_likely_duplicates(
             if user.consumption() == ServerConsumption::BuiltIn {
                 continue;
             }
-            by_login
-                .entry(user.login.to_lowercase())
-                .or_default()
-                .insert(position);
+            add(&mut by_login, user.login.to_lowercase(), position);
         }
     }
-    let to_ids = |positions: BTreeSet<u32>| -> Vec<String> {
+    let to_ids = |positions: Vec<u32>| -> Vec<String> {
         let mut ids: Vec<String> = positions
             .into_iter()
             .map(|position| people[position as usize].id.clone())

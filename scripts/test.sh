@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit, storage suite, end-to-end (real binaries on loopback) and the PyGithub
+# compatibility test. Installs what the tests need that a fresh machine lacks (cargo-nextest if missing, PyGithub
+# from PyPI in a virtualenv under target/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="$PWD/target/test-venv"
+if ! "$venv/bin/python" -c 'import github' 2>/dev/null; then
+    echo "== installing PyGithub into $venv (for the compatibility test)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'PyGithub==2.10.0'
+fi
+export LICENSE_SYNC_TEST_PYTHON="$venv/bin/python"
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "$@"
+else
+    echo "== cargo-nextest not found, using cargo test"
+    cargo test --workspace --no-fail-fast "$@"
+fi
