@@ -603,26 +603,23 @@ impl Store for SqliteStore {
             )
             .bind(enterprise_id)
             .fetch(&mut *tx);
+            // Columns by index: this loop runs once per stored account.
             while let Some(row) = rows.try_next().await? {
-                let instance_id: i64 = row.try_get("instance_id")?;
+                let instance_id: i64 = row.try_get(0)?;
                 let Some(&position) = position_of_instance.get(&instance_id) else {
                     continue;
                 };
-                let role: String = row.try_get("role")?;
+                let role: &str = row.try_get(4)?;
                 instances[position].users.push(ServerUser {
-                    id: row.try_get("user_id")?,
-                    login: row.try_get("login")?,
-                    email: row.try_get("email")?,
-                    role: UserRole::parse(&role).unwrap_or_default(),
-                    suspended: row.try_get("suspended")?,
-                    dormant: row.try_get("dormant")?,
-                    created_at: row
-                        .try_get::<Option<i64>, _>("created_at")?
-                        .map(unix_to_time),
-                    last_active: row
-                        .try_get::<Option<i64>, _>("last_active")?
-                        .map(unix_to_time),
-                    two_factor_enabled: row.try_get("two_factor_enabled")?,
+                    id: row.try_get(1)?,
+                    login: row.try_get(2)?,
+                    email: row.try_get(3)?,
+                    role: UserRole::parse(role).unwrap_or_default(),
+                    suspended: row.try_get(5)?,
+                    dormant: row.try_get(6)?,
+                    created_at: row.try_get::<Option<i64>, _>(7)?.map(unix_to_time),
+                    last_active: row.try_get::<Option<i64>, _>(8)?.map(unix_to_time),
+                    two_factor_enabled: row.try_get(9)?,
                 });
             }
         }
