@@ -3,10 +3,13 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let file = proto_root.join("licensesync/v1/ingest.proto");
+    let files = [
+        proto_root.join("licensesync/v1/ingest.proto"),
+        proto_root.join("licensesync/v1/control.proto"),
+    ];
     println!("cargo:rerun-if-changed={}", proto_root.display());
 
-    let descriptors = protox::compile([&file], [&proto_root])?;
+    let descriptors = protox::compile(&files, [&proto_root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // Kept for gRPC reflection.
     std::fs::write(
