@@ -84,10 +84,13 @@ impl AggregatorConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        let scheme_ok = self.database_url.starts_with("sqlite:");
+        let scheme_ok = ["sqlite:", "postgres:", "postgresql:"]
+            .iter()
+            .any(|scheme| self.database_url.starts_with(scheme));
         if !scheme_ok {
             anyhow::bail!(
-                "database_url must start with `sqlite:` (e.g. `sqlite://license-sync.db`); got a URL with another scheme"
+                "database_url must start with `sqlite:` (e.g. `sqlite://license-sync.db`) or `postgres:` \
+                 (e.g. `postgres://license_sync@db.example.com/license_sync`); got a URL with another scheme"
             );
         }
         if self.stale_after_days == 0 {

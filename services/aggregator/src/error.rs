@@ -144,12 +144,17 @@ impl From<sqlx::Error> for ServiceError {
     }
 }
 
+/// Transient conflicts the caller should retry: SQLite's SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their
+/// extended codes, PostgreSQL's serialization failure, deadlock and lock-not-available SQLSTATEs.
 fn is_busy(error: &dyn sqlx::error::DatabaseError) -> bool {
-    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), including extended codes.
-    error
-        .code()
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if matches!(code.as_ref(), "40001" | "40P01" | "55P03") {
+        return true;
+    }
+    code.parse::<i32>()
+        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 impl From<license_sync_core::snapshot::SnapshotError> for ServiceError {

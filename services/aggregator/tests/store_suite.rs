@@ -464,3 +464,91 @@ async fn open_sqlite() -> Option<(DynStore, tempfile::TempDir)> {
 }
 
 store_suite!(sqlite, open_sqlite());
+
+/// The PostgreSQL URL from `LICENSE_SYNC_TEST_POSTGRES_URL`; without it the PostgreSQL cases say so and skip, unless
+/// `LICENSE_SYNC_REQUIRE_ALL_TESTS` is set (CI), where a missing database is a failure.
+#[cfg(feature = "postgres")]
+fn postgres_url() -> Option<String> {
+    match std::env::var("LICENSE_SYNC_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_some() => {
+            panic!(
+                "LICENSE_SYNC_REQUIRE_ALL_TESTS is set but LICENSE_SYNC_TEST_POSTGRES_URL is not"
+            )
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED (postgres): set LICENSE_SYNC_TEST_POSTGRES_URL=postgres://USER@HOST/DB to run this case"
+            );
+            None
+        }
+    }
+}
+
+/// Drops the test's schema when the test ends, whatever its outcome.
+#[cfg(feature = "postgres")]
+struct SchemaGuard {
+    url: String,
+    schema: String,
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        // Drop runs inside the test's runtime: use a thread with its own runtime for the async cleanup.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut connection) = sqlx::PgConnection::connect(&url).await {
+                    // The store's pool may still hold connections (the test runtime is blocked here, so it cannot
+                    // close them); they are tagged with the schema's name, so end them first.
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                    )
+                    .bind(&schema)
+                    .execute(&mut connection)
+                    .await;
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&mut connection)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A fresh schema per test in the configured database, so runs and tests never see each other's rows.
+#[cfg(feature = "postgres")]
+async fn open_postgres() -> Option<(DynStore, SchemaGuard)> {
+    use sqlx::Connection;
+    use std::str::FromStr;
+    let url = postgres_url()?;
+    let schema = format!("ls_test_{}", Uuid::new_v4().simple());
+    let mut connection = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut connection)
+        .await
+        .expect("create schema");
+    let guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+        .expect("valid URL")
+        .options([("search_path", schema.as_str())])
+        .application_name(&schema);
+    let store = license_sync_aggregator::store::PostgresStore::open_with(options)
+        .await
+        .expect("open PostgreSQL store");
+    Some((std::sync::Arc::new(store), guard))
+}
+
+#[cfg(feature = "postgres")]
+store_suite!(postgres, open_postgres());

@@ -1,6 +1,8 @@
 //! Storage behind one trait, so that backends (SQLite now, PostgreSQL next) can be swapped without touching the
 //! services. Every method is one transaction: a failure leaves nothing half-written.
 
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -13,6 +15,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::error::{ServiceError, ServiceResult};
@@ -182,10 +186,15 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the store named by the URL and applies pending migrations.
 pub async fn open(database_url: &str) -> ServiceResult<DynStore> {
     if database_url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(database_url).await?))
-    } else {
+        return Ok(Arc::new(SqliteStore::open(database_url).await?));
+    }
+    #[cfg(feature = "postgres")]
+    if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+        return Ok(Arc::new(PostgresStore::open(database_url).await?));
+    }
+    {
         Err(ServiceError::invalid(
-            "unsupported database_url scheme: use sqlite://PATH",
+            "unsupported database_url scheme: use sqlite://PATH or postgres://USER@HOST/DATABASE",
         ))
     }
 }

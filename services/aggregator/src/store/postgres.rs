@@ -1,0 +1,701 @@
+//! The scale-out store: PostgreSQL, shared by several aggregator replicas.
+//!
+//! Concurrency comes from the database, not from the process: every commit of a snapshot locks its instance row
+//! (`SELECT … FOR UPDATE`) before anything else, so two replicas committing snapshots of the same instance run one
+//! after the other and the second sees the first's `generated_at` and sync id (newest wins, applied once).
+//! Migrations take sqlx's advisory lock, so replicas starting together apply them once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use license_sync_core::merge::InstanceUsers;
+use license_sync_core::model::{CloudMember, ServerUser, UserRole};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    Arrival, CommitOutcome, Enterprise, Instance, MergeInput, SnapshotCommit, Store,
+    time_to_unix_ms, unix_ms_to_time, unix_to_time,
+};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Rows per `INSERT … SELECT FROM UNNEST(…)`: bounds the size of one statement's arrays.
+const USER_ROWS_PER_INSERT: usize = 50_000;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects with `options` (e.g. a `search_path` for tests) and applies pending migrations.
+    pub async fn open_with(options: PgConnectOptions) -> ServiceResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|err| {
+                ServiceError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot connect to PostgreSQL: {err}"),
+                )
+            })?;
+        MIGRATOR.run(&pool).await.map_err(|err| {
+            ServiceError::new(
+                ErrorKind::Internal,
+                format!("cannot apply database migrations: {err}"),
+            )
+        })?;
+        Ok(PostgresStore { pool })
+    }
+
+    pub async fn open(database_url: &str) -> ServiceResult<Self> {
+        let options = PgConnectOptions::from_str(database_url).map_err(|err| {
+            ServiceError::invalid(format!("invalid PostgreSQL database_url: {err}"))
+        })?;
+        Self::open_with(options).await
+    }
+}
+
+fn now_unix() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn enterprise_from_row(row: &PgRow) -> Result<Enterprise, sqlx::Error> {
+    Ok(Enterprise {
+        id: row.try_get("id")?,
+        slug: row.try_get("slug")?,
+        name: row.try_get("name")?,
+        seats_purchased: row.try_get("seats_purchased")?,
+        generation: row.try_get("generation")?,
+    })
+}
+
+const INSTANCE_COLUMNS: &str = "id, enterprise_id, server_id, hostname, ghes_version, \
+     credential_sha256 IS NOT NULL AS has_credential, retired_at, generated_at_ms, user_count, \
+     last_success_at, last_success_via, last_attempt_at, last_attempt_ok, last_attempt_via, last_error, \
+     rows_skipped";
+
+fn instance_from_row(row: &PgRow) -> Result<Instance, sqlx::Error> {
+    let server_id: String = row.try_get("server_id")?;
+    let arrival = |column: &str| -> Result<Option<Arrival>, sqlx::Error> {
+        Ok(row
+            .try_get::<Option<String>, _>(column)?
+            .as_deref()
+            .and_then(Arrival::parse))
+    };
+    Ok(Instance {
+        id: row.try_get("id")?,
+        enterprise_id: row.try_get("enterprise_id")?,
+        server_id: Uuid::parse_str(&server_id).map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+        hostname: row.try_get("hostname")?,
+        ghes_version: row.try_get("ghes_version")?,
+        has_credential: row.try_get("has_credential")?,
+        retired_at: row
+            .try_get::<Option<i64>, _>("retired_at")?
+            .map(unix_to_time),
+        generated_at: row
+            .try_get::<Option<i64>, _>("generated_at_ms")?
+            .map(unix_ms_to_time),
+        user_count: row.try_get("user_count")?,
+        last_success_at: row
+            .try_get::<Option<i64>, _>("last_success_at")?
+            .map(unix_to_time),
+        last_success_via: arrival("last_success_via")?,
+        last_attempt_at: row
+            .try_get::<Option<i64>, _>("last_attempt_at")?
+            .map(unix_to_time),
+        last_attempt_ok: row.try_get("last_attempt_ok")?,
+        last_attempt_via: arrival("last_attempt_via")?,
+        last_error: row.try_get("last_error")?,
+        rows_skipped: row.try_get("rows_skipped")?,
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+async fn bump_generation(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    enterprise_id: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE enterprises SET generation = generation + 1 WHERE id = $1")
+        .bind(enterprise_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn instance_by_server_id(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    server_id: Uuid,
+) -> Result<Option<Instance>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {INSTANCE_COLUMNS} FROM instances WHERE server_id = $1"
+    ))
+    .bind(server_id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.as_ref().map(instance_from_row).transpose()
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| time.unix_timestamp().to_string())
+}
+
+/// Outcome of the part of a commit that can be retried as a whole.
+enum Attempt {
+    Done(CommitOutcome),
+    /// Another replica applied the same sync id between our check and our insert.
+    RacedOnSyncId,
+}
+
+impl PostgresStore {
+    async fn try_commit(&self, commit: &SnapshotCommit<'_>) -> ServiceResult<Attempt> {
+        let meta = &commit.snapshot.meta;
+        let sync_id = meta.sync_id.to_string();
+        let mut tx = self.pool.begin().await?;
+
+        // The instance row lock serialises commits of one instance across replicas.
+        let stored = sqlx::query(
+            "SELECT enterprise_id, generated_at_ms, retired_at FROM instances WHERE id = $1 FOR UPDATE",
+        )
+        .bind(commit.instance_id)
+        .fetch_optional(&mut *tx)
+        .await
+        ?
+        .ok_or_else(|| ServiceError::not_found("the instance no longer exists; enroll it again"))?;
+
+        let applied = sqlx::query(
+            "SELECT instance_id, users_sha256, user_count, committed_at_ms FROM applied_syncs WHERE sync_id = $1",
+        )
+        .bind(&sync_id)
+        .fetch_optional(&mut *tx)
+        .await
+        ?;
+        if let Some(applied) = applied {
+            let instance_id: i64 = applied.try_get("instance_id")?;
+            let sha: String = applied.try_get("users_sha256")?;
+            if instance_id != commit.instance_id || sha != commit.users_sha256 {
+                return Err(ServiceError::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "sync id {sync_id} was already used for a different snapshot; a new snapshot needs a new sync id"
+                    ),
+                ));
+            }
+            let user_count: i64 = applied.try_get("user_count")?;
+            return Ok(Attempt::Done(CommitOutcome::Duplicate {
+                committed_at: unix_ms_to_time(applied.try_get("committed_at_ms")?),
+                user_count: user_count as u64,
+            }));
+        }
+
+        let enterprise_id: i64 = stored.try_get("enterprise_id")?;
+        if stored.try_get::<Option<i64>, _>("retired_at")?.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::FailedPrecondition,
+                "the instance is retired; enroll it again before syncing",
+            ));
+        }
+        let new_generated_ms = time_to_unix_ms(meta.generated_at);
+        if let Some(stored_ms) = stored.try_get::<Option<i64>, _>("generated_at_ms")?
+            && stored_ms > new_generated_ms
+        {
+            return Err(ServiceError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "this snapshot was generated at {} but the stored one is newer ({}); read the users again and send a new snapshot",
+                    rfc3339(meta.generated_at),
+                    rfc3339(unix_ms_to_time(stored_ms)),
+                ),
+            ));
+        }
+
+        sqlx::query("DELETE FROM server_users WHERE instance_id = $1")
+            .bind(commit.instance_id)
+            .execute(&mut *tx)
+            .await?;
+        for chunk in commit.snapshot.users.chunks(USER_ROWS_PER_INSERT) {
+            let ids: Vec<i64> = chunk.iter().map(|u| u.id).collect();
+            let logins: Vec<&str> = chunk.iter().map(|u| u.login.as_str()).collect();
+            let emails: Vec<&str> = chunk.iter().map(|u| u.email.as_str()).collect();
+            let roles: Vec<&str> = chunk.iter().map(|u| u.role.as_str()).collect();
+            let suspended: Vec<bool> = chunk.iter().map(|u| u.suspended).collect();
+            let dormant: Vec<bool> = chunk.iter().map(|u| u.dormant).collect();
+            let created: Vec<Option<i64>> = chunk
+                .iter()
+                .map(|u| u.created_at.map(OffsetDateTime::unix_timestamp))
+                .collect();
+            let active: Vec<Option<i64>> = chunk
+                .iter()
+                .map(|u| u.last_active.map(OffsetDateTime::unix_timestamp))
+                .collect();
+            let two_factor: Vec<Option<bool>> =
+                chunk.iter().map(|u| u.two_factor_enabled).collect();
+            sqlx::query(
+                "INSERT INTO server_users (instance_id, user_id, login, email, role, suspended, dormant, \
+                 created_at, last_active, two_factor_enabled) \
+                 SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bool[], \
+                 $7::bool[], $8::bigint[], $9::bigint[], $10::bool[])",
+            )
+            .bind(commit.instance_id)
+            .bind(ids)
+            .bind(logins)
+            .bind(emails)
+            .bind(roles)
+            .bind(suspended)
+            .bind(dormant)
+            .bind(created)
+            .bind(active)
+            .bind(two_factor)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        let now = commit.now.unix_timestamp();
+        let via = commit.via.as_str();
+        sqlx::query(
+            "UPDATE instances SET hostname = $1, ghes_version = $2, generated_at_ms = $3, user_count = $4, \
+             last_success_at = $5, last_success_via = $6, last_attempt_at = $5, last_attempt_ok = TRUE, \
+             last_attempt_via = $6, last_error = '', rows_skipped = $7, license_seats = $8, \
+             license_seats_used = $9 WHERE id = $10",
+        )
+        .bind(&meta.instance.hostname)
+        .bind(&meta.instance.ghes_version)
+        .bind(new_generated_ms)
+        .bind(commit.snapshot.users.len() as i64)
+        .bind(now)
+        .bind(via)
+        .bind(meta.source_report.rows_skipped as i64)
+        .bind(meta.license.as_ref().and_then(|l| l.seats))
+        .bind(meta.license.as_ref().map(|l| l.seats_used))
+        .bind(commit.instance_id)
+        .execute(&mut *tx)
+        .await
+        ?;
+        let inserted = sqlx::query(
+            "INSERT INTO applied_syncs (sync_id, instance_id, users_sha256, user_count, via, committed_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&sync_id)
+        .bind(commit.instance_id)
+        .bind(commit.users_sha256)
+        .bind(commit.snapshot.users.len() as i64)
+        .bind(via)
+        .bind(time_to_unix_ms(commit.now))
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(err) if is_unique_violation(&err) => return Ok(Attempt::RacedOnSyncId),
+            Err(err) => return Err(err.into()),
+        }
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(Attempt::Done(CommitOutcome::Applied {
+            committed_at: commit.now,
+        }))
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> ServiceResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_enterprise(
+        &self,
+        slug: &str,
+        name: &str,
+        seats: i64,
+    ) -> ServiceResult<Enterprise> {
+        let result = sqlx::query(
+            "INSERT INTO enterprises (slug, name, seats_purchased, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, slug, name, seats_purchased, generation",
+        )
+        .bind(slug)
+        .bind(name)
+        .bind(seats)
+        .bind(now_unix())
+        .fetch_one(&self.pool)
+        .await;
+        match result {
+            Ok(row) => Ok(enterprise_from_row(&row)?),
+            Err(err) if is_unique_violation(&err) => Err(ServiceError::new(
+                ErrorKind::AlreadyExists,
+                format!("enterprise {slug:?} already exists; choose another slug"),
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()> {
+        sqlx::query(
+            "UPDATE enterprises SET seats_purchased = $1, generation = generation + 1 WHERE id = $2",
+        )
+        .bind(seats)
+        .bind(enterprise_id)
+        .execute(&self.pool)
+        .await
+        ?;
+        Ok(())
+    }
+
+    async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>> {
+        let row = sqlx::query(
+            "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE slug = $1",
+        )
+        .bind(slug)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+    }
+
+    async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64> {
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM enterprises WHERE id = $1")
+                .bind(enterprise_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        generation.ok_or_else(|| ServiceError::not_found("enterprise not found"))
+    }
+
+    async fn create_api_token(
+        &self,
+        enterprise_id: i64,
+        token_sha256: &str,
+        description: &str,
+    ) -> ServiceResult<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (enterprise_id, token_sha256, description, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(enterprise_id)
+        .bind(token_sha256)
+        .bind(description)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await
+        ?;
+        Ok(())
+    }
+
+    async fn enterprise_for_api_token(
+        &self,
+        token_sha256: &str,
+    ) -> ServiceResult<Option<Enterprise>> {
+        let row = sqlx::query(
+            "SELECT e.id, e.slug, e.name, e.seats_purchased, e.generation FROM api_tokens t \
+             JOIN enterprises e ON e.id = t.enterprise_id \
+             WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+    }
+
+    async fn enroll_instance(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        hostname: &str,
+        credential_sha256: &str,
+    ) -> ServiceResult<Instance> {
+        let mut tx = self.pool.begin().await?;
+        // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the unique key
+        // instead of both inserting.
+        sqlx::query(
+            "INSERT INTO instances (enterprise_id, server_id, hostname, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (server_id) DO NOTHING",
+        )
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .bind(hostname)
+        .bind(now_unix())
+        .execute(&mut *tx)
+        .await
+        ?;
+        let existing = sqlx::query(
+            "SELECT enterprise_id, retired_at FROM instances WHERE server_id = $1 FOR UPDATE",
+        )
+        .bind(server_id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let owner: i64 = existing.try_get("enterprise_id")?;
+        if owner != enterprise_id {
+            return Err(ServiceError::permission_denied(format!(
+                "instance {server_id} is enrolled in another enterprise; retire it there first"
+            )));
+        }
+        let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
+        sqlx::query(
+            "UPDATE instances SET credential_sha256 = $1, hostname = $2, retired_at = NULL WHERE server_id = $3",
+        )
+        .bind(credential_sha256)
+        .bind(hostname)
+        .bind(server_id.to_string())
+        .execute(&mut *tx)
+        .await
+        ?;
+        if was_retired {
+            bump_generation(&mut tx, enterprise_id).await?;
+        }
+        let instance = instance_by_server_id(&mut tx, server_id)
+            .await?
+            .ok_or_else(|| ServiceError::internal("enrolling an instance", "row vanished"))?;
+        tx.commit().await?;
+        Ok(instance)
+    }
+
+    async fn instance_for_upload(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        hostname: &str,
+    ) -> ServiceResult<Instance> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO instances (enterprise_id, server_id, hostname, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (server_id) DO NOTHING",
+        )
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .bind(hostname)
+        .bind(now_unix())
+        .execute(&mut *tx)
+        .await
+        ?;
+        let instance = instance_by_server_id(&mut tx, server_id)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::internal("registering an uploaded instance", "row vanished")
+            })?;
+        if instance.enterprise_id != enterprise_id {
+            return Err(ServiceError::permission_denied(format!(
+                "instance {server_id} belongs to another enterprise; upload its usage there"
+            )));
+        }
+        tx.commit().await?;
+        Ok(instance)
+    }
+
+    async fn instance_for_credential(
+        &self,
+        credential_sha256: &str,
+    ) -> ServiceResult<Option<Instance>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE credential_sha256 = $1 AND retired_at IS NULL"
+        ))
+        .bind(credential_sha256)
+        .fetch_optional(&self.pool)
+        .await
+        ?;
+        Ok(row.as_ref().map(instance_from_row).transpose()?)
+    }
+
+    async fn list_instances(&self, enterprise_id: i64) -> ServiceResult<Vec<Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE enterprise_id = $1 ORDER BY hostname, server_id"
+        ))
+        .bind(enterprise_id)
+        .fetch_all(&self.pool)
+        .await
+        ?;
+        Ok(rows
+            .iter()
+            .map(instance_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE instances SET retired_at = $1, credential_sha256 = NULL \
+             WHERE enterprise_id = $2 AND server_id = $3 AND retired_at IS NULL",
+        )
+        .bind(now_unix())
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(ServiceError::not_found(format!(
+                "no active instance {server_id} in this enterprise"
+            )));
+        }
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> ServiceResult<CommitOutcome> {
+        // A race on the sync id means another replica applied this very snapshot: run again to return its receipt.
+        for _ in 0..3 {
+            match self.try_commit(&commit).await? {
+                Attempt::Done(outcome) => return Ok(outcome),
+                Attempt::RacedOnSyncId => continue,
+            }
+        }
+        Err(ServiceError::new(
+            ErrorKind::Unavailable,
+            "the snapshot is being applied by another aggregator replica; retry",
+        ))
+    }
+
+    async fn record_failed_sync(
+        &self,
+        instance_id: i64,
+        via: Arrival,
+        error: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()> {
+        sqlx::query(
+            "UPDATE instances SET last_attempt_at = $1, last_attempt_ok = FALSE, last_attempt_via = $2, \
+             last_error = $3 WHERE id = $4",
+        )
+        .bind(now.unix_timestamp())
+        .bind(via.as_str())
+        .bind(error)
+        .bind(instance_id)
+        .execute(&self.pool)
+        .await
+        ?;
+        Ok(())
+    }
+
+    async fn replace_cloud_members(
+        &self,
+        enterprise_id: i64,
+        members: &[CloudMember],
+    ) -> ServiceResult<()> {
+        let mut ids = Vec::with_capacity(members.len());
+        let mut logins = Vec::with_capacity(members.len());
+        let mut attributes = Vec::with_capacity(members.len());
+        for member in members {
+            ids.push(member.id);
+            logins.push(member.login.as_str());
+            attributes.push(
+                serde_json::to_string(member)
+                    .map_err(|err| ServiceError::internal("encoding a cloud member", err))?,
+            );
+        }
+        let mut tx = self.pool.begin().await?;
+        // Serialises concurrent imports of one enterprise.
+        sqlx::query("SELECT id FROM enterprises WHERE id = $1 FOR UPDATE")
+            .bind(enterprise_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM cloud_members WHERE enterprise_id = $1")
+            .bind(enterprise_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO cloud_members (enterprise_id, member_id, login, attributes_json) \
+             SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[])",
+        )
+        .bind(enterprise_id)
+        .bind(ids)
+        .bind(logins)
+        .bind(attributes)
+        .execute(&mut *tx)
+        .await?;
+        bump_generation(&mut tx, enterprise_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+        // REPEATABLE READ: accounts, members and generation from one snapshot of the database.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let enterprise =
+            sqlx::query("SELECT generation, seats_purchased FROM enterprises WHERE id = $1")
+                .bind(enterprise_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
+        let generation: i64 = enterprise.try_get("generation")?;
+        let seats_purchased: i64 = enterprise.try_get("seats_purchased")?;
+
+        let instance_rows = sqlx::query(
+            "SELECT id, hostname FROM instances WHERE enterprise_id = $1 AND retired_at IS NULL ORDER BY id",
+        )
+        .bind(enterprise_id)
+        .fetch_all(&mut *tx)
+        .await
+        ?;
+        let mut instances = Vec::with_capacity(instance_rows.len());
+        let mut position_of_instance = std::collections::HashMap::new();
+        for row in &instance_rows {
+            let id: i64 = row.try_get("id")?;
+            position_of_instance.insert(id, instances.len());
+            instances.push(InstanceUsers {
+                hostname: row.try_get("hostname")?,
+                users: Vec::new(),
+            });
+        }
+        {
+            let mut rows = sqlx::query(
+                "SELECT u.instance_id, u.user_id, u.login, u.email, u.role, u.suspended, u.dormant, \
+                 u.created_at, u.last_active, u.two_factor_enabled \
+                 FROM server_users u JOIN instances i ON i.id = u.instance_id \
+                 WHERE i.enterprise_id = $1 AND i.retired_at IS NULL",
+            )
+            .bind(enterprise_id)
+            .fetch(&mut *tx);
+            // Columns by index: this loop runs once per stored account.
+            while let Some(row) = rows.try_next().await? {
+                let instance_id: i64 = row.try_get(0)?;
+                let Some(&position) = position_of_instance.get(&instance_id) else {
+                    continue;
+                };
+                let role: &str = row.try_get(4)?;
+                instances[position].users.push(ServerUser {
+                    id: row.try_get(1)?,
+                    login: row.try_get(2)?,
+                    email: row.try_get(3)?,
+                    role: UserRole::parse(role).unwrap_or_default(),
+                    suspended: row.try_get(5)?,
+                    dormant: row.try_get(6)?,
+                    created_at: row.try_get::<Option<i64>, _>(7)?.map(unix_to_time),
+                    last_active: row.try_get::<Option<i64>, _>(8)?.map(unix_to_time),
+                    two_factor_enabled: row.try_get(9)?,
+                });
+            }
+        }
+        let member_rows = sqlx::query(
+            "SELECT attributes_json FROM cloud_members WHERE enterprise_id = $1 ORDER BY member_id",
+        )
+        .bind(enterprise_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let cloud_members = member_rows
+            .iter()
+            .map(|row| -> ServiceResult<CloudMember> {
+                let json: String = row.try_get("attributes_json")?;
+                serde_json::from_str(&json)
+                    .map_err(|err| ServiceError::internal("decoding a stored cloud member", err))
+            })
+            .collect::<ServiceResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(MergeInput {
+            generation,
+            seats_purchased,
+            instances,
+            cloud_members,
+        })
+    }
+}
