@@ -1,6 +1,8 @@
 //! Harness for the end-to-end tests: builds the workspace's binaries once, starts them as real processes on
 //! `127.0.0.1:0`, learns their ports from the JSON line each prints on stdout, and kills them on drop.
 
+pub mod grpc;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

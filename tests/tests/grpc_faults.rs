@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
-use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
+use license_sync_core::snapshot::Snapshot;
 use license_sync_e2e::Aggregator;
-use license_sync_proto::convert::{server_user, snapshot_header};
+use license_sync_e2e::grpc::{self, chunks};
+use license_sync_proto::convert::server_user;
 use license_sync_proto::v1::snapshot_chunk::Chunk;
 use license_sync_proto::v1::snapshot_ingest_client::SnapshotIngestClient;
-use license_sync_proto::v1::{SnapshotChunk, SnapshotTrailer, UserBatch};
+use license_sync_proto::v1::{SnapshotChunk, UserBatch};
 use serde_json::Value;
-use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -59,52 +58,7 @@ fn fixture_with_env(env: &[(&str, &str)]) -> Fixture {
 }
 
 fn snapshot(server_id: Uuid, users: usize) -> Snapshot {
-    Snapshot {
-        meta: SnapshotMeta {
-            sync_id: Uuid::new_v4(),
-            instance: InstanceIdentity {
-                server_id,
-                hostname: "ghes.test".into(),
-                ghes_version: "3.14.2".into(),
-            },
-            generated_at: OffsetDateTime::now_utc() - time::Duration::minutes(1),
-            license: None,
-            source_report: SourceReport::default(),
-        },
-        users: (1..=users as i64)
-            .map(|id| ServerUser {
-                id,
-                login: format!("user{id}"),
-                email: format!("user{id}@example.com"),
-                role: UserRole::User,
-                suspended: false,
-                dormant: false,
-                created_at: None,
-                last_active: None,
-                two_factor_enabled: None,
-            })
-            .collect(),
-    }
-}
-
-fn chunks(snapshot: &Snapshot) -> Vec<SnapshotChunk> {
-    let mut chunks = vec![SnapshotChunk {
-        chunk: Some(Chunk::Header(snapshot_header(&snapshot.meta))),
-    }];
-    for batch in snapshot.users.chunks(10) {
-        chunks.push(SnapshotChunk {
-            chunk: Some(Chunk::Users(UserBatch {
-                users: batch.iter().map(server_user).collect(),
-            })),
-        });
-    }
-    chunks.push(SnapshotChunk {
-        chunk: Some(Chunk::Trailer(SnapshotTrailer {
-            user_count: snapshot.users.len() as u64,
-            users_sha256: snapshot.digest().to_vec(),
-        })),
-    });
-    chunks
+    grpc::snapshot(server_id, "ghes.test", users)
 }
 
 async fn send(
@@ -112,13 +66,7 @@ async fn send(
     credential: &str,
     chunks: Vec<SnapshotChunk>,
 ) -> Result<Value, tonic::Status> {
-    let mut client = SnapshotIngestClient::connect(fixture.aggregator.grpc_url.clone())
-        .await
-        .expect("connect");
-    let mut request = tonic::Request::new(futures::stream::iter(chunks));
-    let value: MetadataValue<_> = format!("Bearer {credential}").parse().expect("metadata");
-    request.metadata_mut().insert("authorization", value);
-    let receipt = client.upload_snapshot(request).await?.into_inner();
+    let receipt = grpc::send(&fixture.aggregator.grpc_url, credential, chunks).await?;
     Ok(serde_json::json!({
         "users_accepted": receipt.users_accepted,
         "duplicate": receipt.duplicate,
