@@ -13,7 +13,10 @@ use uuid::Uuid;
 
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
-use crate::store::{Arrival, CommitOutcome, DynStore, Enterprise, Instance, SnapshotCommit};
+use crate::store::{
+    Arrival, CommitOutcome, DynStore, Enterprise, Instance, SnapshotCommit, SyncRequest,
+    no_active_instance,
+};
 use crate::tokens;
 
 /// What the sender of a snapshot is told once it is committed.
@@ -44,6 +47,9 @@ pub struct App {
     pub config: Arc<AggregatorConfig>,
     /// One slot per enterprise; its async lock makes concurrent readers of a stale view wait for one rebuild.
     views: Mutex<HashMap<i64, ViewSlot>>,
+    /// The instance id of each "Sync now" request created by this process, so that a control stream held here
+    /// delivers it at once (streams on other replicas find it by polling the database).
+    sync_wakeups: tokio::sync::broadcast::Sender<i64>,
 }
 
 impl App {
@@ -52,7 +58,48 @@ impl App {
             store,
             config: Arc::new(config),
             views: Mutex::new(HashMap::new()),
+            sync_wakeups: tokio::sync::broadcast::channel(256).0,
         })
+    }
+
+    /// How long an agent may stay silent and still be shown connected: two heartbeat intervals and 5 s.
+    pub fn agent_presence_window(&self) -> time::Duration {
+        time::Duration::seconds(2 * i64::from(self.config.agent_heartbeat_interval_secs) + 5)
+    }
+
+    /// Wake-ups of the control streams held by this process: the instance id of each new "Sync now" request.
+    pub fn subscribe_sync_wakeups(&self) -> tokio::sync::broadcast::Receiver<i64> {
+        self.sync_wakeups.subscribe()
+    }
+
+    /// Queues a "Sync now" for an instance of the enterprise and wakes its control stream if this process holds
+    /// it. Returns the request and the instance as it is now (for its agent's presence).
+    pub async fn request_sync_now(
+        &self,
+        enterprise: &Enterprise,
+        server_id: Uuid,
+    ) -> ServiceResult<(SyncRequest, Instance)> {
+        let now = OffsetDateTime::now_utc();
+        let request = self
+            .store
+            .create_sync_request(enterprise.id, server_id, Uuid::now_v7(), now)
+            .await?;
+        // No receiver (no stream on this process) is fine: the streams elsewhere poll.
+        let _ = self.sync_wakeups.send(request.instance_id);
+        let instance = self
+            .store
+            .instance_by_server_id(enterprise.id, server_id)
+            .await?
+            .ok_or_else(|| no_active_instance(server_id))?;
+        tracing::info!(
+            enterprise = %enterprise.slug,
+            %server_id,
+            hostname = %instance.hostname,
+            request_id = %request.request_id,
+            agent_connected = instance.agent.connected(now, self.agent_presence_window()),
+            "sync now requested"
+        );
+        Ok((request, instance))
     }
 
     pub fn snapshot_limits(&self) -> SnapshotLimits {
@@ -68,7 +115,9 @@ impl App {
             .await?
             .ok_or_else(|| {
                 ServiceError::unauthenticated(
-                    "unknown or revoked instance credential: issue a new one with `license-sync-aggregator instance add` and configure the agent with it",
+                    "unknown or revoked instance credential (the instance was enrolled again or retired): enroll \
+                     the agent again with a new enrollment token (`license-sync-aggregator enrollment-token create`), \
+                     or issue a credential with `license-sync-aggregator instance add` and configure the agent with it",
                 )
             })
     }

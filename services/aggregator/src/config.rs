@@ -34,6 +34,12 @@ pub struct AggregatorConfig {
     pub cloud_web_url: String,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// How often agents send a heartbeat on their control stream (told to them in `welcome`). A stream silent for
+    /// three intervals is closed; an agent not heard from for two intervals and 5 s is shown disconnected.
+    pub agent_heartbeat_interval_secs: u32,
+    /// How often each control stream looks in the database for "Sync now" requests created by another aggregator
+    /// replica (requests created on the same process are delivered at once).
+    pub control_poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -58,6 +64,8 @@ impl Default for AggregatorConfig {
             max_upload_bytes: 512 * 1024 * 1024,
             cloud_web_url: "https://github.com".to_owned(),
             log_format: LogFormat::Text,
+            agent_heartbeat_interval_secs: 30,
+            control_poll_interval_ms: 1000,
         }
     }
 }
@@ -107,6 +115,19 @@ impl AggregatorConfig {
         if self.max_snapshot_users == 0 {
             anyhow::bail!("max_snapshot_users must be at least 1");
         }
+        if !(1..=300).contains(&self.agent_heartbeat_interval_secs) {
+            anyhow::bail!(
+                "agent_heartbeat_interval_secs must be between 1 and 300 (agents never wait longer than 300 s \
+                 between heartbeats), got {}",
+                self.agent_heartbeat_interval_secs
+            );
+        }
+        if !(100..=60_000).contains(&self.control_poll_interval_ms) {
+            anyhow::bail!(
+                "control_poll_interval_ms must be between 100 and 60000, got {}",
+                self.control_poll_interval_ms
+            );
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -126,6 +147,8 @@ mod tests {
         config.validate().expect("defaults validate");
         assert!(config.database_url.starts_with("sqlite:"));
         assert_eq!(config.stale_after_days, 8);
+        assert_eq!(config.agent_heartbeat_interval_secs, 30);
+        assert_eq!(config.control_poll_interval_ms, 1000);
     }
 
     #[test]
@@ -143,6 +166,17 @@ mod tests {
         std::fs::write(&path, "stale_after_days = 0\n").expect("write");
         let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
         assert!(err.to_string().contains("stale_after_days"), "{err}");
+
+        for bad in [
+            "agent_heartbeat_interval_secs = 0\n",
+            "agent_heartbeat_interval_secs = 301\n",
+            "control_poll_interval_ms = 10\n",
+        ] {
+            std::fs::write(&path, bad).expect("write");
+            let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
+            let key = bad.split(' ').next().unwrap_or_default();
+            assert!(err.to_string().contains(key), "{err}");
+        }
 
         std::fs::write(&path, "no_such_key = 1\n").expect("write");
         let err = AggregatorConfig::load(Some(&path)).expect_err("refused");

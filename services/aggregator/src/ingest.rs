@@ -28,7 +28,7 @@ impl IngestService {
 }
 
 /// The credential from `authorization: Bearer <credential>` metadata.
-fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String> {
+pub(crate) fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String> {
     let value = request
         .metadata()
         .get("authorization")

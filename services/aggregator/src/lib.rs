@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod ingest;
 pub mod rest;

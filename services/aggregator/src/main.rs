@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
-use license_sync_aggregator::{admin, server, store};
+use license_sync_aggregator::{admin, control, server, store};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -40,6 +40,23 @@ enum Command {
     /// Manage the enterprise's cloud members.
     #[command(subcommand)]
     Members(MembersCommand),
+    /// Manage one-time enrollment tokens, which agents exchange for their instance credential.
+    #[command(subcommand)]
+    EnrollmentToken(EnrollmentTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum EnrollmentTokenCommand {
+    /// Create a one-time enrollment token; prints it once on stdout. The agent runs
+    /// `license-sync-agent enroll --token-file FILE` with it.
+    Create {
+        /// The enterprise's slug.
+        #[arg(long)]
+        enterprise: String,
+        /// How long the token stays usable: 1 to 720 hours.
+        #[arg(long, default_value_t = license_sync_aggregator::control::DEFAULT_ENROLLMENT_TOKEN_HOURS)]
+        expires_in_hours: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -231,6 +248,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .to_string(),
                 )?;
             }
+        }
+        Command::EnrollmentToken(EnrollmentTokenCommand::Create {
+            enterprise,
+            expires_in_hours,
+        }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let issued =
+                control::issue_enrollment_token(&store, &enterprise, Some(expires_in_hours))
+                    .await?;
+            eprintln!(
+                "enrollment token for {} (shown once; only its hash is stored), single use, valid until {}; \
+                 the agent exchanges it with `license-sync-agent enroll`:",
+                enterprise.slug,
+                license_sync_aggregator::rest::rfc3339(issued.expires_at)
+            );
+            print_line(&issued.token)?;
         }
         Command::Members(MembersCommand::Import { enterprise, file }) => {
             let count = admin::import_members(&store, &enterprise, &file)

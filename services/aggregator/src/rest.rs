@@ -20,8 +20,9 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::app::{App, MergedView};
+use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
-use crate::store::{Arrival, Enterprise, Instance};
+use crate::store::{Arrival, Enterprise, Instance, SyncRequest};
 
 pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
@@ -46,6 +47,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/enterprises/{enterprise}/instances/{server_id}",
             delete(retire_instance),
+        )
+        .route(
+            "/enterprises/{enterprise}/enrollment-tokens",
+            post(create_enrollment_token),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}/sync-now",
+            post(sync_now),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}/sync-requests/{request_id}",
+            get(sync_request),
         )
         .route(
             "/enterprises/{enterprise}/license-explanations",
@@ -292,11 +305,16 @@ async fn consumed_licenses(
     Ok(response)
 }
 
-fn rfc3339(time: OffsetDateTime) -> String {
+pub fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).unwrap_or_default()
 }
 
-fn instance_status(instance: &Instance, stale_after: time::Duration, now: OffsetDateTime) -> Value {
+fn instance_status(
+    instance: &Instance,
+    stale_after: time::Duration,
+    agent_window: time::Duration,
+    now: OffsetDateTime,
+) -> Value {
     let (date, status) = match (instance.last_attempt_at, instance.last_attempt_ok) {
         (Some(at), Some(true)) => (rfc3339(at), "success"),
         (Some(at), _) => (rfc3339(at), "failed"),
@@ -321,6 +339,11 @@ fn instance_status(instance: &Instance, stale_after: time::Duration, now: Offset
         "rows_skipped": instance.rows_skipped,
         "stale": stale,
         "enrolled": instance.has_credential,
+        "agent_connected": instance.agent.connected(now, agent_window),
+        "agent_last_seen_date": instance.agent.last_seen_at.map(rfc3339),
+        "agent_sync_enabled": instance.agent.sync_enabled,
+        "agent_version": instance.agent.version,
+        "pending_deliveries": instance.agent.pending_deliveries,
     })
 }
 
@@ -333,21 +356,26 @@ async fn license_sync_status(
     let instances = app.store.list_instances(enterprise.id).await?;
     let now = OffsetDateTime::now_utc();
     let stale_after = time::Duration::days(i64::from(app.config.stale_after_days));
+    let agent_window = app.agent_presence_window();
     let server_instances: Vec<Value> = instances
         .iter()
         .filter(|instance| instance.retired_at.is_none())
-        .map(|instance| instance_status(instance, stale_after, now))
+        .map(|instance| instance_status(instance, stale_after, agent_window, now))
         .collect();
     Ok(Json(json!({ "server_instances": server_instances })))
 }
 
 /// Reads a request body up to the configured limit.
 async fn read_body(app: &App, body: Body) -> ServiceResult<Bytes> {
-    let limit = app.config.max_upload_bytes;
+    read_body_up_to(body, app.config.max_upload_bytes, "max_upload_bytes").await
+}
+
+/// Reads a request body up to `limit` bytes; `limit_name` says which limit in the error.
+async fn read_body_up_to(body: Body, limit: usize, limit_name: &str) -> ServiceResult<Bytes> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         ServiceError::new(
             ErrorKind::ResourceExhausted,
-            format!("the request body is over the {limit}-byte limit (max_upload_bytes)"),
+            format!("the request body is over the {limit}-byte limit ({limit_name})"),
         )
     })
 }
@@ -484,6 +512,105 @@ pub fn validate_members(members: &[CloudMember]) -> ServiceResult<()> {
         }
     }
     Ok(())
+}
+
+fn parse_uuid_segment(text: &str, what: &str) -> ServiceResult<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|_| ServiceError::invalid(format!("{text:?} is not a {what} (UUID)")))
+}
+
+/// Largest body of the small JSON endpoints (enrollment tokens).
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollmentTokenBody {
+    expires_in_hours: Option<i64>,
+}
+
+/// A one-time enrollment token for an agent; the token is in this answer only.
+async fn create_enrollment_token(
+    State(app): State<Arc<App>>,
+    Path(enterprise): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServiceResult<Response> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let bytes = read_body_up_to(body, SMALL_BODY_BYTES, "of this endpoint").await?;
+    let request: EnrollmentTokenBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        EnrollmentTokenBody::default()
+    } else {
+        parse_json(&bytes, "an empty body or {\"expires_in_hours\": N}")?
+    };
+    let issued = issue_enrollment_token(&app.store, &enterprise, request.expires_in_hours).await?;
+    let body = json!({
+        "token": issued.token,
+        "expires_at": rfc3339(issued.expires_at),
+        "enterprise": enterprise.slug,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+fn sync_request_json(request: &SyncRequest, server_id: Uuid, now: OffsetDateTime) -> Value {
+    let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+    json!({
+        "request_id": request.request_id.to_string(),
+        "server_id": server_id.to_string(),
+        "state": request.state(now).as_str(),
+        "job_id": non_empty(&request.job_id),
+        "reason": non_empty(&request.reason),
+        "requested_at": rfc3339(request.requested_at),
+        "delivered_at": request.delivered_at.map(rfc3339),
+        "acked_at": request.acked_at.map(rfc3339),
+    })
+}
+
+/// "Sync now" from the cloud side: queued for the instance's agent, delivered over its control stream.
+async fn sync_now(
+    State(app): State<Arc<App>>,
+    Path((enterprise, server_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServiceResult<Response> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let server_id = parse_uuid_segment(&server_id, "server id")?;
+    let (request, instance) = app.request_sync_now(&enterprise, server_id).await?;
+    let now = OffsetDateTime::now_utc();
+    let path = format!(
+        "/enterprises/{}/instances/{server_id}/sync-requests/{}",
+        enterprise.slug, request.request_id
+    );
+    let mut body = sync_request_json(&request, server_id, now);
+    body["agent_connected"] = json!(instance.agent.connected(now, app.agent_presence_window()));
+    body["url"] = json!(format!("{}{path}", base_url(&app, &headers)));
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&path) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+async fn sync_request(
+    State(app): State<Arc<App>>,
+    Path((enterprise, server_id, request_id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ServiceResult<Json<Value>> {
+    let enterprise = authorize(&app, &headers, &enterprise).await?;
+    let server_id = parse_uuid_segment(&server_id, "server id")?;
+    let request_id = parse_uuid_segment(&request_id, "sync request id")?;
+    let request = app
+        .store
+        .sync_request(enterprise.id, server_id, request_id)
+        .await?
+        .ok_or_else(|| {
+            ServiceError::not_found(format!(
+                "no sync request {request_id} for instance {server_id} (requests are kept 30 days)"
+            ))
+        })?;
+    Ok(Json(sync_request_json(
+        &request,
+        server_id,
+        OffsetDateTime::now_utc(),
+    )))
 }
 
 async fn retire_instance(

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use license_sync_proto::v1::FILE_DESCRIPTOR_SET;
+use license_sync_proto::v1::agent_control_server::AgentControlServer;
+use license_sync_proto::v1::enrollment_server::EnrollmentServer;
 use license_sync_proto::v1::snapshot_ingest_server::SnapshotIngestServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -14,6 +16,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::App;
 use crate::config::AggregatorConfig;
+use crate::control::{ControlService, EnrollmentService};
 use crate::ingest::IngestService;
 use crate::{rest, store};
 
@@ -71,6 +74,12 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
     health_reporter
         .set_serving::<SnapshotIngestServer<IngestService>>()
         .await;
+    health_reporter
+        .set_serving::<EnrollmentServer<EnrollmentService>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentControlServer<ControlService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -78,10 +87,18 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         .context("building gRPC reflection")?;
     let ingest = SnapshotIngestServer::new(IngestService::new(Arc::clone(&app)))
         .max_decoding_message_size(max_message_bytes);
+    let enrollment = EnrollmentServer::new(EnrollmentService::new(Arc::clone(&app)));
+    // Control streams end when `stop` turns true, so that the graceful shutdown below can finish.
+    let control = AgentControlServer::new(ControlService::new(Arc::clone(&app), stop_rx.clone()));
     let grpc = tonic::transport::Server::builder()
+        // Long-lived control streams: find dead peers (a half-open TCP connection) without waiting for the OS.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
+        .add_service(enrollment)
+        .add_service(control)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),

@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 pub const API_TOKEN_PREFIX: &str = "lst_";
 /// Prefix of instance credentials used by agents.
 pub const INSTANCE_CREDENTIAL_PREFIX: &str = "lsi_";
+/// Prefix of one-time enrollment tokens an agent exchanges for its instance credential.
+pub const ENROLLMENT_TOKEN_PREFIX: &str = "lse_";
 
 pub fn generate(prefix: &str) -> String {
     let random: String = rand::rng()

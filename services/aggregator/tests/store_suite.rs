@@ -2,7 +2,10 @@
 //! `store_suite!` macro at the bottom instantiates the suite per backend.
 
 use license_sync_aggregator::error::ErrorKind;
-use license_sync_aggregator::store::{Arrival, CommitOutcome, DynStore, SnapshotCommit};
+use license_sync_aggregator::store::{
+    AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, SnapshotCommit, SyncAckRecord,
+    SyncRequestState,
+};
 use license_sync_core::model::{CloudMember, InstanceIdentity, ServerUser, SourceReport, UserRole};
 use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
 use time::OffsetDateTime;
@@ -423,6 +426,723 @@ pub async fn cloud_members_are_replaced_whole(store: DynStore) {
     assert_eq!(input.cloud_members, vec![member(3, "c")]);
 }
 
+fn at(seconds: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(seconds).expect("valid")
+}
+
+/// A fixed "now" for the connection cases, so that expiry is exact.
+const NOW: i64 = 1_750_000_000;
+
+pub async fn enrollment_tokens_are_single_use(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let now = OffsetDateTime::now_utc();
+    store
+        .create_enrollment_token(acme.id, "token-1", now + time::Duration::hours(24))
+        .await
+        .expect("token");
+    let server_id = Uuid::new_v4();
+    let (enterprise, instance) = store
+        .redeem_enrollment_token("token-1", server_id, "ghes-1", "3.14.2", "cred-1", now)
+        .await
+        .expect("redeem");
+    assert_eq!(enterprise.slug, "acme");
+    assert_eq!(instance.server_id, server_id);
+    assert_eq!(instance.enterprise_id, acme.id);
+    assert_eq!(instance.hostname, "ghes-1");
+    assert_eq!(instance.ghes_version, "3.14.2");
+    assert!(instance.has_credential);
+    assert_eq!(
+        store
+            .instance_for_credential("cred-1")
+            .await
+            .expect("lookup")
+            .map(|i| i.server_id),
+        Some(server_id)
+    );
+
+    // Used: refused, for the same and for another server id; nothing changes.
+    for other_server in [server_id, Uuid::new_v4()] {
+        let again = store
+            .redeem_enrollment_token("token-1", other_server, "ghes-2", "", "cred-2", now)
+            .await
+            .expect_err("used");
+        assert_eq!(again.kind, ErrorKind::Unauthenticated);
+        assert!(
+            again
+                .message
+                .contains("ask an enterprise owner for a new one"),
+            "{}",
+            again.message
+        );
+    }
+    assert!(
+        store
+            .instance_for_credential("cred-2")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        store
+            .instance_for_credential("cred-1")
+            .await
+            .expect("lookup")
+            .is_some()
+    );
+    assert_eq!(store.list_instances(acme.id).await.expect("list").len(), 1);
+
+    let unknown = store
+        .redeem_enrollment_token("no-such-token", Uuid::new_v4(), "ghes-3", "", "cred-3", now)
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.kind, ErrorKind::Unauthenticated);
+    assert_eq!(unknown.message, again_message(&store, now).await);
+}
+
+/// The refusal message of a used token, to check that unknown and used tokens are refused alike.
+async fn again_message(store: &DynStore, now: OffsetDateTime) -> String {
+    store
+        .redeem_enrollment_token("token-1", Uuid::new_v4(), "h", "", "c", now)
+        .await
+        .expect_err("used")
+        .message
+}
+
+pub async fn enrollment_tokens_expire(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let expires = at(NOW + 3600);
+    store
+        .create_enrollment_token(acme.id, "token-1", expires)
+        .await
+        .expect("token");
+    for late in [expires, expires + time::Duration::seconds(1)] {
+        let error = store
+            .redeem_enrollment_token("token-1", Uuid::new_v4(), "ghes-1", "", "cred-1", late)
+            .await
+            .expect_err("expired");
+        assert_eq!(error.kind, ErrorKind::Unauthenticated);
+    }
+    assert!(
+        store
+            .list_instances(acme.id)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    // A refused late attempt does not spend it: still usable before it expires.
+    store
+        .redeem_enrollment_token(
+            "token-1",
+            Uuid::new_v4(),
+            "ghes-1",
+            "",
+            "cred-1",
+            at(NOW + 3599),
+        )
+        .await
+        .expect("in time");
+}
+
+pub async fn redeeming_a_token_rotates_the_credential(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "cred-old")
+        .await
+        .expect("enroll");
+    commit(
+        &store,
+        instance.id,
+        &snapshot(server_id, 1_700_000_000, vec![user(1, "a")]),
+    )
+    .await
+    .expect("applied");
+    store
+        .retire_instance(acme.id, server_id)
+        .await
+        .expect("retire");
+    assert!(stored_logins(&store, acme.id).await.is_empty());
+
+    let now = OffsetDateTime::now_utc();
+    store
+        .create_enrollment_token(acme.id, "token-1", now + time::Duration::hours(1))
+        .await
+        .expect("token");
+    let (_, rotated) = store
+        .redeem_enrollment_token(
+            "token-1",
+            server_id,
+            "ghes-1.example.com",
+            "3.15.0",
+            "cred-new",
+            now,
+        )
+        .await
+        .expect("re-enroll");
+    assert_eq!(rotated.id, instance.id, "the same instance, not a new one");
+    assert!(rotated.retired_at.is_none(), "re-enrolling un-retires");
+    assert_eq!(rotated.hostname, "ghes-1.example.com");
+    assert_eq!(rotated.ghes_version, "3.15.0");
+    assert!(
+        store
+            .instance_for_credential("cred-old")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .instance_for_credential("cred-new")
+            .await
+            .expect("lookup")
+            .map(|i| i.id),
+        Some(instance.id)
+    );
+    assert_eq!(
+        stored_logins(&store, acme.id).await,
+        ["a"],
+        "its users count again"
+    );
+
+    // An empty GHES version keeps the stored one.
+    store
+        .create_enrollment_token(acme.id, "token-2", now + time::Duration::hours(1))
+        .await
+        .expect("token");
+    let (_, again) = store
+        .redeem_enrollment_token(
+            "token-2",
+            server_id,
+            "ghes-1.example.com",
+            "",
+            "cred-newer",
+            now,
+        )
+        .await
+        .expect("re-enroll");
+    assert_eq!(again.ghes_version, "3.15.0");
+    assert!(
+        store
+            .instance_for_credential("cred-new")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+}
+
+pub async fn enrollment_tokens_never_cross_enterprises(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let other = store
+        .create_enterprise("other", "Other", 10)
+        .await
+        .expect("create");
+    let acme_server = Uuid::new_v4();
+    store
+        .enroll_instance(acme.id, acme_server, "ghes-1", "cred-acme")
+        .await
+        .expect("enroll");
+    let now = OffsetDateTime::now_utc();
+    store
+        .create_enrollment_token(other.id, "token-other", now + time::Duration::hours(1))
+        .await
+        .expect("token");
+    let stolen = store
+        .redeem_enrollment_token("token-other", acme_server, "ghes-1", "", "cred-thief", now)
+        .await
+        .expect_err("belongs to acme");
+    assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
+    assert!(
+        store
+            .instance_for_credential("cred-thief")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .instance_for_credential("cred-acme")
+            .await
+            .expect("lookup")
+            .map(|i| i.enterprise_id),
+        Some(acme.id),
+        "acme's instance and credential are untouched"
+    );
+    // The refused redemption did not spend the token: it still enrolls an instance of its own enterprise.
+    let (enterprise, instance) = store
+        .redeem_enrollment_token(
+            "token-other",
+            Uuid::new_v4(),
+            "ghes-9",
+            "",
+            "cred-other",
+            now,
+        )
+        .await
+        .expect("own instance");
+    assert_eq!(enterprise.id, other.id);
+    assert_eq!(instance.enterprise_id, other.id);
+}
+
+fn report(session_id: Uuid, seen_at: OffsetDateTime) -> AgentReport<'static> {
+    AgentReport {
+        session_id,
+        seen_at,
+        sync_enabled: true,
+        version: Some("0.1.0"),
+        pending_deliveries: None,
+    }
+}
+
+pub async fn agent_presence_follows_the_control_stream(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
+        .await
+        .expect("enroll");
+    assert_eq!(instance.agent, Default::default(), "never seen");
+
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    store
+        .record_agent_presence(instance.id, "cred-1", report(first, at(NOW)))
+        .await
+        .expect("hello");
+    store
+        .record_agent_presence(
+            instance.id,
+            "cred-1",
+            AgentReport {
+                sync_enabled: false,
+                version: None,
+                pending_deliveries: Some(3),
+                ..report(first, at(NOW + 30))
+            },
+        )
+        .await
+        .expect("heartbeat");
+    let listed = store.list_instances(acme.id).await.expect("list");
+    let agent = &listed[0].agent;
+    assert!(agent.session_open);
+    assert_eq!(agent.last_seen_at, Some(at(NOW + 30)));
+    assert_eq!(agent.sync_enabled, Some(false));
+    assert_eq!(
+        agent.version.as_deref(),
+        Some("0.1.0"),
+        "a heartbeat keeps the version"
+    );
+    assert_eq!(agent.pending_deliveries, Some(3));
+    let window = time::Duration::seconds(65);
+    assert!(agent.connected(at(NOW + 90), window));
+    assert!(
+        !agent.connected(at(NOW + 96), window),
+        "silent for too long"
+    );
+
+    // A newer stream took over: the old one ending does not show the agent disconnected.
+    store
+        .record_agent_presence(instance.id, "cred-1", report(second, at(NOW + 40)))
+        .await
+        .expect("second stream");
+    store
+        .end_agent_session(instance.id, first, at(NOW + 41))
+        .await
+        .expect("end old");
+    let agent = store
+        .instance_by_server_id(acme.id, server_id)
+        .await
+        .expect("get")
+        .expect("exists")
+        .agent;
+    assert!(agent.session_open);
+    store
+        .end_agent_session(instance.id, second, at(NOW + 50))
+        .await
+        .expect("end");
+    let agent = store
+        .instance_by_server_id(acme.id, server_id)
+        .await
+        .expect("get")
+        .expect("exists")
+        .agent;
+    assert!(!agent.session_open);
+    assert!(!agent.connected(at(NOW + 50), window));
+    assert_eq!(agent.last_seen_at, Some(at(NOW + 50)));
+
+    // A rotated credential cannot report presence.
+    store
+        .enroll_instance(acme.id, server_id, "ghes-1", "cred-2")
+        .await
+        .expect("rotate");
+    let refused = store
+        .record_agent_presence(instance.id, "cred-1", report(first, at(NOW + 60)))
+        .await
+        .expect_err("rotated");
+    assert_eq!(refused.kind, ErrorKind::Unauthenticated);
+}
+
+pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let other = store
+        .create_enterprise("other", "Other", 10)
+        .await
+        .expect("create");
+    let now = OffsetDateTime::now_utc();
+    let enrolled = Uuid::new_v4();
+    store
+        .enroll_instance(acme.id, enrolled, "ghes-1", "cred-1")
+        .await
+        .expect("enroll");
+    let kind = |result: Result<_, license_sync_aggregator::error::ServiceError>| {
+        result.map(|_| ()).map_err(|err| err.kind)
+    };
+    assert_eq!(
+        kind(
+            store
+                .create_sync_request(acme.id, Uuid::new_v4(), Uuid::new_v4(), now)
+                .await
+        ),
+        Err(ErrorKind::NotFound),
+        "unknown instance"
+    );
+    assert_eq!(
+        kind(
+            store
+                .create_sync_request(other.id, enrolled, Uuid::new_v4(), now)
+                .await
+        ),
+        Err(ErrorKind::NotFound),
+        "another enterprise's instance"
+    );
+    let uploaded = Uuid::new_v4();
+    store
+        .instance_for_upload(acme.id, uploaded, "ghes-upload")
+        .await
+        .expect("upload instance");
+    assert_eq!(
+        kind(
+            store
+                .create_sync_request(acme.id, uploaded, Uuid::new_v4(), now)
+                .await
+        ),
+        Err(ErrorKind::FailedPrecondition),
+        "no agent to ask"
+    );
+    let request_id = Uuid::new_v4();
+    let request = store
+        .create_sync_request(acme.id, enrolled, request_id, now)
+        .await
+        .expect("queued");
+    assert_eq!(request.request_id, request_id);
+    assert_eq!(request.state(now), SyncRequestState::Queued);
+    assert!(
+        store
+            .sync_request(other.id, enrolled, request_id)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        store
+            .sync_request(acme.id, uploaded, request_id)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .sync_request(acme.id, enrolled, request_id)
+            .await
+            .expect("read"),
+        Some(request)
+    );
+    store
+        .retire_instance(acme.id, enrolled)
+        .await
+        .expect("retire");
+    assert_eq!(
+        kind(
+            store
+                .create_sync_request(acme.id, enrolled, Uuid::new_v4(), now)
+                .await
+        ),
+        Err(ErrorKind::NotFound),
+        "retired instance"
+    );
+}
+
+pub async fn sync_requests_are_claimed_once(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let (server_a, server_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = store
+        .enroll_instance(acme.id, server_a, "ghes-a", "cred-a")
+        .await
+        .expect("enroll");
+    let b = store
+        .enroll_instance(acme.id, server_b, "ghes-b", "cred-b")
+        .await
+        .expect("enroll");
+    let now = OffsetDateTime::now_utc();
+    let mut queued = Vec::new();
+    for offset in 0..5 {
+        let request = store
+            .create_sync_request(
+                acme.id,
+                server_a,
+                Uuid::new_v4(),
+                now + time::Duration::milliseconds(offset),
+            )
+            .await
+            .expect("queued");
+        queued.push(request.request_id);
+    }
+
+    // Another instance, or a credential that is not the instance's, gets nothing.
+    assert!(
+        store
+            .claim_sync_requests(b.id, "cred-b", now)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let wrong = store
+        .claim_sync_requests(a.id, "cred-b", now)
+        .await
+        .expect_err("not a's credential");
+    assert_eq!(wrong.kind, ErrorKind::Unauthenticated);
+
+    // Eight concurrent claimers: every request is handed out exactly once, oldest first within a claim.
+    let claimers = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim_sync_requests(a.id, "cred-a", now).await })
+    });
+    let mut claimed = Vec::new();
+    for claimer in claimers {
+        let batch = claimer.await.expect("task").expect("claim");
+        let times: Vec<_> = batch.iter().map(|r| r.requested_at).collect();
+        let mut sorted = times.clone();
+        sorted.sort();
+        assert_eq!(times, sorted, "oldest first");
+        claimed.extend(batch.into_iter().map(|r| r.request_id));
+    }
+    claimed.sort();
+    let mut expected = queued.clone();
+    expected.sort();
+    assert_eq!(claimed, expected, "each request claimed once");
+    assert!(
+        store
+            .claim_sync_requests(a.id, "cred-a", now)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let delivered = store
+        .sync_request(acme.id, server_a, queued[0])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(delivered.state(now), SyncRequestState::Delivered);
+    assert!(delivered.delivered_at.is_some());
+
+    // Released (its stream closed before sending): claimable again, once.
+    store
+        .release_sync_request(a.id, queued[1])
+        .await
+        .expect("release");
+    let again = store
+        .claim_sync_requests(a.id, "cred-a", now)
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.iter().map(|r| r.request_id).collect::<Vec<_>>(),
+        [queued[1]]
+    );
+
+    // Acks: the first answer stands; another instance cannot answer a's request.
+    let ack = |request_id, accepted, job_id: &'static str, reason: &'static str| SyncAckRecord {
+        request_id,
+        accepted,
+        job_id,
+        reason,
+        acked_at: now,
+    };
+    assert_eq!(
+        store
+            .record_sync_ack(b.id, ack(queued[0], true, "job-b", ""))
+            .await
+            .expect("ack"),
+        AckOutcome::Unknown
+    );
+    assert_eq!(
+        store
+            .record_sync_ack(a.id, ack(queued[0], true, "job-1", ""))
+            .await
+            .expect("ack"),
+        AckOutcome::Recorded
+    );
+    assert_eq!(
+        store
+            .record_sync_ack(a.id, ack(queued[0], false, "", "late"))
+            .await
+            .expect("ack"),
+        AckOutcome::AlreadyAcked
+    );
+    assert_eq!(
+        store
+            .record_sync_ack(a.id, ack(queued[2], false, "", "license sync is disabled"))
+            .await
+            .expect("ack"),
+        AckOutcome::Recorded
+    );
+    assert_eq!(
+        store
+            .record_sync_ack(a.id, ack(Uuid::new_v4(), true, "job", ""))
+            .await
+            .expect("ack"),
+        AckOutcome::Unknown
+    );
+    let accepted = store
+        .sync_request(acme.id, server_a, queued[0])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(accepted.state(now), SyncRequestState::Accepted);
+    assert_eq!(accepted.job_id, "job-1");
+    assert_eq!(accepted.accepted, Some(true));
+    assert!(accepted.acked_at.is_some());
+    let refused = store
+        .sync_request(acme.id, server_a, queued[2])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(refused.state(now), SyncRequestState::Refused);
+    assert_eq!(refused.reason, "license sync is disabled");
+    // An answered request is never put back in the queue.
+    store
+        .release_sync_request(a.id, queued[0])
+        .await
+        .expect("release");
+    assert!(
+        store
+            .claim_sync_requests(a.id, "cred-a", now)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    // Retiring the instance stops delivery to its (now revoked) credential.
+    store
+        .create_sync_request(acme.id, server_a, Uuid::new_v4(), now)
+        .await
+        .expect("queued");
+    store
+        .retire_instance(acme.id, server_a)
+        .await
+        .expect("retire");
+    let retired = store
+        .claim_sync_requests(a.id, "cred-a", now)
+        .await
+        .expect_err("revoked");
+    assert_eq!(retired.kind, ErrorKind::Unauthenticated);
+}
+
+pub async fn undelivered_sync_requests_expire(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
+        .await
+        .expect("enroll");
+    let now = at(NOW);
+    let old = store
+        .create_sync_request(
+            acme.id,
+            server_id,
+            Uuid::new_v4(),
+            now - time::Duration::hours(25),
+        )
+        .await
+        .expect("queued");
+    let recent = store
+        .create_sync_request(
+            acme.id,
+            server_id,
+            Uuid::new_v4(),
+            now - time::Duration::hours(23),
+        )
+        .await
+        .expect("queued");
+    assert_eq!(old.state(now), SyncRequestState::Expired);
+    assert_eq!(recent.state(now), SyncRequestState::Queued);
+    let claimed = store
+        .claim_sync_requests(instance.id, "cred-1", now)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.iter().map(|r| r.request_id).collect::<Vec<_>>(),
+        [recent.request_id],
+        "an expired request is never delivered"
+    );
+    let stored = store
+        .sync_request(acme.id, server_id, old.request_id)
+        .await
+        .expect("read")
+        .expect("kept for owners to read");
+    assert_eq!(stored.state(now), SyncRequestState::Expired);
+    assert!(stored.delivered_at.is_none());
+    // A delivered request does not expire, whatever its age.
+    let delivered = store
+        .sync_request(acme.id, server_id, recent.request_id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        delivered.state(now + time::Duration::days(3)),
+        SyncRequestState::Delivered
+    );
+
+    // Requests older than the retention are deleted by the next request for the instance.
+    store
+        .create_sync_request(
+            acme.id,
+            server_id,
+            Uuid::new_v4(),
+            now + time::Duration::days(31),
+        )
+        .await
+        .expect("queued");
+    assert!(
+        store
+            .sync_request(acme.id, server_id, old.request_id)
+            .await
+            .expect("read")
+            .is_none()
+    );
+}
+
 macro_rules! store_suite {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -449,6 +1169,14 @@ macro_rules! store_suite {
             case!(failed_attempts_are_recorded_without_touching_users);
             case!(retired_instances_stop_counting);
             case!(cloud_members_are_replaced_whole);
+            case!(enrollment_tokens_are_single_use);
+            case!(enrollment_tokens_expire);
+            case!(redeeming_a_token_rotates_the_credential);
+            case!(enrollment_tokens_never_cross_enterprises);
+            case!(agent_presence_follows_the_control_stream);
+            case!(sync_requests_need_an_active_enrolled_instance);
+            case!(sync_requests_are_claimed_once);
+            case!(undelivered_sync_requests_expire);
         }
     };
 }

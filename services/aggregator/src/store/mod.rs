@@ -1,5 +1,5 @@
-//! Storage behind one trait, so that backends (SQLite now, PostgreSQL next) can be swapped without touching the
-//! services. Every method is one transaction: a failure leaves nothing half-written.
+//! Storage behind one trait, so that backends (SQLite, PostgreSQL) can be swapped without touching the services.
+//! Every method is one transaction: a failure leaves nothing half-written.
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -19,7 +19,7 @@ use uuid::Uuid;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Enterprise {
@@ -77,6 +77,126 @@ pub struct Instance {
     pub last_attempt_via: Option<Arrival>,
     pub last_error: String,
     pub rows_skipped: i64,
+    /// What the instance's agent last said on its control stream.
+    pub agent: AgentPresence,
+}
+
+/// An agent's presence as recorded from its control stream (hello and heartbeats), in the database so that every
+/// aggregator replica sees the same answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentPresence {
+    /// When the agent last sent anything on a control stream; `None` before its first stream.
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// A control stream is open (or was, until its replica stopped without closing it: see
+    /// [`AgentPresence::connected`]).
+    pub session_open: bool,
+    pub sync_enabled: Option<bool>,
+    pub version: Option<String>,
+    pub pending_deliveries: Option<i64>,
+}
+
+impl AgentPresence {
+    /// Connected: a stream is open and the agent was heard from within `window` (a replica that died holding the
+    /// stream cannot close it, so the age decides).
+    pub fn connected(&self, now: OffsetDateTime, window: time::Duration) -> bool {
+        self.session_open && self.last_seen_at.is_some_and(|seen| now - seen <= window)
+    }
+}
+
+/// What one message on a control stream says about the agent.
+#[derive(Debug, Clone)]
+pub struct AgentReport<'a> {
+    /// The control stream that heard it.
+    pub session_id: Uuid,
+    pub seen_at: OffsetDateTime,
+    pub sync_enabled: bool,
+    /// Sent in `hello` only; `None` keeps the stored value.
+    pub version: Option<&'a str>,
+    /// Sent in heartbeats only; `None` keeps the stored value.
+    pub pending_deliveries: Option<u32>,
+}
+
+/// A request never delivered within this time is expired, and never delivered.
+pub const SYNC_REQUEST_TTL: time::Duration = time::Duration::hours(24);
+
+/// Sync requests and spent enrollment tokens are kept this long for owners to read, then deleted (by the next
+/// creation of one for the same instance or enterprise).
+pub const CONNECTION_RECORD_RETENTION: time::Duration = time::Duration::days(30);
+
+/// An owner's request that an instance's agent sync now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRequest {
+    pub request_id: Uuid,
+    pub instance_id: i64,
+    pub requested_at: OffsetDateTime,
+    /// Handed to a control stream of the instance (at most once).
+    pub delivered_at: Option<OffsetDateTime>,
+    /// The agent's `sync_ack`.
+    pub acked_at: Option<OffsetDateTime>,
+    pub accepted: Option<bool>,
+    pub job_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncRequestState {
+    /// Waiting for the agent's control stream.
+    Queued,
+    /// Sent to the agent, no answer yet.
+    Delivered,
+    /// The agent started (or joined) a sync job: `job_id`.
+    Accepted,
+    /// The agent refused: `reason`.
+    Refused,
+    /// Not delivered within [`SYNC_REQUEST_TTL`]; it never will be.
+    Expired,
+}
+
+impl SyncRequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncRequestState::Queued => "queued",
+            SyncRequestState::Delivered => "delivered",
+            SyncRequestState::Accepted => "accepted",
+            SyncRequestState::Refused => "refused",
+            SyncRequestState::Expired => "expired",
+        }
+    }
+}
+
+impl SyncRequest {
+    pub fn state(&self, now: OffsetDateTime) -> SyncRequestState {
+        match (self.acked_at, self.accepted, self.delivered_at) {
+            (Some(_), Some(true), _) => SyncRequestState::Accepted,
+            (Some(_), _, _) => SyncRequestState::Refused,
+            (None, _, Some(_)) => SyncRequestState::Delivered,
+            (None, _, None) if now - self.requested_at >= SYNC_REQUEST_TTL => {
+                SyncRequestState::Expired
+            }
+            (None, _, None) => SyncRequestState::Queued,
+        }
+    }
+}
+
+/// An agent's answer to a sync request.
+#[derive(Debug, Clone)]
+pub struct SyncAckRecord<'a> {
+    pub request_id: Uuid,
+    pub accepted: bool,
+    pub job_id: &'a str,
+    pub reason: &'a str,
+    pub acked_at: OffsetDateTime,
+}
+
+/// Which answer a recorded ack got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    Recorded,
+    /// The request had been answered before; the first answer stands.
+    AlreadyAcked,
+    /// No delivered request with this id for this instance.
+    Unknown,
 }
 
 /// A validated snapshot to store for an instance.
@@ -124,6 +244,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> ServiceResult<Enterprise>;
     async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()>;
     async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>>;
+    async fn enterprise_by_id(&self, enterprise_id: i64) -> ServiceResult<Option<Enterprise>>;
     async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64>;
 
     async fn create_api_token(
@@ -159,6 +280,12 @@ pub trait Store: Send + Sync + 'static {
         credential_sha256: &str,
     ) -> ServiceResult<Option<Instance>>;
     async fn list_instances(&self, enterprise_id: i64) -> ServiceResult<Vec<Instance>>;
+    /// The enterprise's instance with this server id, retired or not.
+    async fn instance_by_server_id(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+    ) -> ServiceResult<Option<Instance>>;
     /// A retired instance's users stop counting; its credential stops working.
     async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()>;
 
@@ -181,6 +308,80 @@ pub trait Store: Send + Sync + 'static {
         members: &[CloudMember],
     ) -> ServiceResult<()>;
     async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput>;
+
+    /// Stores a one-time enrollment token of the enterprise, valid until `expires_at`. Deletes the enterprise's
+    /// tokens spent or expired longer than [`CONNECTION_RECORD_RETENTION`] ago.
+    async fn create_enrollment_token(
+        &self,
+        enterprise_id: i64,
+        token_sha256: &str,
+        expires_at: OffsetDateTime,
+    ) -> ServiceResult<()>;
+    /// Redeems an enrollment token, atomically: it must exist, be unused and be unexpired at `now` (else
+    /// `Unauthenticated`); the instance is enrolled or re-enrolled exactly as [`Store::enroll_instance`]
+    /// does (rotation revokes the old credential; a server id of another enterprise is `PermissionDenied`, and the
+    /// token stays unused); the token is marked used by this server id. A non-empty `ghes_version` is stored.
+    async fn redeem_enrollment_token(
+        &self,
+        token_sha256: &str,
+        server_id: Uuid,
+        hostname: &str,
+        ghes_version: &str,
+        credential_sha256: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<(Enterprise, Instance)>;
+
+    /// Records what an agent said on its control stream, if `credential_sha256` is still the live credential of
+    /// the instance; `Unauthenticated` when it was rotated or the instance retired.
+    async fn record_agent_presence(
+        &self,
+        instance_id: i64,
+        credential_sha256: &str,
+        report: AgentReport<'_>,
+    ) -> ServiceResult<()>;
+    /// The control stream `session_id` ended: the instance shows disconnected, unless another stream of it wrote
+    /// since.
+    async fn end_agent_session(
+        &self,
+        instance_id: i64,
+        session_id: Uuid,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()>;
+
+    /// Queues a "Sync now" for an active instance of the enterprise: `NotFound` for an unknown or retired instance,
+    /// `FailedPrecondition` for one without an agent credential (known only from uploads). Deletes the instance's
+    /// requests older than [`CONNECTION_RECORD_RETENTION`].
+    async fn create_sync_request(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        request_id: Uuid,
+        now: OffsetDateTime,
+    ) -> ServiceResult<SyncRequest>;
+    /// Marks the instance's queued requests (undelivered, not expired at `now`) delivered and returns them,
+    /// oldest first. Each request is returned by one call only, across all replicas. Only for the instance's live
+    /// credential: `Unauthenticated` when it was rotated or the instance retired.
+    async fn claim_sync_requests(
+        &self,
+        instance_id: i64,
+        credential_sha256: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<Vec<SyncRequest>>;
+    /// Puts a claimed request back in the queue, because the stream it was claimed for closed before it was sent.
+    async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> ServiceResult<()>;
+    /// Records the agent's answer to a request delivered to this instance; the first answer stands.
+    async fn record_sync_ack(
+        &self,
+        instance_id: i64,
+        ack: SyncAckRecord<'_>,
+    ) -> ServiceResult<AckOutcome>;
+    /// A request of the enterprise's instance with this server id.
+    async fn sync_request(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        request_id: Uuid,
+    ) -> ServiceResult<Option<SyncRequest>>;
 }
 
 /// Opens the store named by the URL and applies pending migrations.
@@ -197,6 +398,40 @@ pub async fn open(database_url: &str) -> ServiceResult<DynStore> {
             "unsupported database_url scheme: use sqlite://PATH or postgres://USER@HOST/DATABASE",
         ))
     }
+}
+
+/// The refusal of an unknown, used or expired enrollment token. One message for all three, so that a caller
+/// learns nothing about which tokens exist.
+pub(crate) fn enrollment_token_refused() -> ServiceError {
+    ServiceError::unauthenticated(
+        "unknown, already used or expired enrollment token: ask an enterprise owner for a new one \
+         (`license-sync-aggregator enrollment-token create --enterprise SLUG` or \
+         POST /enterprises/{enterprise}/enrollment-tokens)",
+    )
+}
+
+/// The refusal of a control stream whose credential stopped working while it was open.
+pub(crate) fn credential_revoked() -> ServiceError {
+    ServiceError::unauthenticated(
+        "the instance credential was rotated or revoked (the instance was enrolled again or retired): \
+         enroll the agent again with a new enrollment token",
+    )
+}
+
+pub(crate) fn no_active_instance(server_id: Uuid) -> ServiceError {
+    ServiceError::not_found(format!(
+        "no active instance {server_id} in this enterprise: check the server id (GET license-sync-status lists them)"
+    ))
+}
+
+pub(crate) fn no_agent(server_id: Uuid) -> ServiceError {
+    ServiceError::new(
+        ErrorKind::FailedPrecondition,
+        format!(
+            "instance {server_id} has no enrolled agent (its usage arrives by manual upload), so nothing can ask it \
+             to sync: enroll its agent with an enrollment token first"
+        ),
+    )
 }
 
 pub(crate) fn unix_to_time(seconds: i64) -> OffsetDateTime {

@@ -18,7 +18,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Arrival, CommitOutcome, Enterprise, Instance, MergeInput, SnapshotCommit, Store,
+    AckOutcome, AgentPresence, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
+    Enterprise, Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord,
+    SyncRequest, credential_revoked, enrollment_token_refused, no_active_instance, no_agent,
     time_to_unix_ms, unix_ms_to_time, unix_to_time,
 };
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -80,7 +82,8 @@ fn enterprise_from_row(row: &PgRow) -> Result<Enterprise, sqlx::Error> {
 const INSTANCE_COLUMNS: &str = "id, enterprise_id, server_id, hostname, ghes_version, \
      credential_sha256 IS NOT NULL AS has_credential, retired_at, generated_at_ms, user_count, \
      last_success_at, last_success_via, last_attempt_at, last_attempt_ok, last_attempt_via, last_error, \
-     rows_skipped";
+     rows_skipped, agent_session_id IS NOT NULL AS agent_session_open, agent_last_seen_at_ms, \
+     agent_sync_enabled, agent_version, agent_pending_deliveries";
 
 fn instance_from_row(row: &PgRow) -> Result<Instance, sqlx::Error> {
     let server_id: String = row.try_get("server_id")?;
@@ -115,6 +118,37 @@ fn instance_from_row(row: &PgRow) -> Result<Instance, sqlx::Error> {
         last_attempt_via: arrival("last_attempt_via")?,
         last_error: row.try_get("last_error")?,
         rows_skipped: row.try_get("rows_skipped")?,
+        agent: AgentPresence {
+            last_seen_at: row
+                .try_get::<Option<i64>, _>("agent_last_seen_at_ms")?
+                .map(unix_ms_to_time),
+            session_open: row.try_get("agent_session_open")?,
+            sync_enabled: row.try_get("agent_sync_enabled")?,
+            version: row.try_get("agent_version")?,
+            pending_deliveries: row.try_get("agent_pending_deliveries")?,
+        },
+    })
+}
+
+const SYNC_REQUEST_COLUMNS: &str = "request_id, instance_id, requested_at_ms, delivered_at_ms, acked_at_ms, \
+     accepted, job_id, reason";
+
+fn sync_request_from_row(row: &PgRow) -> Result<SyncRequest, sqlx::Error> {
+    let request_id: String = row.try_get("request_id")?;
+    Ok(SyncRequest {
+        request_id: Uuid::parse_str(&request_id)
+            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+        instance_id: row.try_get("instance_id")?,
+        requested_at: unix_ms_to_time(row.try_get("requested_at_ms")?),
+        delivered_at: row
+            .try_get::<Option<i64>, _>("delivered_at_ms")?
+            .map(unix_ms_to_time),
+        acked_at: row
+            .try_get::<Option<i64>, _>("acked_at_ms")?
+            .map(unix_ms_to_time),
+        accepted: row.try_get("accepted")?,
+        job_id: row.try_get("job_id")?,
+        reason: row.try_get("reason")?,
     })
 }
 
@@ -362,6 +396,16 @@ impl Store for PostgresStore {
         Ok(row.as_ref().map(enterprise_from_row).transpose()?)
     }
 
+    async fn enterprise_by_id(&self, enterprise_id: i64) -> ServiceResult<Option<Enterprise>> {
+        let row = sqlx::query(
+            "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE id = $1",
+        )
+        .bind(enterprise_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+    }
+
     async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64> {
         let generation: Option<i64> =
             sqlx::query_scalar("SELECT generation FROM enterprises WHERE id = $1")
@@ -413,47 +457,15 @@ impl Store for PostgresStore {
         credential_sha256: &str,
     ) -> ServiceResult<Instance> {
         let mut tx = self.pool.begin().await?;
-        // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the unique key
-        // instead of both inserting.
-        sqlx::query(
-            "INSERT INTO instances (enterprise_id, server_id, hostname, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (server_id) DO NOTHING",
+        let instance = enroll_in(
+            &mut tx,
+            enterprise_id,
+            server_id,
+            hostname,
+            None,
+            credential_sha256,
         )
-        .bind(enterprise_id)
-        .bind(server_id.to_string())
-        .bind(hostname)
-        .bind(now_unix())
-        .execute(&mut *tx)
-        .await
-        ?;
-        let existing = sqlx::query(
-            "SELECT enterprise_id, retired_at FROM instances WHERE server_id = $1 FOR UPDATE",
-        )
-        .bind(server_id.to_string())
-        .fetch_one(&mut *tx)
         .await?;
-        let owner: i64 = existing.try_get("enterprise_id")?;
-        if owner != enterprise_id {
-            return Err(ServiceError::permission_denied(format!(
-                "instance {server_id} is enrolled in another enterprise; retire it there first"
-            )));
-        }
-        let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
-        sqlx::query(
-            "UPDATE instances SET credential_sha256 = $1, hostname = $2, retired_at = NULL WHERE server_id = $3",
-        )
-        .bind(credential_sha256)
-        .bind(hostname)
-        .bind(server_id.to_string())
-        .execute(&mut *tx)
-        .await
-        ?;
-        if was_retired {
-            bump_generation(&mut tx, enterprise_id).await?;
-        }
-        let instance = instance_by_server_id(&mut tx, server_id)
-            .await?
-            .ok_or_else(|| ServiceError::internal("enrolling an instance", "row vanished"))?;
         tx.commit().await?;
         Ok(instance)
     }
@@ -516,6 +528,21 @@ impl Store for PostgresStore {
             .iter()
             .map(instance_from_row)
             .collect::<Result<_, _>>()?)
+    }
+
+    async fn instance_by_server_id(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+    ) -> ServiceResult<Option<Instance>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE enterprise_id = $1 AND server_id = $2"
+        ))
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(instance_from_row).transpose()?)
     }
 
     async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()> {
@@ -698,4 +725,351 @@ impl Store for PostgresStore {
             cloud_members,
         })
     }
+
+    async fn create_enrollment_token(
+        &self,
+        enterprise_id: i64,
+        token_sha256: &str,
+        expires_at: OffsetDateTime,
+    ) -> ServiceResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = OffsetDateTime::now_utc();
+        let forget_before = time_to_unix_ms(now - CONNECTION_RECORD_RETENTION);
+        sqlx::query(
+            "DELETE FROM enrollment_tokens WHERE enterprise_id = $1 \
+             AND (expires_at_ms < $2 OR used_at_ms < $2)",
+        )
+        .bind(enterprise_id)
+        .bind(forget_before)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (enterprise_id, token_sha256, created_at_ms, expires_at_ms) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(enterprise_id)
+        .bind(token_sha256)
+        .bind(time_to_unix_ms(now))
+        .bind(time_to_unix_ms(expires_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn redeem_enrollment_token(
+        &self,
+        token_sha256: &str,
+        server_id: Uuid,
+        hostname: &str,
+        ghes_version: &str,
+        credential_sha256: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<(Enterprise, Instance)> {
+        let mut tx = self.pool.begin().await?;
+        let now_ms = time_to_unix_ms(now);
+        // The row lock makes a concurrent redemption of the same token wait, then see it used.
+        let token = sqlx::query(
+            "SELECT id, enterprise_id FROM enrollment_tokens \
+             WHERE token_sha256 = $1 AND used_at_ms IS NULL AND expires_at_ms > $2 FOR UPDATE",
+        )
+        .bind(token_sha256)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(enrollment_token_refused)?;
+        let token_id: i64 = token.try_get("id")?;
+        let enterprise_id: i64 = token.try_get("enterprise_id")?;
+        let instance = enroll_in(
+            &mut tx,
+            enterprise_id,
+            server_id,
+            hostname,
+            Some(ghes_version),
+            credential_sha256,
+        )
+        .await?;
+        let spent = sqlx::query(
+            "UPDATE enrollment_tokens SET used_at_ms = $1, used_by_server_id = $2 \
+             WHERE id = $3 AND used_at_ms IS NULL",
+        )
+        .bind(now_ms)
+        .bind(server_id.to_string())
+        .bind(token_id)
+        .execute(&mut *tx)
+        .await?;
+        if spent.rows_affected() != 1 {
+            return Err(enrollment_token_refused());
+        }
+        let enterprise = sqlx::query(
+            "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE id = $1",
+        )
+        .bind(enterprise_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let enterprise = enterprise_from_row(&enterprise)?;
+        tx.commit().await?;
+        Ok((enterprise, instance))
+    }
+
+    async fn record_agent_presence(
+        &self,
+        instance_id: i64,
+        credential_sha256: &str,
+        report: AgentReport<'_>,
+    ) -> ServiceResult<()> {
+        let updated = sqlx::query(
+            "UPDATE instances SET agent_session_id = $1, agent_last_seen_at_ms = $2, agent_sync_enabled = $3, \
+             agent_version = COALESCE($4, agent_version), \
+             agent_pending_deliveries = COALESCE($5, agent_pending_deliveries) \
+             WHERE id = $6 AND credential_sha256 = $7 AND retired_at IS NULL",
+        )
+        .bind(report.session_id.to_string())
+        .bind(time_to_unix_ms(report.seen_at))
+        .bind(report.sync_enabled)
+        .bind(report.version)
+        .bind(report.pending_deliveries.map(i64::from))
+        .bind(instance_id)
+        .bind(credential_sha256)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(credential_revoked());
+        }
+        Ok(())
+    }
+
+    async fn end_agent_session(
+        &self,
+        instance_id: i64,
+        session_id: Uuid,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()> {
+        sqlx::query(
+            "UPDATE instances SET agent_session_id = NULL, \
+             agent_last_seen_at_ms = CASE WHEN agent_last_seen_at_ms IS NULL OR agent_last_seen_at_ms < $1 \
+             THEN $1 ELSE agent_last_seen_at_ms END \
+             WHERE id = $2 AND agent_session_id = $3",
+        )
+        .bind(time_to_unix_ms(now))
+        .bind(instance_id)
+        .bind(session_id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_sync_request(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        request_id: Uuid,
+        now: OffsetDateTime,
+    ) -> ServiceResult<SyncRequest> {
+        let mut tx = self.pool.begin().await?;
+        // FOR SHARE: a concurrent retirement waits for this request to be queued (and then stops its delivery).
+        let instance = sqlx::query(
+            "SELECT id, credential_sha256 IS NOT NULL AS has_credential FROM instances \
+             WHERE enterprise_id = $1 AND server_id = $2 AND retired_at IS NULL FOR SHARE",
+        )
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| no_active_instance(server_id))?;
+        let instance_id: i64 = instance.try_get("id")?;
+        if !instance.try_get::<bool, _>("has_credential")? {
+            return Err(no_agent(server_id));
+        }
+        sqlx::query("DELETE FROM sync_requests WHERE instance_id = $1 AND requested_at_ms < $2")
+            .bind(instance_id)
+            .bind(time_to_unix_ms(now - CONNECTION_RECORD_RETENTION))
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO sync_requests (request_id, instance_id, requested_at_ms) VALUES ($1, $2, $3) \
+             RETURNING {SYNC_REQUEST_COLUMNS}"
+        ))
+        .bind(request_id.to_string())
+        .bind(instance_id)
+        .bind(time_to_unix_ms(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let request = sync_request_from_row(&row)?;
+        tx.commit().await?;
+        Ok(request)
+    }
+
+    async fn claim_sync_requests(
+        &self,
+        instance_id: i64,
+        credential_sha256: &str,
+        now: OffsetDateTime,
+    ) -> ServiceResult<Vec<SyncRequest>> {
+        let not_before = time_to_unix_ms(now - SYNC_REQUEST_TTL);
+        // The poll every stream runs every second: one read on the partial index, no row locks.
+        let probe = sqlx::query(
+            "SELECT credential_sha256 = $1 AND retired_at IS NULL AS live, \
+             EXISTS (SELECT 1 FROM sync_requests r WHERE r.instance_id = i.id \
+                     AND r.delivered_at_ms IS NULL AND r.requested_at_ms >= $2) AS pending \
+             FROM instances i WHERE i.id = $3",
+        )
+        .bind(credential_sha256)
+        .bind(not_before)
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(probe) = probe else {
+            return Err(credential_revoked());
+        };
+        if probe.try_get::<Option<bool>, _>("live")? != Some(true) {
+            return Err(credential_revoked());
+        }
+        if !probe.try_get::<bool, _>("pending")? {
+            return Ok(Vec::new());
+        }
+        // A replica racing us for the same rows waits on their locks, then re-checks `delivered_at_ms IS NULL`
+        // (READ COMMITTED) and skips them: each request is returned once.
+        let rows = sqlx::query(&format!(
+            "UPDATE sync_requests SET delivered_at_ms = $1 \
+             WHERE instance_id = $2 AND delivered_at_ms IS NULL AND requested_at_ms >= $3 \
+             AND EXISTS (SELECT 1 FROM instances i WHERE i.id = $2 AND i.credential_sha256 = $4 \
+                         AND i.retired_at IS NULL) \
+             RETURNING {SYNC_REQUEST_COLUMNS}"
+        ))
+        .bind(time_to_unix_ms(now))
+        .bind(instance_id)
+        .bind(not_before)
+        .bind(credential_sha256)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(sync_request_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        claimed.sort_by_key(|request| (request.requested_at, request.request_id));
+        Ok(claimed)
+    }
+
+    async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> ServiceResult<()> {
+        sqlx::query(
+            "UPDATE sync_requests SET delivered_at_ms = NULL \
+             WHERE request_id = $1 AND instance_id = $2 AND acked_at_ms IS NULL",
+        )
+        .bind(request_id.to_string())
+        .bind(instance_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_sync_ack(
+        &self,
+        instance_id: i64,
+        ack: SyncAckRecord<'_>,
+    ) -> ServiceResult<AckOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let acked: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT acked_at_ms FROM sync_requests \
+             WHERE request_id = $1 AND instance_id = $2 AND delivered_at_ms IS NOT NULL FOR UPDATE",
+        )
+        .bind(ack.request_id.to_string())
+        .bind(instance_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = match acked {
+            None => AckOutcome::Unknown,
+            Some(Some(_)) => AckOutcome::AlreadyAcked,
+            Some(None) => {
+                sqlx::query(
+                    "UPDATE sync_requests SET acked_at_ms = $1, accepted = $2, job_id = $3, reason = $4 \
+                     WHERE request_id = $5 AND instance_id = $6",
+                )
+                .bind(time_to_unix_ms(ack.acked_at))
+                .bind(ack.accepted)
+                .bind(ack.job_id)
+                .bind(ack.reason)
+                .bind(ack.request_id.to_string())
+                .bind(instance_id)
+                .execute(&mut *tx)
+                .await?;
+                AckOutcome::Recorded
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn sync_request(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        request_id: Uuid,
+    ) -> ServiceResult<Option<SyncRequest>> {
+        let row = sqlx::query(
+            "SELECT r.request_id, r.instance_id, r.requested_at_ms, r.delivered_at_ms, r.acked_at_ms, \
+             r.accepted, r.job_id, r.reason FROM sync_requests r JOIN instances i ON i.id = r.instance_id \
+             WHERE r.request_id = $1 AND i.enterprise_id = $2 AND i.server_id = $3",
+        )
+        .bind(request_id.to_string())
+        .bind(enterprise_id)
+        .bind(server_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(sync_request_from_row).transpose()?)
+    }
+}
+
+/// Enrolls or re-enrolls an instance inside the caller's transaction (see [`Store::enroll_instance`]).
+async fn enroll_in(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    enterprise_id: i64,
+    server_id: Uuid,
+    hostname: &str,
+    ghes_version: Option<&str>,
+    credential_sha256: &str,
+) -> ServiceResult<Instance> {
+    let ghes_version = ghes_version.filter(|version| !version.is_empty());
+    // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the unique key
+    // instead of both inserting.
+    sqlx::query(
+        "INSERT INTO instances (enterprise_id, server_id, hostname, ghes_version, created_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server_id) DO NOTHING",
+    )
+    .bind(enterprise_id)
+    .bind(server_id.to_string())
+    .bind(hostname)
+    .bind(ghes_version.unwrap_or_default())
+    .bind(now_unix())
+    .execute(&mut **tx)
+    .await?;
+    let existing = sqlx::query(
+        "SELECT enterprise_id, retired_at FROM instances WHERE server_id = $1 FOR UPDATE",
+    )
+    .bind(server_id.to_string())
+    .fetch_one(&mut **tx)
+    .await?;
+    let owner: i64 = existing.try_get("enterprise_id")?;
+    if owner != enterprise_id {
+        return Err(ServiceError::permission_denied(format!(
+            "instance {server_id} is enrolled in another enterprise; retire it there first"
+        )));
+    }
+    let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
+    sqlx::query(
+        "UPDATE instances SET credential_sha256 = $1, hostname = $2, ghes_version = COALESCE($3, ghes_version), \
+         retired_at = NULL WHERE server_id = $4",
+    )
+    .bind(credential_sha256)
+    .bind(hostname)
+    .bind(ghes_version)
+    .bind(server_id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    if was_retired {
+        bump_generation(tx, enterprise_id).await?;
+    }
+    instance_by_server_id(tx, server_id)
+        .await?
+        .ok_or_else(|| ServiceError::internal("enrolling an instance", "row vanished"))
 }
