@@ -19,7 +19,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use uuid::Uuid;
 
-use crate::config::{AggregatorConfig, ConfigError, ConfigProblem};
+use crate::config::{AggregatorConfig, ConfigError, ConfigProblem, Secret};
 use crate::error::{AgentError, error_chain};
 
 /// Room for one encoded user. GHES logins are at most 39 characters and emails a few dozen: a user encodes to well
@@ -51,65 +51,23 @@ pub struct AggregatorClient {
 }
 
 impl AggregatorClient {
-    /// Connects to `aggregator.endpoint` (TLS for `https`, with `aggregator.ca_cert` as an extra root) and reads the
-    /// instance credential.
+    /// Connects to `aggregator.endpoint` (TLS for `https`, with `aggregator.ca_cert` as an extra root) with the
+    /// credential configured in `[aggregator]`.
     pub async fn connect(config: &AggregatorConfig) -> Result<Self, AgentError> {
         let credential = config.credential()?;
-        let authorization: AsciiMetadataValue = MetadataValue::try_from(format!(
-            "Bearer {}",
-            credential.expose()
-        ))
-        .map_err(|_| {
-            invalid_config(
-                "aggregator.credential",
-                "contains characters that cannot be sent in a header: check the credential file",
-            )
-        })?;
-        let endpoint_text = config.endpoint.as_str().trim_end_matches('/').to_owned();
-        let mut endpoint = Endpoint::from_shared(endpoint_text.clone())
-            .map_err(|error| {
-                invalid_config(
-                    "aggregator.endpoint",
-                    &format!(
-                        "= {endpoint_text:?} is not a valid gRPC endpoint: {}",
-                        error_chain(&error)
-                    ),
-                )
-            })?
-            .user_agent(concat!("license-sync-agent/", env!("CARGO_PKG_VERSION")))
-            .map_err(|error| AgentError::Internal(error_chain(&error)))?
-            .connect_timeout(config.timeout().min(Duration::from_secs(30)))
-            .timeout(config.timeout())
-            .tcp_keepalive(Some(Duration::from_secs(60)));
-        if config.endpoint.scheme() == "https" {
-            let mut tls = ClientTlsConfig::new().with_webpki_roots();
-            if let Some(path) = &config.ca_cert {
-                let pem = std::fs::read(path).map_err(|source| ConfigError::Unreadable {
-                    what: "the aggregator CA certificate",
-                    key: "aggregator.ca_cert",
-                    path: path.clone(),
-                    source,
-                })?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|error| {
-                invalid_config(
-                    "aggregator.ca_cert",
-                    &format!("cannot be used for TLS: {}", error_chain(&error)),
-                )
-            })?;
-        }
-        let channel =
-            endpoint
-                .connect()
-                .await
-                .map_err(|error| AgentError::AggregatorUnavailable {
-                    endpoint: endpoint_text.clone(),
-                    reason: format!("cannot connect: {}", error_chain(&error)),
-                })?;
+        Self::connect_with(config, &credential).await
+    }
+
+    /// Connects with the given instance credential (the enrolled one, see [`crate::config`]).
+    pub async fn connect_with(
+        config: &AggregatorConfig,
+        credential: &Secret,
+    ) -> Result<Self, AgentError> {
+        let authorization = authorization(credential)?;
+        let (channel, endpoint) = connect_channel(config, ChannelKind::Request).await?;
         Ok(Self::from_channel(
             channel,
-            endpoint_text,
+            endpoint,
             authorization,
             config.batch_size,
         ))
@@ -160,6 +118,79 @@ impl AggregatorClient {
         }
         Ok(receipt)
     }
+}
+
+/// What a channel is for: ordinary calls get `aggregator.timeout_secs` as their deadline; the long-lived control
+/// session gets none (it lives for days) and HTTP/2 keep-alive pings instead, to notice a dead peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Request,
+    Session,
+}
+
+/// The `authorization` metadata value for an instance credential.
+pub fn authorization(credential: &Secret) -> Result<AsciiMetadataValue, AgentError> {
+    MetadataValue::try_from(format!("Bearer {}", credential.expose())).map_err(|_| {
+        invalid_config(
+            "aggregator.credential",
+            "contains characters that cannot be sent in a header: check the credential (or enroll again)",
+        )
+    })
+}
+
+/// Opens a channel to `aggregator.endpoint`; returns it with the endpoint's text for messages.
+pub async fn connect_channel(
+    config: &AggregatorConfig,
+    kind: ChannelKind,
+) -> Result<(Channel, String), AgentError> {
+    let endpoint_text = config.endpoint.as_str().trim_end_matches('/').to_owned();
+    let mut endpoint = Endpoint::from_shared(endpoint_text.clone())
+        .map_err(|error| {
+            invalid_config(
+                "aggregator.endpoint",
+                &format!(
+                    "= {endpoint_text:?} is not a valid gRPC endpoint: {}",
+                    error_chain(&error)
+                ),
+            )
+        })?
+        .user_agent(concat!("license-sync-agent/", env!("CARGO_PKG_VERSION")))
+        .map_err(|error| AgentError::Internal(error_chain(&error)))?
+        .connect_timeout(config.timeout().min(Duration::from_secs(30)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
+    endpoint = match kind {
+        ChannelKind::Request => endpoint.timeout(config.timeout()),
+        ChannelKind::Session => endpoint
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true),
+    };
+    if config.endpoint.scheme() == "https" {
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(path) = &config.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| ConfigError::Unreadable {
+                what: "the aggregator CA certificate",
+                key: "aggregator.ca_cert",
+                path: path.clone(),
+                source,
+            })?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|error| {
+            invalid_config(
+                "aggregator.ca_cert",
+                &format!("cannot be used for TLS: {}", error_chain(&error)),
+            )
+        })?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|error| AgentError::AggregatorUnavailable {
+            endpoint: endpoint_text.clone(),
+            reason: format!("cannot connect: {}", error_chain(&error)),
+        })?;
+    Ok((channel, endpoint_text))
 }
 
 fn invalid_config(key: &str, message: &str) -> AgentError {

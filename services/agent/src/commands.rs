@@ -10,13 +10,15 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::client::AggregatorClient;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Secret};
+use crate::connection::{Enrollment, resolve_credential};
 use crate::error::AgentError;
 use crate::export::write_usage_file;
 use crate::snapshot::{
     BuiltSnapshot, SkippedLine, build_snapshot, log_diagnostics, validate_snapshot,
 };
 use crate::source::read_source;
+use crate::state::StateDir;
 
 /// Reads the source and builds a snapshot that passes the aggregator's validation.
 pub async fn prepare_snapshot(config: &AgentConfig) -> Result<BuiltSnapshot, AgentError> {
@@ -108,9 +110,23 @@ pub struct SyncSummary {
 
 /// Reads the source and streams the snapshot to the aggregator. The aggregator is contacted first, so that an
 /// unreachable or misconfigured aggregator fails before a possibly long report build on GHES.
+///
+/// With an `[agent]` section the owner's settings apply (nothing is sent while license sync is disabled) and the
+/// enrolled credential is used; without one, the configured credential (the cron-style deployment).
 pub async fn sync(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
     let aggregator = config.aggregator()?;
-    let mut client = AggregatorClient::connect(aggregator).await?;
+    let state = match &config.agent {
+        Some(agent) => {
+            let state = StateDir::open(&agent.state_dir)?;
+            if !state.load_settings()?.license_sync_enabled {
+                return Err(AgentError::SyncDisabled);
+            }
+            Some(state)
+        }
+        None => None,
+    };
+    let credential = resolve_credential(config, state.as_ref())?;
+    let mut client = AggregatorClient::connect_with(aggregator, &credential.secret).await?;
     let built = prepare_snapshot(config).await?;
     let skipped = built.skipped_lines();
     let snapshot = Arc::new(built.snapshot);
@@ -134,4 +150,12 @@ pub async fn sync(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
         rows_skipped: meta.source_report.rows_skipped,
         skipped,
     })
+}
+
+/// Exchanges an enrollment token for the instance credential and stores it in `agent.state_dir`. A running agent
+/// on the same state directory picks the new credential up within seconds.
+pub async fn enroll(config: &AgentConfig, token: &Secret) -> Result<Enrollment, AgentError> {
+    let agent = config.sidecar()?;
+    let state = StateDir::open(&agent.state_dir)?;
+    crate::connection::enroll(config, &state, token).await
 }

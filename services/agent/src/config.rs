@@ -10,10 +10,21 @@
 //! kind = "file"                       # or "ghes"
 //! path = "ghes-1.all_users.csv"
 //!
-//! [aggregator]                        # only needed by `sync`
+//! [aggregator]                        # needed by `sync`, `enroll` and `run`
 //! endpoint = "https://aggregator.example.com:50051"
-//! credential_file = "/var/lib/license-sync-agent/credential"
+//! # credential_file = "…"             # optional when the agent is enrolled (see below)
+//!
+//! [agent]                             # the long-running sidecar (`run`) and its local API
+//! state_dir = "/var/lib/license-sync-agent"
+//! owner_token_file = "/run/secrets/license-sync-owner-token"
 //! ```
+//!
+//! **Which instance credential is used.** When `[agent]` is configured and its state directory holds an enrolled
+//! credential (written by `license-sync-agent enroll` or `POST /api/v1/connection`), that credential is used and
+//! `aggregator.credential`/`credential_file` are ignored: enrolling again rotates the credential (the old one stops
+//! working), so the state directory always holds the newest one, while a configured secret would go stale. The
+//! configured credential is the fallback for agents that are not enrolled (credentials issued with
+//! `license-sync-aggregator instance add`).
 //!
 //! Environment variables override the file, nested with `__`: `LICENSE_SYNC_AGENT_AGGREGATOR__ENDPOINT`. Secrets are
 //! best given as files (`token_file`, `credential_file`); the inline forms exist for environments that inject
@@ -22,6 +33,7 @@
 //! against the working directory.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -70,9 +82,47 @@ impl<'de> Deserialize<'de> for Secret {
 pub struct AgentConfig {
     pub instance: InstanceConfig,
     pub source: SourceConfig,
-    /// Needed by `sync` only: `check` and `export` work without an aggregator (air-gapped instances).
+    /// Needed by `sync`, `enroll` and `run`: `check` and `export` work without an aggregator (air-gapped instances).
     #[serde(default)]
     pub aggregator: Option<AggregatorConfig>,
+    /// The long-running sidecar (`run`): state directory, local API, schedule and retries.
+    #[serde(default)]
+    pub agent: Option<SidecarConfig>,
+}
+
+/// The `[agent]` section: how the long-running sidecar keeps its state, serves its local API, schedules syncs and
+/// retries deliveries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Where the enrolled credential, the settings and the snapshots not yet acknowledged live. Created (mode 0700)
+    /// when missing. Must be on a local file system: the agent relies on `rename` and `fsync` there.
+    pub state_dir: PathBuf,
+    /// Address of the local HTTP API (`/healthz`, `/readyz`, `/api/v1/…`). Port 0 picks a free port.
+    #[serde(default = "defaults::listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// The owner credential for owner-only local actions (enable, disable, connect, Sync now). Exactly one of
+    /// `owner_token` and `owner_token_file`.
+    #[serde(default)]
+    pub owner_token: Option<Secret>,
+    #[serde(default)]
+    pub owner_token_file: Option<PathBuf>,
+    /// Time between scheduled syncs (default: one week).
+    #[serde(default = "defaults::sync_interval_secs")]
+    pub sync_interval_secs: u64,
+    /// Upper bound of the random delay added to each scheduled time, so that a fleet does not sync at once. Must be
+    /// below `sync_interval_secs`.
+    #[serde(default = "defaults::sync_jitter_secs")]
+    pub sync_jitter_secs: u64,
+    /// First delay before re-sending a snapshot that could not be delivered; doubles per attempt (full jitter).
+    #[serde(default = "defaults::retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Cap of the delivery retry delay (and of the control stream's reconnect delay).
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// How long a SIGTERM waits for an in-flight upload before abandoning it (the snapshot stays pending).
+    #[serde(default = "defaults::shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
 }
 
 /// Who the GHES instance is.
@@ -181,6 +231,24 @@ mod defaults {
     }
     pub fn timeout_secs() -> u64 {
         300
+    }
+    pub fn listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 8091))
+    }
+    pub fn sync_interval_secs() -> u64 {
+        7 * 24 * 3600
+    }
+    pub fn sync_jitter_secs() -> u64 {
+        3600
+    }
+    pub fn retry_initial_ms() -> u64 {
+        1_000
+    }
+    pub fn retry_max_ms() -> u64 {
+        300_000
+    }
+    pub fn shutdown_grace_secs() -> u64 {
+        20
     }
 }
 
@@ -302,12 +370,20 @@ impl AgentConfig {
         } else {
             Some(None)
         };
-        match (instance, source, aggregator) {
-            (Some(instance), Some(source), Some(aggregator)) if problems.is_empty() => {
+        let agent = if top.contains_key("agent") {
+            extract_section::<SidecarConfig>(figment, "agent", &mut problems).map(Some)
+        } else {
+            Some(None)
+        };
+        match (instance, source, aggregator, agent) {
+            (Some(instance), Some(source), Some(aggregator), Some(agent))
+                if problems.is_empty() =>
+            {
                 let mut config = AgentConfig {
                     instance,
                     source,
                     aggregator,
+                    agent,
                 };
                 config.resolve_relative_paths(figment);
                 Ok(config)
@@ -350,6 +426,12 @@ impl AgentConfig {
                 resolve("aggregator.ca_cert", path);
             }
         }
+        if let Some(agent) = &mut self.agent {
+            resolve("agent.state_dir", &mut agent.state_dir);
+            if let Some(path) = &mut agent.owner_token_file {
+                resolve("agent.owner_token_file", path);
+            }
+        }
     }
 
     /// Checks everything that can be checked before talking to anything, and reports every problem at once.
@@ -368,7 +450,11 @@ impl AgentConfig {
             SourceConfig::Ghes(ghes) => ghes.validate(&mut problems),
         }
         if let Some(aggregator) = &self.aggregator {
-            aggregator.validate(&mut problems);
+            // With a state directory the credential may come from enrollment instead of the file.
+            aggregator.validate(&mut problems, self.agent.is_none());
+        }
+        if let Some(agent) = &self.agent {
+            agent.validate(&mut problems);
         }
         problems.into_result()
     }
@@ -378,8 +464,20 @@ impl AgentConfig {
         self.aggregator.as_ref().ok_or_else(|| {
             ConfigError::one(
                 "aggregator",
-                "is missing: `sync` needs an [aggregator] section with `endpoint` and `credential_file` \
-                 (or LICENSE_SYNC_AGENT_AGGREGATOR__ENDPOINT and LICENSE_SYNC_AGENT_AGGREGATOR__CREDENTIAL)",
+                "is missing: `sync`, `enroll` and `run` need an [aggregator] section with `endpoint` (and \
+                 `credential_file` unless the agent is enrolled), or LICENSE_SYNC_AGENT_AGGREGATOR__ENDPOINT and \
+                 LICENSE_SYNC_AGENT_AGGREGATOR__CREDENTIAL",
+            )
+        })
+    }
+
+    /// The `[agent]` section, required by `run` and `enroll`.
+    pub fn sidecar(&self) -> Result<&SidecarConfig, ConfigError> {
+        self.agent.as_ref().ok_or_else(|| {
+            ConfigError::one(
+                "agent",
+                "is missing: `run` and `enroll` need an [agent] section with at least `state_dir` and \
+                 `owner_token_file` (see config/agent.example.toml)",
             )
         })
     }
@@ -424,6 +522,7 @@ impl Problems {
         file: &Option<PathBuf>,
         (inline_name, file_name): (&str, &str),
         what: &str,
+        required: bool,
     ) {
         let inline_key = format!("{section}.{inline_name}");
         let file_key = format!("{section}.{file_name}");
@@ -435,6 +534,7 @@ impl Problems {
                     env_var_for(&inline_key)
                 ),
             ),
+            (None, None) if !required => {}
             (None, None) => self.add(
                 &file_key,
                 format!(
@@ -538,6 +638,7 @@ impl GhesSourceConfig {
             &self.token_file,
             ("token", "token_file"),
             "a GHES personal access token with the `site_admin` scope",
+            true,
         );
         if let Some(path) = &self.ca_cert {
             problems.check_file("source.ca_cert", path);
@@ -590,8 +691,119 @@ impl GhesSourceConfig {
     }
 }
 
-impl AggregatorConfig {
+/// Shortest accepted owner token: the local API may listen beyond loopback, so the token must not be guessable.
+pub const MIN_OWNER_TOKEN_CHARS: usize = 16;
+
+impl SidecarConfig {
     fn validate(&self, problems: &mut Problems) {
+        if self.state_dir.as_os_str().is_empty() {
+            problems.add(
+                "agent.state_dir",
+                "is empty: set it to a directory the agent owns, e.g. \"/var/lib/license-sync-agent\"",
+            );
+        } else if let Ok(metadata) = std::fs::metadata(&self.state_dir)
+            && !metadata.is_dir()
+        {
+            problems.add(
+                "agent.state_dir",
+                format!(
+                    "= {:?} exists and is not a directory",
+                    self.state_dir.display()
+                ),
+            );
+        }
+        problems.check_secret(
+            "agent",
+            &self.owner_token,
+            &self.owner_token_file,
+            ("owner_token", "owner_token_file"),
+            "the owner token that authorises owner-only actions on the local API",
+            true,
+        );
+        if let Some(token) = &self.owner_token
+            && !token.expose().trim().is_empty()
+            && token.expose().trim().chars().count() < MIN_OWNER_TOKEN_CHARS
+        {
+            problems.add(
+                "agent.owner_token",
+                format!(
+                    "is shorter than {MIN_OWNER_TOKEN_CHARS} characters: use a long random value, e.g. \
+                     `openssl rand -hex 32`"
+                ),
+            );
+        }
+        if self.sync_interval_secs == 0 {
+            problems.add(
+                "agent.sync_interval_secs",
+                "must be greater than 0 (604800 is weekly)",
+            );
+        } else if self.sync_jitter_secs >= self.sync_interval_secs {
+            problems.add(
+                "agent.sync_jitter_secs",
+                format!(
+                    "= {} must be below `agent.sync_interval_secs` = {}, so that scheduled syncs keep their order",
+                    self.sync_jitter_secs, self.sync_interval_secs
+                ),
+            );
+        }
+        if self.retry_initial_ms == 0 {
+            problems.add("agent.retry_initial_ms", "must be greater than 0");
+        }
+        if self.retry_max_ms < self.retry_initial_ms {
+            problems.add(
+                "agent.retry_max_ms",
+                format!(
+                    "= {} is below `agent.retry_initial_ms` = {}: the backoff must be able to grow",
+                    self.retry_max_ms, self.retry_initial_ms
+                ),
+            );
+        }
+    }
+
+    /// The owner token, read from `owner_token_file` (trimmed) at every call so that a rotated token is picked up
+    /// without a restart.
+    pub fn owner_token(&self) -> Result<Secret, ConfigError> {
+        let token = read_secret(
+            &self.owner_token,
+            &self.owner_token_file,
+            "agent.owner_token_file",
+            "the owner token file",
+        )?;
+        if token.expose().chars().count() < MIN_OWNER_TOKEN_CHARS {
+            return Err(ConfigError::one(
+                "agent.owner_token_file",
+                format!(
+                    "holds a token shorter than {MIN_OWNER_TOKEN_CHARS} characters: use a long random value"
+                ),
+            ));
+        }
+        Ok(token)
+    }
+
+    pub fn sync_interval(&self) -> Duration {
+        Duration::from_secs(self.sync_interval_secs)
+    }
+
+    pub fn sync_jitter(&self) -> Duration {
+        Duration::from_secs(self.sync_jitter_secs)
+    }
+
+    pub fn retry_initial(&self) -> Duration {
+        Duration::from_millis(self.retry_initial_ms)
+    }
+
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+impl AggregatorConfig {
+    /// `credential_required`: without an `[agent]` state directory the configured credential is the only one.
+    fn validate(&self, problems: &mut Problems, credential_required: bool) {
         check_http_url(problems, "aggregator.endpoint", &self.endpoint);
         problems.check_secret(
             "aggregator",
@@ -599,6 +811,7 @@ impl AggregatorConfig {
             &self.credential_file,
             ("credential", "credential_file"),
             "the instance credential (`lsi_…`) issued by `license-sync-aggregator instance add`",
+            credential_required,
         );
         if let Some(path) = &self.ca_cert {
             if self.endpoint.scheme() != "https" {
@@ -621,6 +834,11 @@ impl AggregatorConfig {
         if self.timeout_secs == 0 {
             problems.add("aggregator.timeout_secs", "must be greater than 0");
         }
+    }
+
+    /// Whether a credential is configured here (it may also come from enrollment, see the module docs).
+    pub fn has_credential(&self) -> bool {
+        self.credential.is_some() || self.credential_file.is_some()
     }
 
     /// The credential, read from `credential_file` (trimmed) at every call so that a reissued one is picked up.
@@ -668,7 +886,7 @@ fn read_secret(
     Ok(Secret(secret))
 }
 
-const SECTIONS: [&str; 3] = ["instance", "source", "aggregator"];
+const SECTIONS: [&str; 4] = ["instance", "source", "aggregator", "agent"];
 
 fn extract_section<T: serde::de::DeserializeOwned>(
     figment: &Figment,
@@ -858,6 +1076,16 @@ fn lenient_optional_string<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
     lenient_string(deserializer).map(Some)
+}
+
+/// A socket address such as `127.0.0.1:8091` (from the file or an environment variable).
+fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = lenient_string(deserializer)?;
+    text.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format_args!(
+            "{text:?} is not a socket address: use IP:PORT, e.g. \"127.0.0.1:8091\""
+        ))
+    })
 }
 
 fn url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Url, D::Error> {

@@ -26,11 +26,21 @@
 //! | `AggregatorFailed`         | 4    | 502  | Unknown            | yes       |
 //! | `Protocol`                 | 5    | 502  | Internal           | no        |
 //! | `Output`                   | 6    | 500  | Internal           | no        |
+//! | `State`                    | 6    | 500  | Internal           | no        |
+//! | `StateLocked`              | 2    | 409  | FailedPrecondition | no        |
+//! | `NotEnrolled`              | 2    | 409  | FailedPrecondition | no        |
+//! | `SyncDisabled`             | 2    | 409  | FailedPrecondition | no        |
+//! | `NotConnected`             | 2    | 409  | FailedPrecondition | no        |
+//! | `ShuttingDown`             | 1    | 503  | Unavailable        | no        |
+//! | `EnrollmentRefused`        | 5    | 422  | InvalidArgument    | no        |
+//! | `LocalApi`                 | 7    | 502  | Unknown            | no        |
+//! | `LocalApiUnreachable`      | 7    | 503  | Unavailable        | no        |
 //! | `Internal`                 | 1    | 500  | Internal           | no        |
 //!
-//! Exit codes group by what the operator fixes: 2 the configuration, 3 the GHES side (or the report file),
-//! 4 a transient aggregator problem (try again later), 5 the aggregator refused the snapshot or the credential
-//! (fix something first), 6 the local output file. Upstream credential failures are 502, not 401, on the local API:
+//! Exit codes group by what the operator fixes: 2 the configuration (or the agent's own settings: not enrolled,
+//! license sync disabled), 3 the GHES side (or the report file), 4 a transient aggregator problem (try again later),
+//! 5 the aggregator refused the snapshot, the credential or the enrollment token (fix something first), 6 a local
+//! file (output or state directory), 7 the running agent's local API (unreachable or refused the request). Upstream credential failures are 502, not 401, on the local API:
 //! the caller's own credentials were fine, the agent's were not.
 
 use std::path::PathBuf;
@@ -99,8 +109,10 @@ pub enum AgentError {
     AggregatorTimeout { endpoint: String, reason: String },
 
     #[error(
-        "the aggregator does not accept this instance credential: issue a new one with \
-         `license-sync-aggregator instance add …` and store it in `aggregator.credential_file` ({message})"
+        "the aggregator does not accept this instance credential (credential refused, re-enroll): it was revoked, \
+         rotated by another enrollment, or the instance was retired; enroll again with a new enrollment token \
+         (`license-sync-agent enroll --token lse_…` or POST /api/v1/connection), or store a credential from \
+         `license-sync-aggregator instance add …` in `aggregator.credential_file` ({message})"
     )]
     AggregatorCredentials { message: String },
 
@@ -144,8 +156,80 @@ pub enum AgentError {
         source: std::io::Error,
     },
 
+    #[error("cannot {action} {}: {}", path.display(), state_hint(source))]
+    State {
+        /// What the agent was doing, e.g. "write the pending snapshot".
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "the state directory {} is in use by another license-sync-agent process: run one agent per state \
+         directory (stop the other one, or give this one its own `agent.state_dir`)",
+        path.display()
+    )]
+    StateLocked { path: PathBuf },
+
+    #[error(
+        "the agent is not connected to an aggregator (no instance credential): connect it first with an \
+         enrollment token (`license-sync-agent enroll --token lse_…`, or POST /api/v1/connection), or set \
+         `aggregator.credential_file`"
+    )]
+    NotEnrolled,
+
+    #[error(
+        "license sync is disabled on this agent: an owner enables it with `license-sync-agent enable` (PUT \
+         /api/v1/settings) once the agent is connected; nothing was sent"
+    )]
+    SyncDisabled,
+
+    #[error(
+        "license sync cannot be enabled before the agent is connected to the aggregator: connect first (POST \
+         /api/v1/connection with an enrollment token, or `license-sync-agent enroll --token lse_…`), then enable \
+         license sync; the connection check said: {reason}"
+    )]
+    NotConnected { reason: String },
+
+    #[error("the agent is shutting down: try again once it has restarted")]
+    ShuttingDown,
+
+    #[error("the aggregator refused the enrollment: {reason} ({message})")]
+    EnrollmentRefused {
+        reason: &'static str,
+        message: String,
+    },
+
+    #[error("the agent's local API at {url} answered HTTP {status}: {message}")]
+    LocalApi {
+        url: String,
+        status: u16,
+        message: String,
+    },
+
+    #[error(
+        "cannot reach the agent's local API at {url}: {reason} (is `license-sync-agent run` running, and does \
+         --api match its `agent.listen`?)"
+    )]
+    LocalApiUnreachable { url: String, reason: String },
+
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The I/O error of a state-directory operation, with what to do for the usual causes.
+fn state_hint(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => format!(
+            "{error}: the state directory's file system is full; free space there (nothing was sent, and \
+             snapshots already pending are kept)"
+        ),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => format!(
+            "{error}: the agent's user must own `agent.state_dir` and be able to write there"
+        ),
+        _ => error.to_string(),
+    }
 }
 
 impl AgentError {
@@ -153,8 +237,8 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         use AgentError::*;
         match self {
-            Internal(_) => 1,
-            Config(_) => 2,
+            Internal(_) | ShuttingDown => 1,
+            Config(_) | StateLocked { .. } | NotEnrolled | SyncDisabled | NotConnected { .. } => 2,
             SourceFile { .. }
             | SourceCredentials { .. }
             | SourceUnavailable { .. }
@@ -169,8 +253,10 @@ impl AgentError {
             | StaleSnapshot { .. }
             | SyncIdConflict { .. }
             | SnapshotTooLarge { .. }
+            | EnrollmentRefused { .. }
             | Protocol(_) => 5,
-            Output { .. } => 6,
+            Output { .. } | State { .. } => 6,
+            LocalApi { .. } | LocalApiUnreachable { .. } => 7,
         }
     }
 
@@ -178,10 +264,17 @@ impl AgentError {
     pub fn http_status(&self) -> StatusCode {
         use AgentError::*;
         match self {
-            Config(_) | InvalidSnapshot(_) | SnapshotRejected { .. } => {
+            Config(_) | InvalidSnapshot(_) | SnapshotRejected { .. } | EnrollmentRefused { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            SourceFile { .. } | Output { .. } | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SourceFile { .. } | Output { .. } | State { .. } | Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            StateLocked { .. } | NotEnrolled | SyncDisabled | NotConnected { .. } => {
+                StatusCode::CONFLICT
+            }
+            LocalApi { .. } => StatusCode::BAD_GATEWAY,
+            LocalApiUnreachable { .. } | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             SourceCredentials { .. }
             | SourceUnavailable { .. }
             | SourceUnexpected { .. }
@@ -202,10 +295,17 @@ impl AgentError {
         use AgentError::*;
         use tonic::Code;
         match self {
-            Config(_) | SnapshotRejected { .. } => Code::InvalidArgument,
-            SourceFile { .. } | Report(_) | InvalidSnapshot(_) | StaleSnapshot { .. } => {
-                Code::FailedPrecondition
-            }
+            Config(_) | SnapshotRejected { .. } | EnrollmentRefused { .. } => Code::InvalidArgument,
+            SourceFile { .. }
+            | Report(_)
+            | InvalidSnapshot(_)
+            | StaleSnapshot { .. }
+            | StateLocked { .. }
+            | NotEnrolled
+            | SyncDisabled
+            | NotConnected { .. } => Code::FailedPrecondition,
+            LocalApi { .. } => Code::Unknown,
+            LocalApiUnreachable { .. } | ShuttingDown => Code::Unavailable,
             SourceCredentials { .. } | AggregatorCredentials { .. } => Code::Unauthenticated,
             AggregatorPermission { .. } => Code::PermissionDenied,
             SourceUnavailable { .. } | AggregatorUnavailable { .. } => Code::Unavailable,
@@ -213,7 +313,9 @@ impl AgentError {
             SyncIdConflict { .. } => Code::AlreadyExists,
             SnapshotTooLarge { .. } => Code::ResourceExhausted,
             AggregatorFailed { .. } => Code::Unknown,
-            SourceUnexpected { .. } | Protocol(_) | Output { .. } | Internal(_) => Code::Internal,
+            SourceUnexpected { .. } | Protocol(_) | Output { .. } | State { .. } | Internal(_) => {
+                Code::Internal
+            }
         }
     }
 
@@ -252,6 +354,15 @@ impl AgentError {
             AggregatorFailed { .. } => "aggregator_failed",
             Protocol(_) => "protocol",
             Output { .. } => "output",
+            State { .. } => "state",
+            StateLocked { .. } => "state_locked",
+            NotEnrolled => "not_enrolled",
+            SyncDisabled => "sync_disabled",
+            NotConnected { .. } => "not_connected",
+            ShuttingDown => "shutting_down",
+            EnrollmentRefused { .. } => "enrollment_refused",
+            LocalApi { .. } => "local_api",
+            LocalApiUnreachable { .. } => "local_api_unreachable",
             Internal(_) => "internal",
         }
     }
@@ -302,6 +413,7 @@ mod tests {
                 .to_string()
                 .contains("license-sync-aggregator instance add")
         );
+        assert!(error.to_string().contains("re-enroll"));
 
         let stale = AgentError::StaleSnapshot {
             message: "stored snapshot generated at 2025-01-02T00:00:00Z".into(),
@@ -310,6 +422,21 @@ mod tests {
         assert_eq!(stale.http_status(), StatusCode::CONFLICT);
         assert!(stale.to_string().contains("newer snapshot"));
         assert!(stale.to_string().contains("2025-01-02T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_full_disk_says_what_to_do_and_that_nothing_was_sent() {
+        let error = AgentError::State {
+            action: "write the pending snapshot",
+            path: "/var/lib/agent/pending/x.json".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        let text = error.to_string();
+        assert!(text.contains("pending/x.json"), "{text}");
+        assert!(text.contains("free space"), "{text}");
+        assert!(text.contains("nothing was sent"), "{text}");
+        assert_eq!(error.exit_code(), 6);
+        assert!(!error.is_retryable());
     }
 
     #[test]

@@ -9,14 +9,29 @@
 //! - [`client`]: streaming a snapshot to the aggregator over gRPC.
 //! - [`export`]: writing the usage file for manual upload.
 //! - [`error`]: the one error type, with its exit code, HTTP status and gRPC code.
+//!
+//! The long-running sidecar (`run`) adds:
+//!
+//! - [`connection`]: enrollment, the connection check, and which instance credential is used.
+//! - [`state`]: the state directory (credential, settings, pending and failed snapshots) and its fsync policy.
+//! - [`schedule`]: the schedule's time arithmetic (anchor, interval, jitter) behind a [`schedule::Clock`].
+//! - [`retry`]: exponential backoff with full jitter.
+//! - [`sidecar`]: the running agent: jobs, scheduler, delivery loop, control stream and the local HTTP API.
+//! - [`local_api`]: the CLI's client of that local API.
 
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod export;
+pub mod local_api;
+pub mod retry;
+pub mod schedule;
+pub mod sidecar;
 pub mod snapshot;
 pub mod source;
+pub mod state;
 
 pub use config::AgentConfig;
 pub use error::AgentError;

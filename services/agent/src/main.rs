@@ -1,15 +1,20 @@
-//! `license-sync-agent`: one-shot commands of the agent.
+//! `license-sync-agent`: the long-running sidecar (`run`), its one-shot commands, and a CLI for its local API.
 //!
 //! Results go to stdout as one JSON line each, so that scripts can read them; logs and errors go to stderr. The
-//! process exits with [`AgentError::exit_code`].
+//! process exits with [`AgentError::exit_code`]. `run` prints one line when it listens
+//! (`{"listening":"127.0.0.1:8091",…}`) and runs until SIGTERM or Ctrl-C.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use license_sync_agent::{AgentConfig, AgentError, commands};
+use license_sync_agent::config::Secret;
+use license_sync_agent::local_api::{LocalApi, owner_token};
+use license_sync_agent::{AgentConfig, AgentError, commands, sidecar};
+use reqwest::Method;
 use serde::Serialize;
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +43,59 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+/// How the CLI reaches a running agent's local API.
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Base URL of the running agent's local API (its `agent.listen`).
+    #[arg(
+        long,
+        env = "LICENSE_SYNC_AGENT_API",
+        default_value = "http://127.0.0.1:8091"
+    )]
+    api: String,
+    /// File holding the owner token, for owner-only actions. Or LICENSE_SYNC_AGENT_OWNER_TOKEN.
+    #[arg(long)]
+    owner_token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run as a long-running sidecar: local API, schedule, Sync now, durable delivery, control stream.
+    Run(ConfigArg),
+    /// Connect the agent to the aggregator: exchange an enrollment token for the instance credential.
+    #[command(group(clap::ArgGroup::new("enrollment").required(true).args(["token", "token_file"])))]
+    Enroll {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The enrollment token (`lse_…`). Prefer --token-file or the variable: arguments show in `ps`.
+        #[arg(
+            long,
+            env = "LICENSE_SYNC_AGENT_ENROLLMENT_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// File holding the enrollment token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Ask the running agent for a sync now; prints the job id (joins the running job, if any).
+    SyncNow(ApiArgs),
+    /// Print the running agent's status.
+    Status(ApiArgs),
+    /// Enable license sync on the running agent (it must be connected).
+    Enable(ApiArgs),
+    /// Disable license sync on the running agent: nothing is sent any more.
+    Disable(ApiArgs),
+    /// Print the running agent's recent jobs, or one job.
+    Jobs {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// A job id (from `sync-now`).
+        #[arg(long)]
+        id: Option<uuid::Uuid>,
+    },
+    /// Check the running agent's connection to the aggregator now.
+    Connection(ApiArgs),
     /// Read the users, stream the snapshot to the aggregator and print its receipt.
     Sync(ConfigArg),
     /// Read the users and write the usage file for manual upload ("Add server usage").
@@ -79,6 +135,79 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), AgentError> {
     match command {
+        Command::Run(args) => {
+            let config = AgentConfig::load(&args.config)?;
+            let agent = sidecar::start(config).await?;
+            let status = agent.sidecar().status();
+            print_line(&json!({
+                "listening": agent.local_addr().to_string(),
+                "state_dir": status.state_dir,
+                "license_sync_enabled": status.license_sync_enabled,
+                "pending_deliveries": status.pending_deliveries,
+            }))?;
+            shutdown_signal().await;
+            agent.shutdown().await;
+            Ok(())
+        }
+        Command::Enroll {
+            config,
+            token,
+            token_file,
+        } => {
+            let config = AgentConfig::load(&config.config)?;
+            let token = match (token, token_file) {
+                (Some(token), _) => Secret::new(token),
+                (None, Some(path)) => Secret::new(
+                    std::fs::read_to_string(&path)
+                        .map_err(
+                            |source| license_sync_agent::config::ConfigError::Unreadable {
+                                what: "the enrollment token file",
+                                key: "--token-file",
+                                path: path.clone(),
+                                source,
+                            },
+                        )?
+                        .trim(),
+                ),
+                (None, None) => {
+                    return Err(AgentError::Internal(
+                        "clap guarantees --token or --token-file".into(),
+                    ));
+                }
+            };
+            print_line(&commands::enroll(&config, &token).await?)
+        }
+        Command::SyncNow(args) => {
+            let api = local_api(&args)?;
+            print_line(&api.owner(Method::POST, "api/v1/sync-now", None).await?)
+        }
+        Command::Status(args) => print_line(&local_api(&args)?.get("api/v1/status").await?),
+        Command::Enable(args) => print_line(
+            &local_api(&args)?
+                .owner(
+                    Method::PUT,
+                    "api/v1/settings",
+                    Some(json!({"license_sync_enabled": true})),
+                )
+                .await?,
+        ),
+        Command::Disable(args) => print_line(
+            &local_api(&args)?
+                .owner(
+                    Method::PUT,
+                    "api/v1/settings",
+                    Some(json!({"license_sync_enabled": false})),
+                )
+                .await?,
+        ),
+        Command::Jobs { api, id } => {
+            let path = match id {
+                Some(id) => format!("api/v1/jobs/{id}"),
+                None => "api/v1/jobs".to_owned(),
+            };
+            print_line(&local_api(&api)?.get(&path).await?)
+        }
+        Command::Connection(args) => print_line(&local_api(&args)?.get("api/v1/connection").await?),
         Command::Sync(args) => {
             let config = AgentConfig::load(&args.config)?;
             print_line(&commands::sync(&config).await?)
@@ -92,6 +221,37 @@ async fn run(command: Command) -> Result<(), AgentError> {
             print_line(&commands::check(&config).await?)
         }
     }
+}
+
+fn local_api(args: &ApiArgs) -> Result<LocalApi, AgentError> {
+    LocalApi::new(&args.api, owner_token(args.owner_token_file.as_deref())?)
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
+                interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await;
 }
 
 fn print_line(value: &impl Serialize) -> Result<(), AgentError> {
@@ -131,8 +291,10 @@ fn report(error: &AgentError, format: LogFormat) {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a sidecar's stderr usually goes to a log collector.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),

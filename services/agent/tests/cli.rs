@@ -172,3 +172,46 @@ fn in_json_mode_errors_are_json_events_too() {
         "{failure}"
     );
 }
+
+#[test]
+fn with_an_agent_section_sync_follows_the_owners_setting_and_sends_nothing_while_disabled() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_config(
+        dir.path(),
+        &format!(
+            "[aggregator]\nendpoint = \"http://127.0.0.1:{port}\"\ntimeout_secs = 5\n\
+             [agent]\nstate_dir = \"state\"\nowner_token = \"owner-token-0123456789abcdef\"\n"
+        ),
+    );
+    let output = agent(&["sync", "--config", "agent.toml"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("license sync is disabled"), "{stderr}");
+    assert!(!stderr.contains("owner-token-0123456789abcdef"), "{stderr}");
+
+    // The local API commands say clearly when no agent is running there.
+    let output = agent(
+        &["status", "--api", &format!("http://127.0.0.1:{port}")],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(7));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("license-sync-agent run"), "{stderr}");
+    // Owner-only commands need the owner token before anything is sent.
+    let output = Command::new(env!("CARGO_BIN_EXE_license-sync-agent"))
+        .args(["enable", "--api", &format!("http://127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .env_remove("LICENSE_SYNC_AGENT_OWNER_TOKEN")
+        .output()
+        .expect("run the agent");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("LICENSE_SYNC_AGENT_OWNER_TOKEN"),
+        "{stderr}"
+    );
+}

@@ -380,16 +380,152 @@ fn the_example_config_is_valid() {
     Jail::expect_with(|jail| {
         jail.set_env("LICENSE_SYNC_AGENT_SOURCE__TOKEN", "t");
         jail.set_env("LICENSE_SYNC_AGENT_AGGREGATOR__CREDENTIAL", "lsi_x");
+        jail.set_env(
+            "LICENSE_SYNC_AGENT_AGENT__OWNER_TOKEN",
+            "owner-token-0123456789abcdef",
+        );
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.example.toml");
         let text = std::fs::read_to_string(&example).expect("example config");
         // The example uses absolute secret paths; replace them with the environment variables set above.
         let text: String = text
             .lines()
-            .filter(|line| !line.starts_with("token_file") && !line.starts_with("credential_file"))
+            .filter(|line| {
+                !line.starts_with("token_file")
+                    && !line.starts_with("credential_file")
+                    && !line.starts_with("owner_token_file")
+            })
             .map(|line| format!("{line}\n"))
             .collect();
         let config = load(jail, &text).expect("example is valid");
         assert!(matches!(config.source, SourceConfig::Ghes(_)));
+        let agent = config.sidecar().expect("[agent]");
+        assert_eq!(agent.sync_interval_secs, 604_800);
+        assert_eq!(agent.sync_jitter_secs, 3_600);
+        assert_eq!(agent.listen.to_string(), "127.0.0.1:8091");
+        Ok(())
+    });
+}
+
+const AGENT_BASE: &str = r#"
+[instance]
+server_id = "6f1c8a38-5b2e-4a4f-9d44-8d4a4f1b6c01"
+hostname = "ghes-1.example.com"
+[source]
+kind = "file"
+path = "all_users.csv"
+[aggregator]
+endpoint = "http://127.0.0.1:50051"
+"#;
+
+#[test]
+fn the_agent_section_has_production_defaults_and_resolves_paths() {
+    Jail::expect_with(|jail| {
+        jail.create_dir("conf")?;
+        jail.create_file("conf/owner", "owner-token-0123456789abcdef\n")?;
+        jail.create_file(
+            "conf/agent.toml",
+            &format!("{AGENT_BASE}[agent]\nstate_dir = \"state\"\nowner_token_file = \"owner\"\n"),
+        )?;
+        let config = AgentConfig::load(Path::new("conf/agent.toml")).expect("valid");
+        let agent = config.sidecar().expect("[agent]");
+        assert!(agent.state_dir.is_absolute() && agent.state_dir.ends_with("conf/state"));
+        assert_eq!(agent.listen.to_string(), "127.0.0.1:8091");
+        assert_eq!(agent.sync_interval_secs, 604_800);
+        assert_eq!(agent.sync_jitter_secs, 3_600);
+        assert_eq!(agent.retry_initial_ms, 1_000);
+        assert_eq!(agent.retry_max_ms, 300_000);
+        assert_eq!(agent.shutdown_grace_secs, 20);
+        assert_eq!(
+            agent.owner_token().expect("owner token").expose(),
+            "owner-token-0123456789abcdef"
+        );
+        // With a state directory the [aggregator] credential is optional (enrollment provides it).
+        assert!(!config.aggregator().expect("aggregator").has_credential());
+        Ok(())
+    });
+}
+
+#[test]
+fn agent_settings_are_validated_together() {
+    Jail::expect_with(|jail| {
+        let error = load(
+            jail,
+            &format!(
+                "{AGENT_BASE}[agent]\nstate_dir = \"state\"\nowner_token = \"short\"\nsync_interval_secs = 10\n\
+                 sync_jitter_secs = 10\nretry_initial_ms = 500\nretry_max_ms = 100\nlisten = \"localhost\"\n"
+            ),
+        )
+        .expect_err("invalid");
+        let text = error.to_string();
+        assert!(text.contains("agent.listen"), "{text}");
+        // The listen address fails extraction; fix it and see the remaining problems together.
+        let error = load(
+            jail,
+            &format!(
+                "{AGENT_BASE}[agent]\nstate_dir = \"state\"\nowner_token = \"short\"\nsync_interval_secs = 10\n\
+                 sync_jitter_secs = 10\nretry_initial_ms = 500\nretry_max_ms = 100\n"
+            ),
+        )
+        .expect_err("invalid");
+        let keys: Vec<String> = problems(&error).into_iter().map(|(key, _)| key).collect();
+        assert!(keys.contains(&"agent.owner_token".to_owned()), "{keys:?}");
+        assert!(
+            keys.contains(&"agent.sync_jitter_secs".to_owned()),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"agent.retry_max_ms".to_owned()), "{keys:?}");
+        assert!(
+            !error.to_string().contains("\"short\""),
+            "the token is echoed: {error}"
+        );
+
+        let error = load(
+            jail,
+            &format!("{AGENT_BASE}[agent]\nstate_dir = \"state\"\n"),
+        )
+        .expect_err("no owner token");
+        assert!(
+            error
+                .to_string()
+                .contains("LICENSE_SYNC_AGENT_AGENT__OWNER_TOKEN"),
+            "{error}"
+        );
+        let error = load(
+            jail,
+            &format!(
+                "{AGENT_BASE}[agent]\nstate_dir = \"state\"\nowner_token = \"owner-token-0123456789abcdef\"\n\
+                 sync_interval_secs = 0\n"
+            ),
+        )
+        .expect_err("zero interval");
+        assert!(
+            error.to_string().contains("agent.sync_interval_secs"),
+            "{error}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn without_an_agent_section_the_aggregator_credential_stays_required() {
+    Jail::expect_with(|jail| {
+        let error = load(jail, AGENT_BASE).expect_err("no credential");
+        assert!(
+            error.to_string().contains("aggregator.credential_file"),
+            "{error}"
+        );
+        jail.set_env("LICENSE_SYNC_AGENT_AGENT__STATE_DIR", "state");
+        jail.set_env(
+            "LICENSE_SYNC_AGENT_AGENT__OWNER_TOKEN",
+            "owner-token-0123456789abcdef",
+        );
+        jail.set_env("LICENSE_SYNC_AGENT_AGENT__SYNC_INTERVAL_SECS", "2");
+        jail.set_env("LICENSE_SYNC_AGENT_AGENT__SYNC_JITTER_SECS", "1");
+        jail.set_env("LICENSE_SYNC_AGENT_AGENT__LISTEN", "127.0.0.1:0");
+        let config = load(jail, AGENT_BASE).expect("the [agent] section from the environment");
+        let agent = config.sidecar().expect("[agent]");
+        assert_eq!(agent.sync_interval_secs, 2);
+        assert_eq!(agent.listen.port(), 0);
         Ok(())
     });
 }

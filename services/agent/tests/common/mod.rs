@@ -61,6 +61,7 @@ pub fn ghes_config(source: GhesSourceConfig) -> AgentConfig {
         instance: instance(),
         source: SourceConfig::Ghes(source),
         aggregator: None,
+        agent: None,
     }
 }
 
@@ -69,6 +70,7 @@ pub fn file_config(path: PathBuf) -> AgentConfig {
         instance: instance(),
         source: SourceConfig::File(FileSourceConfig { path }),
         aggregator: None,
+        agent: None,
     }
 }
 
