@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace: unit, storage suite, end-to-end (real binaries on loopback) and the PyGithub
-# compatibility test. Installs what the tests need that a fresh machine lacks (cargo-nextest if missing, PyGithub
+# Runs every test of the workspace: unit, storage suite (SQLite and PostgreSQL), end-to-end (real binaries on
+# loopback) and the PyGithub compatibility test. Installs what the tests need that a fresh machine lacks (cargo-nextest if missing, PyGithub
 # from PyPI in a virtualenv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,12 @@ if ! "$venv/bin/python" -c 'import github' 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'PyGithub==2.10.0'
 fi
 export LICENSE_SYNC_TEST_PYTHON="$venv/bin/python"
+
+# The PostgreSQL cases use a local server when one answers and no URL was given.
+if [ -z "${LICENSE_SYNC_TEST_POSTGRES_URL:-}" ] && command -v pg_isready >/dev/null 2>&1 \
+    && pg_isready -q -h 127.0.0.1 -p 5432; then
+    export LICENSE_SYNC_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@"

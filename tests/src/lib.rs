@@ -1,4 +1,4 @@
-//! Harness for the end-to-end tests: builds the workspace's binaries once, starts them as real processes on
+//! Harness for the end-to-end tests: starts the workspace's binaries as real processes on
 //! `127.0.0.1:0`, learns their ports from the JSON line each prints on stdout, and kills them on drop.
 
 pub mod grpc;
