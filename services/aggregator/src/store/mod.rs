@@ -446,3 +446,58 @@ pub(crate) fn unix_ms_to_time(ms: i64) -> OffsetDateTime {
 pub(crate) fn time_to_unix_ms(time: OffsetDateTime) -> i64 {
     (time.unix_timestamp_nanos() / 1_000_000) as i64
 }
+
+/// The refusals both backends give, worded once so that they say the same thing.
+pub(crate) mod refusal {
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use crate::error::{ErrorKind, ServiceError};
+
+    pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
+        time.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| time.unix_timestamp().to_string())
+    }
+
+    pub(crate) fn sync_id_reused(sync_id: &str) -> ServiceError {
+        ServiceError::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "sync id {sync_id} was already used for a different snapshot; a new snapshot needs a new sync id"
+            ),
+        )
+    }
+
+    pub(crate) fn instance_retired() -> ServiceError {
+        ServiceError::new(
+            ErrorKind::FailedPrecondition,
+            "the instance is retired; enroll it again before syncing",
+        )
+    }
+
+    pub(crate) fn older_snapshot(
+        generated_at: OffsetDateTime,
+        stored: OffsetDateTime,
+    ) -> ServiceError {
+        ServiceError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "this snapshot was generated at {} but the stored one is newer ({}); read the users again and send a new snapshot",
+                rfc3339(generated_at),
+                rfc3339(stored),
+            ),
+        )
+    }
+
+    pub(crate) fn upload_for_other_enterprise(server_id: Uuid) -> ServiceError {
+        ServiceError::permission_denied(format!(
+            "instance {server_id} belongs to another enterprise; upload its usage there"
+        ))
+    }
+
+    pub(crate) fn enrolled_elsewhere(server_id: Uuid) -> ServiceError {
+        ServiceError::permission_denied(format!(
+            "instance {server_id} is enrolled in another enterprise; retire it there first"
+        ))
+    }
+}

@@ -25,7 +25,7 @@ use super::{
     AckOutcome, AgentPresence, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
     Enterprise, Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord,
     SyncRequest, credential_revoked, enrollment_token_refused, no_active_instance, no_agent,
-    time_to_unix_ms, unix_ms_to_time, unix_to_time,
+    refusal, time_to_unix_ms, unix_ms_to_time, unix_to_time,
 };
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
@@ -329,9 +329,7 @@ impl Store for SqliteStore {
             }
         };
         if instance.enterprise_id != enterprise_id {
-            return Err(ServiceError::permission_denied(format!(
-                "instance {server_id} belongs to another enterprise; upload its usage there"
-            )));
+            return Err(refusal::upload_for_other_enterprise(server_id));
         }
         tx.commit().await?;
         Ok(instance)
@@ -416,12 +414,7 @@ impl Store for SqliteStore {
             let instance_id: i64 = applied.try_get("instance_id")?;
             let sha: String = applied.try_get("users_sha256")?;
             if instance_id != commit.instance_id || sha != commit.users_sha256 {
-                return Err(ServiceError::new(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "sync id {sync_id} was already used for a different snapshot; a new snapshot needs a new sync id"
-                    ),
-                ));
+                return Err(refusal::sync_id_reused(&sync_id));
             }
             let user_count: i64 = applied.try_get("user_count")?;
             return Ok(CommitOutcome::Duplicate {
@@ -439,22 +432,15 @@ impl Store for SqliteStore {
         .ok_or_else(|| ServiceError::not_found("the instance no longer exists; enroll it again"))?;
         let enterprise_id: i64 = stored.try_get("enterprise_id")?;
         if stored.try_get::<Option<i64>, _>("retired_at")?.is_some() {
-            return Err(ServiceError::new(
-                ErrorKind::FailedPrecondition,
-                "the instance is retired; enroll it again before syncing",
-            ));
+            return Err(refusal::instance_retired());
         }
         let new_generated_ms = time_to_unix_ms(meta.generated_at);
         if let Some(stored_ms) = stored.try_get::<Option<i64>, _>("generated_at_ms")?
             && stored_ms > new_generated_ms
         {
-            return Err(ServiceError::new(
-                ErrorKind::FailedPrecondition,
-                format!(
-                    "this snapshot was generated at {} but the stored one is newer ({}); read the users again and send a new snapshot",
-                    rfc3339(meta.generated_at),
-                    rfc3339(unix_ms_to_time(stored_ms)),
-                ),
+            return Err(refusal::older_snapshot(
+                meta.generated_at,
+                unix_ms_to_time(stored_ms),
             ));
         }
 
@@ -983,9 +969,7 @@ async fn enroll_in(
         Some(existing) => {
             let owner: i64 = existing.try_get("enterprise_id")?;
             if owner != enterprise_id {
-                return Err(ServiceError::permission_denied(format!(
-                    "instance {server_id} is enrolled in another enterprise; retire it there first"
-                )));
+                return Err(refusal::enrolled_elsewhere(server_id));
             }
             let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
             sqlx::query(
@@ -1036,9 +1020,4 @@ async fn bump_generation(
         .execute(&mut **tx)
         .await?;
     Ok(())
-}
-
-fn rfc3339(time: OffsetDateTime) -> String {
-    time.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| time.unix_timestamp().to_string())
 }
