@@ -328,6 +328,36 @@ fn three_agents_merge_into_people_and_report_status() {
         "{duplicates}"
     );
 
+    // Today's usage is in the history, with the day's maximum and per-instance counts.
+    let history: Value = setup
+        .get("/enterprises/acme/usage-history")
+        .json()
+        .expect("json");
+    let today = history["days"]
+        .as_array()
+        .and_then(|days| days.last())
+        .cloned()
+        .expect("today");
+    assert_eq!(today["consumed"], 8, "{history}");
+    assert_eq!(today["purchased"], 5);
+    assert_eq!(today["overage"], 3);
+    assert!(today["max_consumed"].as_i64() >= Some(8));
+    assert_eq!(history["max_consumed"], today["max_consumed"]);
+    let ghes_a = today["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["hostname"] == "ghes-a.test"))
+        .expect("ghes-a usage");
+    assert_eq!(
+        (ghes_a["accounts"].as_i64(), ghes_a["consuming"].as_i64()),
+        (Some(5), Some(3))
+    );
+    assert_eq!(
+        setup
+            .get("/enterprises/acme/usage-history?since=2026-13-01")
+            .status(),
+        422
+    );
+
     // No email address or token in the aggregator's log.
     let log = setup.aggregator.log();
     assert!(

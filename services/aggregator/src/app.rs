@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::store::{
-    Arrival, CommitOutcome, DynStore, Enterprise, Instance, SnapshotCommit, SyncRequest,
-    no_active_instance,
+    Arrival, CommitOutcome, DynStore, Enterprise, Instance, InstanceUsage, SnapshotCommit,
+    SyncRequest, UsageDay, no_active_instance,
 };
 use crate::tokens;
 
@@ -280,7 +280,38 @@ impl App {
         );
         let view = Arc::new(view);
         *cached = Some(Arc::clone(&view));
+        self.record_usage(enterprise_id, &view).await;
         Ok(view)
+    }
+
+    /// Records today's usage from a freshly built view. A failure is logged: the history is a report, and a
+    /// REST answer must not fail because of it.
+    async fn record_usage(&self, enterprise_id: i64, view: &MergedView) {
+        let now = OffsetDateTime::now_utc();
+        let instances = view
+            .instances
+            .iter()
+            .map(|instance| InstanceUsage {
+                hostname: instance.hostname.clone(),
+                accounts: instance.users.len() as i64,
+                consuming: instance
+                    .users
+                    .iter()
+                    .filter(|user| user.consumption().consumes())
+                    .count() as i64,
+            })
+            .collect();
+        let consumed = view.merged.total_seats_consumed() as i64;
+        let usage = UsageDay {
+            date: utc_date(now),
+            consumed,
+            max_consumed: consumed,
+            purchased: view.seats_purchased,
+            instances,
+        };
+        if let Err(error) = self.store.record_usage(enterprise_id, &usage, now).await {
+            tracing::warn!(enterprise_id, error = %error.message, "could not record usage history");
+        }
     }
 
     /// Resolves a REST token for an enterprise path segment (slug or numeric id). A token of another enterprise
@@ -301,4 +332,15 @@ impl App {
             Err(ServiceError::not_found("Not Found"))
         }
     }
+}
+
+/// `YYYY-MM-DD` of a UTC time.
+pub fn utc_date(time: OffsetDateTime) -> String {
+    let date = time.to_offset(time::UtcOffset::UTC).date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
 }

@@ -1143,6 +1143,53 @@ pub async fn undelivered_sync_requests_expire(store: DynStore) {
     );
 }
 
+pub async fn usage_history_keeps_the_latest_count_and_the_daily_maximum(store: DynStore) {
+    use license_sync_aggregator::store::{InstanceUsage, UsageDay};
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let day = |date: &str, consumed: i64| UsageDay {
+        date: date.to_owned(),
+        consumed,
+        max_consumed: consumed,
+        purchased: 10,
+        instances: vec![InstanceUsage {
+            hostname: "ghes-1".into(),
+            accounts: consumed + 1,
+            consuming: consumed,
+        }],
+    };
+    let now = OffsetDateTime::now_utc();
+    for (date, consumed) in [
+        ("2026-11-01", 5),
+        ("2026-11-01", 9),
+        ("2026-11-01", 7),
+        ("2026-11-02", 3),
+    ] {
+        store
+            .record_usage(acme.id, &day(date, consumed), now)
+            .await
+            .expect("record");
+    }
+    let history = store
+        .usage_history(acme.id, "2026-10-01", "2026-11-30")
+        .await
+        .expect("history");
+    assert_eq!(history.len(), 2);
+    assert_eq!((history[0].consumed, history[0].max_consumed), (7, 9));
+    assert_eq!(history[0].instances[0].accounts, 8);
+    assert_eq!(
+        (history[1].date.as_str(), history[1].max_consumed),
+        ("2026-11-02", 3)
+    );
+    let one_day = store
+        .usage_history(acme.id, "2026-11-02", "2026-11-02")
+        .await
+        .expect("history");
+    assert_eq!(one_day.len(), 1);
+}
+
 macro_rules! store_suite {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -1169,6 +1216,7 @@ macro_rules! store_suite {
             case!(failed_attempts_are_recorded_without_touching_users);
             case!(retired_instances_stop_counting);
             case!(cloud_members_are_replaced_whole);
+            case!(usage_history_keeps_the_latest_count_and_the_daily_maximum);
             case!(enrollment_tokens_are_single_use);
             case!(enrollment_tokens_expire);
             case!(redeeming_a_token_rotates_the_credential);

@@ -221,6 +221,28 @@ pub enum CommitOutcome {
 }
 
 /// Everything the merge needs, read in one consistent transaction.
+/// Usage of one instance on one day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct InstanceUsage {
+    pub hostname: String,
+    pub accounts: i64,
+    /// Accounts of this instance that consume a license (active or dormant, not built-in).
+    pub consuming: i64,
+}
+
+/// One enterprise's license usage on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageDay {
+    /// `YYYY-MM-DD` (UTC).
+    pub date: String,
+    /// The latest count recorded that day.
+    pub consumed: i64,
+    /// The highest count recorded that day.
+    pub max_consumed: i64,
+    pub purchased: i64,
+    pub instances: Vec<InstanceUsage>,
+}
+
 pub struct MergeInput {
     pub generation: i64,
     pub seats_purchased: i64,
@@ -308,6 +330,21 @@ pub trait Store: Send + Sync + 'static {
         members: &[CloudMember],
     ) -> ServiceResult<()>;
     async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput>;
+
+    /// Records today's usage: the latest count replaces the day's, the day's maximum only grows.
+    async fn record_usage(
+        &self,
+        enterprise_id: i64,
+        usage: &UsageDay,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()>;
+    /// Days from `since` to `until` inclusive (`YYYY-MM-DD`), oldest first.
+    async fn usage_history(
+        &self,
+        enterprise_id: i64,
+        since: &str,
+        until: &str,
+    ) -> ServiceResult<Vec<UsageDay>>;
 
     /// Stores a one-time enrollment token of the enterprise, valid until `expires_at`. Deletes the enterprise's
     /// tokens spent or expired longer than [`CONNECTION_RECORD_RETENTION`] ago.

@@ -24,8 +24,8 @@ use uuid::Uuid;
 use super::{
     AckOutcome, AgentPresence, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
     Enterprise, Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord,
-    SyncRequest, credential_revoked, enrollment_token_refused, no_active_instance, no_agent,
-    refusal, time_to_unix_ms, unix_ms_to_time, unix_to_time,
+    SyncRequest, UsageDay, credential_revoked, enrollment_token_refused, no_active_instance,
+    no_agent, refusal, time_to_unix_ms, unix_ms_to_time, unix_to_time,
 };
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
@@ -164,6 +164,52 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn record_usage(
+        &self,
+        enterprise_id: i64,
+        usage: &UsageDay,
+        now: OffsetDateTime,
+    ) -> ServiceResult<()> {
+        let instances = serde_json::to_string(&usage.instances)
+            .map_err(|err| ServiceError::internal("encoding instance usage", err))?;
+        let _write = self.write_lock.lock().await;
+        sqlx::query(
+            "INSERT INTO usage_history (enterprise_id, day, consumed, max_consumed, purchased, instances_json, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (enterprise_id, day) DO UPDATE SET consumed = excluded.consumed, \
+             max_consumed = MAX(usage_history.max_consumed, excluded.max_consumed), purchased = excluded.purchased, \
+             instances_json = excluded.instances_json, updated_at = excluded.updated_at",
+        )
+        .bind(enterprise_id)
+        .bind(&usage.date)
+        .bind(usage.consumed)
+        .bind(usage.max_consumed)
+        .bind(usage.purchased)
+        .bind(instances)
+        .bind(now.unix_timestamp())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_history(
+        &self,
+        enterprise_id: i64,
+        since: &str,
+        until: &str,
+    ) -> ServiceResult<Vec<UsageDay>> {
+        let rows = sqlx::query(
+            "SELECT day, consumed, max_consumed, purchased, instances_json FROM usage_history \
+             WHERE enterprise_id = ? AND day >= ? AND day <= ? ORDER BY day",
+        )
+        .bind(enterprise_id)
+        .bind(since)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(usage_day_from_row).collect()
+    }
+
     async fn ping(&self) -> ServiceResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -1020,4 +1066,16 @@ async fn bump_generation(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+fn usage_day_from_row(row: &SqliteRow) -> ServiceResult<UsageDay> {
+    let instances: String = row.try_get("instances_json")?;
+    Ok(UsageDay {
+        date: row.try_get("day")?,
+        consumed: row.try_get("consumed")?,
+        max_consumed: row.try_get("max_consumed")?,
+        purchased: row.try_get("purchased")?,
+        instances: serde_json::from_str(&instances)
+            .map_err(|err| ServiceError::internal("decoding stored instance usage", err))?,
+    })
 }
