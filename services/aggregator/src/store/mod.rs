@@ -3,6 +3,7 @@
 
 #[cfg(feature = "postgres")]
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::sync::Arc;

@@ -21,11 +21,12 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use super::rows::{INSTANCE_COLUMNS, enterprise_from_row, instance_from_row};
 use super::{
-    AckOutcome, AgentPresence, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
-    Enterprise, Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord,
-    SyncRequest, UsageDay, credential_revoked, enrollment_token_refused, no_active_instance,
-    no_agent, refusal, time_to_unix_ms, unix_ms_to_time, unix_to_time,
+    AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
+    Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
+    UsageDay, credential_revoked, enrollment_token_refused, no_active_instance, no_agent, refusal,
+    time_to_unix_ms, unix_ms_to_time, unix_to_time,
 };
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
@@ -73,67 +74,6 @@ impl SqliteStore {
 
 fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn enterprise_from_row(row: &SqliteRow) -> Result<Enterprise, sqlx::Error> {
-    Ok(Enterprise {
-        id: row.try_get("id")?,
-        slug: row.try_get("slug")?,
-        name: row.try_get("name")?,
-        seats_purchased: row.try_get("seats_purchased")?,
-        generation: row.try_get("generation")?,
-    })
-}
-
-const INSTANCE_COLUMNS: &str = "id, enterprise_id, server_id, hostname, ghes_version, \
-     credential_sha256 IS NOT NULL AS has_credential, retired_at, generated_at_ms, user_count, \
-     last_success_at, last_success_via, last_attempt_at, last_attempt_ok, last_attempt_via, last_error, \
-     rows_skipped, agent_session_id IS NOT NULL AS agent_session_open, agent_last_seen_at_ms, \
-     agent_sync_enabled, agent_version, agent_pending_deliveries";
-
-fn instance_from_row(row: &SqliteRow) -> Result<Instance, sqlx::Error> {
-    let server_id: String = row.try_get("server_id")?;
-    let arrival = |column: &str| -> Result<Option<Arrival>, sqlx::Error> {
-        Ok(row
-            .try_get::<Option<String>, _>(column)?
-            .as_deref()
-            .and_then(Arrival::parse))
-    };
-    Ok(Instance {
-        id: row.try_get("id")?,
-        enterprise_id: row.try_get("enterprise_id")?,
-        server_id: Uuid::parse_str(&server_id).map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
-        hostname: row.try_get("hostname")?,
-        ghes_version: row.try_get("ghes_version")?,
-        has_credential: row.try_get("has_credential")?,
-        retired_at: row
-            .try_get::<Option<i64>, _>("retired_at")?
-            .map(unix_to_time),
-        generated_at: row
-            .try_get::<Option<i64>, _>("generated_at_ms")?
-            .map(unix_ms_to_time),
-        user_count: row.try_get("user_count")?,
-        last_success_at: row
-            .try_get::<Option<i64>, _>("last_success_at")?
-            .map(unix_to_time),
-        last_success_via: arrival("last_success_via")?,
-        last_attempt_at: row
-            .try_get::<Option<i64>, _>("last_attempt_at")?
-            .map(unix_to_time),
-        last_attempt_ok: row.try_get("last_attempt_ok")?,
-        last_attempt_via: arrival("last_attempt_via")?,
-        last_error: row.try_get("last_error")?,
-        rows_skipped: row.try_get("rows_skipped")?,
-        agent: AgentPresence {
-            last_seen_at: row
-                .try_get::<Option<i64>, _>("agent_last_seen_at_ms")?
-                .map(unix_ms_to_time),
-            session_open: row.try_get("agent_session_open")?,
-            sync_enabled: row.try_get("agent_sync_enabled")?,
-            version: row.try_get("agent_version")?,
-            pending_deliveries: row.try_get("agent_pending_deliveries")?,
-        },
-    })
 }
 
 const SYNC_REQUEST_COLUMNS: &str = "request_id, instance_id, requested_at_ms, delivered_at_ms, acked_at_ms, \
