@@ -1,9 +1,9 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
 //! Durability: `synchronous = FULL`, so a snapshot acknowledged to an agent survives a power loss.
-//! Concurrency: SQLite has one writer; writes are serialised by `write_lock` inside the process, so a deferred
-//! transaction never has to upgrade its lock against another of ours (which SQLite answers with SQLITE_BUSY
-//! without waiting). Readers run in parallel on WAL snapshots.
+//! Concurrency: SQLite has one writer; writes are serialised by `write_lock` inside the process and start with
+//! `BEGIN IMMEDIATE`, so they wait for the write lock (busy timeout) instead of failing to upgrade a read lock.
+//! Readers run in parallel on WAL snapshots.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -41,6 +41,13 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Writes start with `BEGIN IMMEDIATE`: the transaction takes the write lock up front and waits for it (busy
+    /// timeout). A deferred transaction that reads first cannot upgrade while another connection still holds the
+    /// lock (e.g. a rollback the pool has not flushed yet) and SQLite answers SQLITE_BUSY at once instead of waiting.
+    async fn write_transaction(&self) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     pub async fn open(database_url: &str) -> ServiceResult<Self> {
         let options = SqliteConnectOptions::from_str(database_url)
             .map_err(|err| ServiceError::invalid(format!("invalid SQLite database_url: {err}")))?
@@ -265,7 +272,7 @@ impl Store for SqliteStore {
         credential_sha256: &str,
     ) -> ServiceResult<Instance> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let instance = enroll_in(
             &mut tx,
             enterprise_id,
@@ -286,7 +293,7 @@ impl Store for SqliteStore {
         hostname: &str,
     ) -> ServiceResult<Instance> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let row = sqlx::query(&format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE server_id = ?"
         ))
@@ -364,7 +371,7 @@ impl Store for SqliteStore {
 
     async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let updated = sqlx::query(
             "UPDATE instances SET retired_at = ?, credential_sha256 = NULL \
              WHERE enterprise_id = ? AND server_id = ? AND retired_at IS NULL",
@@ -386,7 +393,7 @@ impl Store for SqliteStore {
 
     async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> ServiceResult<CommitOutcome> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let meta = &commit.snapshot.meta;
         let sync_id = meta.sync_id.to_string();
 
@@ -523,7 +530,7 @@ impl Store for SqliteStore {
         members: &[CloudMember],
     ) -> ServiceResult<()> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         sqlx::query("DELETE FROM cloud_members WHERE enterprise_id = ?")
             .bind(enterprise_id)
             .execute(&mut *tx)
@@ -642,7 +649,7 @@ impl Store for SqliteStore {
         expires_at: OffsetDateTime,
     ) -> ServiceResult<()> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let now = OffsetDateTime::now_utc();
         let forget_before = time_to_unix_ms(now - CONNECTION_RECORD_RETENTION);
         sqlx::query(
@@ -678,7 +685,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
     ) -> ServiceResult<(Enterprise, Instance)> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let now_ms = time_to_unix_ms(now);
         let token = sqlx::query(
             "SELECT id, enterprise_id FROM enrollment_tokens \
@@ -781,7 +788,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
     ) -> ServiceResult<SyncRequest> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let instance = sqlx::query(
             "SELECT id, credential_sha256 IS NOT NULL AS has_credential FROM instances \
              WHERE enterprise_id = ? AND server_id = ? AND retired_at IS NULL",
@@ -884,7 +891,7 @@ impl Store for SqliteStore {
         ack: SyncAckRecord<'_>,
     ) -> ServiceResult<AckOutcome> {
         let _write = self.write_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_transaction().await?;
         let acked: Option<Option<i64>> = sqlx::query_scalar(
             "SELECT acked_at_ms FROM sync_requests \
              WHERE request_id = ? AND instance_id = ? AND delivered_at_ms IS NOT NULL",
