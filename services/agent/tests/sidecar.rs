@@ -806,7 +806,7 @@ async fn a_snapshot_sent_again_after_a_lost_receipt_is_applied_once() {
     let agent = Agent::start(&fake).await;
     agent.enroll().await;
     agent.enable_and_settle().await;
-    fake.state().upload_delay = Duration::from_millis(300);
+    fake.state().upload_delay = Duration::from_millis(2000);
     let (_, body) = agent.sync_now().await;
     let id = body["job_id"].as_str().expect("job id").to_owned();
     // Copy the pending file while it is in flight: as if the agent crashed after the commit, before the removal.
