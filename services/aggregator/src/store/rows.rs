@@ -1,10 +1,14 @@
 //! Row decoding shared by the backends: both store the same columns with the same meaning, so one generic decoder
 //! serves SQLite and PostgreSQL rows.
 
+use license_sync_core::model::{CloudMember, ServerUser, UserRole};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
-use super::{AgentPresence, Arrival, Enterprise, Instance, unix_ms_to_time, unix_to_time};
+use super::{
+    AgentPresence, Arrival, Enterprise, Instance, UsageDay, unix_ms_to_time, unix_to_time,
+};
+use crate::error::{ServiceError, ServiceResult};
 
 pub(super) fn enterprise_from_row<R>(row: &R) -> Result<Enterprise, sqlx::Error>
 where
@@ -78,5 +82,63 @@ where
             version: row.try_get("agent_version")?,
             pending_deliveries: row.try_get("agent_pending_deliveries")?,
         },
+    })
+}
+
+/// Columns of `server_users` in the order [`server_user_from_row`] reads them by index.
+pub(super) const SERVER_USER_COLUMNS: &str = "u.instance_id, u.user_id, u.login, u.email, u.role, u.suspended, \
+     u.dormant, u.created_at, u.last_active, u.two_factor_enabled";
+
+/// Decodes one stored account and its instance id. Columns by index: this runs once per stored account.
+pub(super) fn server_user_from_row<R>(row: &R) -> Result<(i64, ServerUser), sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let role: &str = row.try_get(4)?;
+    let user = ServerUser {
+        id: row.try_get(1)?,
+        login: row.try_get(2)?,
+        email: row.try_get(3)?,
+        role: UserRole::parse(role).unwrap_or_default(),
+        suspended: row.try_get(5)?,
+        dormant: row.try_get(6)?,
+        created_at: row.try_get::<Option<i64>, _>(7)?.map(unix_to_time),
+        last_active: row.try_get::<Option<i64>, _>(8)?.map(unix_to_time),
+        two_factor_enabled: row.try_get(9)?,
+    };
+    Ok((row.try_get(0)?, user))
+}
+
+pub(super) fn cloud_member_from_row<R>(row: &R) -> ServiceResult<CloudMember>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let json: String = row.try_get("attributes_json")?;
+    serde_json::from_str(&json)
+        .map_err(|err| ServiceError::internal("decoding a stored cloud member", err))
+}
+
+pub(super) fn usage_day_from_row<R>(row: &R) -> ServiceResult<UsageDay>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let instances: String = row.try_get("instances_json")?;
+    Ok(UsageDay {
+        date: row.try_get("day")?,
+        consumed: row.try_get("consumed")?,
+        max_consumed: row.try_get("max_consumed")?,
+        purchased: row.try_get("purchased")?,
+        instances: serde_json::from_str(&instances)
+            .map_err(|err| ServiceError::internal("decoding stored instance usage", err))?,
     })
 }

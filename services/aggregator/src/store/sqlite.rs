@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use license_sync_core::merge::InstanceUsers;
-use license_sync_core::model::{CloudMember, ServerUser, UserRole};
+use license_sync_core::model::CloudMember;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -21,12 +21,15 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::rows::{INSTANCE_COLUMNS, enterprise_from_row, instance_from_row};
+use super::rows::{
+    INSTANCE_COLUMNS, SERVER_USER_COLUMNS, cloud_member_from_row, enterprise_from_row,
+    instance_from_row, server_user_from_row, usage_day_from_row,
+};
 use super::{
     AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
     Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
     UsageDay, credential_revoked, enrollment_token_refused, no_active_instance, no_agent, refusal,
-    time_to_unix_ms, unix_ms_to_time, unix_to_time,
+    time_to_unix_ms, unix_ms_to_time,
 };
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
@@ -590,32 +593,17 @@ impl Store for SqliteStore {
         }
 
         {
-            let mut rows = sqlx::query(
-                "SELECT u.instance_id, u.user_id, u.login, u.email, u.role, u.suspended, u.dormant, \
-                 u.created_at, u.last_active, u.two_factor_enabled \
+            let sql = format!(
+                "SELECT {SERVER_USER_COLUMNS} \
                  FROM server_users u JOIN instances i ON i.id = u.instance_id \
-                 WHERE i.enterprise_id = ? AND i.retired_at IS NULL",
-            )
-            .bind(enterprise_id)
-            .fetch(&mut *tx);
-            // Columns by index: this loop runs once per stored account.
+                 WHERE i.enterprise_id = ? AND i.retired_at IS NULL"
+            );
+            let mut rows = sqlx::query(&sql).bind(enterprise_id).fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
-                let instance_id: i64 = row.try_get(0)?;
-                let Some(&position) = position_of_instance.get(&instance_id) else {
-                    continue;
-                };
-                let role: &str = row.try_get(4)?;
-                instances[position].users.push(ServerUser {
-                    id: row.try_get(1)?,
-                    login: row.try_get(2)?,
-                    email: row.try_get(3)?,
-                    role: UserRole::parse(role).unwrap_or_default(),
-                    suspended: row.try_get(5)?,
-                    dormant: row.try_get(6)?,
-                    created_at: row.try_get::<Option<i64>, _>(7)?.map(unix_to_time),
-                    last_active: row.try_get::<Option<i64>, _>(8)?.map(unix_to_time),
-                    two_factor_enabled: row.try_get(9)?,
-                });
+                let (instance_id, user) = server_user_from_row(&row)?;
+                if let Some(&position) = position_of_instance.get(&instance_id) {
+                    instances[position].users.push(user);
+                }
             }
         }
 
@@ -627,11 +615,7 @@ impl Store for SqliteStore {
         .await?;
         let cloud_members = member_rows
             .iter()
-            .map(|row| -> ServiceResult<CloudMember> {
-                let json: String = row.try_get("attributes_json")?;
-                serde_json::from_str(&json)
-                    .map_err(|err| ServiceError::internal("decoding a stored cloud member", err))
-            })
+            .map(cloud_member_from_row)
             .collect::<ServiceResult<Vec<_>>>()?;
         tx.commit().await?;
         Ok(MergeInput {
@@ -1013,16 +997,4 @@ async fn bump_generation(
         .execute(&mut **tx)
         .await?;
     Ok(())
-}
-
-fn usage_day_from_row(row: &SqliteRow) -> ServiceResult<UsageDay> {
-    let instances: String = row.try_get("instances_json")?;
-    Ok(UsageDay {
-        date: row.try_get("day")?,
-        consumed: row.try_get("consumed")?,
-        max_consumed: row.try_get("max_consumed")?,
-        purchased: row.try_get("purchased")?,
-        instances: serde_json::from_str(&instances)
-            .map_err(|err| ServiceError::internal("decoding stored instance usage", err))?,
-    })
 }
