@@ -5,9 +5,11 @@
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
 //! - [`snapshot`]: a full snapshot of one instance, its digest, validation and the usage-file format.
 //! - [`merge`]: the unique-user engine that turns accounts into people (SPEC §3–4).
+//! - [`incremental`]: the same merge kept up to date one instance snapshot at a time.
 
 pub mod all_users_csv;
 pub mod email;
+pub mod incremental;
 pub mod merge;
 pub mod model;
 pub mod snapshot;

@@ -148,6 +148,15 @@ impl Person {
     pub fn total_user_accounts(&self) -> usize {
         usize::from(self.cloud_member.is_some()) + self.server_accounts.len()
     }
+
+    /// How many of its accounts were merged by a shared primary email alone (for [`MergeStats`]).
+    pub(crate) fn merged_by_primary_email(&self) -> u64 {
+        if self.cloud_member.is_none() && self.server_accounts.len() > 1 {
+            self.server_accounts.len() as u64
+        } else {
+            0
+        }
+    }
 }
 
 /// Why separate people are probably one human (SPEC §4.8).
@@ -221,21 +230,22 @@ impl Merged {
 }
 
 /// How an email matched the cloud side.
-struct CloudMatch {
-    winner: u32,
-    rule: MatchRule,
-    tied_candidates: Vec<u32>,
+pub(crate) struct CloudMatch {
+    pub(crate) winner: u32,
+    pub(crate) rule: MatchRule,
+    pub(crate) tied_candidates: Vec<u32>,
 }
 
 /// Normalised identity attribute → (cloud index, attribute), and normalised verified email → cloud indexes.
-struct CloudIndex<'a> {
-    cloud: &'a [CloudMember],
+pub(crate) struct CloudIndex {
+    /// Cloud id of each member, for the lowest-id tie rule.
+    ids: Vec<i64>,
     identity: HashMap<String, Vec<(u32, IdentityAttribute)>>,
     verified: HashMap<String, Vec<u32>>,
 }
 
-impl<'a> CloudIndex<'a> {
-    fn build(cloud: &'a [CloudMember]) -> Self {
+impl CloudIndex {
+    pub(crate) fn build(cloud: &[CloudMember]) -> Self {
         let mut identity: HashMap<String, Vec<(u32, IdentityAttribute)>> = HashMap::new();
         let mut verified: HashMap<String, Vec<u32>> = HashMap::new();
         for (index, member) in cloud.iter().enumerate() {
@@ -278,17 +288,17 @@ impl<'a> CloudIndex<'a> {
             }
         }
         CloudIndex {
-            cloud,
+            ids: cloud.iter().map(|member| member.id).collect(),
             identity,
             verified,
         }
     }
 
     fn lowest_id(&self, candidates: impl Iterator<Item = u32>) -> Option<u32> {
-        candidates.min_by_key(|&index| (self.cloud[index as usize].id, index))
+        candidates.min_by_key(|&index| (self.ids[index as usize], index))
     }
 
-    fn find(&self, email: &str) -> Option<CloudMatch> {
+    pub(crate) fn find(&self, email: &str) -> Option<CloudMatch> {
         let by_identity = self.identity.get(email);
         let by_verified = self.verified.get(email);
         let (winner, rule) = if let Some(entries) = by_identity.filter(|e| !e.is_empty()) {
@@ -308,7 +318,7 @@ impl<'a> CloudIndex<'a> {
             .map(|(index, _)| *index)
             .chain(by_verified.into_iter().flatten().copied())
             .collect();
-        candidates.sort_by_key(|&index| (self.cloud[index as usize].id, index));
+        candidates.sort_by_key(|&index| (self.ids[index as usize], index));
         candidates.dedup();
         let tied_candidates = if candidates.len() > 1 {
             candidates
@@ -324,9 +334,9 @@ impl<'a> CloudIndex<'a> {
 }
 
 /// A person being built, before sorting.
-struct Draft {
-    cloud_member: Option<u32>,
-    links: Vec<ServerLink>,
+pub(crate) struct Draft {
+    pub(crate) cloud_member: Option<u32>,
+    pub(crate) links: Vec<ServerLink>,
 }
 
 /// Merges every instance's accounts with the cloud members into people.
@@ -406,8 +416,12 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
 
     let mut people: Vec<(String, Person)> = drafts
         .into_iter()
-        .map(|draft| finish_person(draft, instances, cloud, &mut stats))
+        .map(|draft| finish_person(draft, instances, cloud))
         .collect();
+    stats.merged_by_primary_email = people
+        .iter()
+        .map(|(_, person)| person.merged_by_primary_email())
+        .sum();
     people.sort_by(|(key_a, a), (key_b, b)| key_a.cmp(key_b).then_with(|| a.id.cmp(&b.id)));
     let people: Vec<Person> = people.into_iter().map(|(_, person)| person).collect();
 
@@ -444,16 +458,15 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
     }
 }
 
-fn server_user(instances: &[InstanceUsers], account: AccountRef) -> &ServerUser {
+pub(crate) fn server_user(instances: &[InstanceUsers], account: AccountRef) -> &ServerUser {
     &instances[account.instance as usize].users[account.user as usize]
 }
 
 /// Sorts a draft's accounts, names the person, decides whether it consumes; returns (sort key, person).
-fn finish_person(
+pub(crate) fn finish_person(
     mut draft: Draft,
     instances: &[InstanceUsers],
     cloud: &[CloudMember],
-    stats: &mut MergeStats,
 ) -> (String, Person) {
     draft.links.sort_by(|a, b| {
         let host_a = &instances[a.account.instance as usize].hostname;
@@ -464,11 +477,17 @@ fn finish_person(
                 .cmp(&server_user(instances, b.account).id)
         })
     });
-    if draft.cloud_member.is_none() && draft.links.len() > 1 {
+    // A group of unmatched accounts shares one email: several are merged by it, a single one is unmatched. The
+    // incremental index re-finishes groups that shrank, so the rule is set both ways.
+    if draft.cloud_member.is_none() {
+        let shared = draft.links.len() > 1;
         for link in &mut draft.links {
-            link.rule = MatchRule::SamePrimaryEmail;
+            match link.rule {
+                MatchRule::Unmatched if shared => link.rule = MatchRule::SamePrimaryEmail,
+                MatchRule::SamePrimaryEmail if !shared => link.rule = MatchRule::Unmatched,
+                _ => {}
+            }
         }
-        stats.merged_by_primary_email += draft.links.len() as u64;
     }
     let member = draft.cloud_member.map(|index| &cloud[index as usize]);
     let consumes_license = member.is_some_and(|member| member.consumes_license)
@@ -501,7 +520,7 @@ fn finish_person(
     )
 }
 
-fn find_likely_duplicates(
+pub(crate) fn find_likely_duplicates(
     people: &[Person],
     consuming: &[u32],
     instances: &[InstanceUsers],
