@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use license_sync_core::merge::{InstanceUsers, Merged, merge};
-use license_sync_core::model::CloudMember;
+use license_sync_core::incremental::{InstanceChange, PeopleIndex};
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -14,8 +13,8 @@ use uuid::Uuid;
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::store::{
-    Arrival, CommitOutcome, DynStore, Enterprise, Instance, InstanceUsage, SnapshotCommit,
-    SyncRequest, UsageDay, no_active_instance,
+    Arrival, CommitOutcome, DynStore, Enterprise, Instance, InstanceUsage, MergeChanges,
+    SnapshotCommit, SyncRequest, UsageDay, no_active_instance,
 };
 use crate::tokens;
 
@@ -31,22 +30,31 @@ pub struct Receipt {
     pub duplicate: bool,
 }
 
-/// An enterprise's accounts merged into people, for one store generation.
+/// An enterprise's accounts merged into people, as of one store generation. Kept up to date in place: a newer
+/// generation reloads only the instances whose users changed and applies them to the [`PeopleIndex`].
 pub struct MergedView {
     pub generation: i64,
     pub seats_purchased: i64,
-    pub instances: Vec<InstanceUsers>,
-    pub cloud_members: Vec<CloudMember>,
-    pub merged: Merged,
+    /// Instances are keyed by their store id.
+    pub people: PeopleIndex,
 }
 
-type ViewSlot = Arc<tokio::sync::Mutex<Option<Arc<MergedView>>>>;
+/// A reader's hold on a current merged view. Readers share it; a refresh waits for them only to apply a change.
+pub type ViewGuard = tokio::sync::OwnedRwLockReadGuard<Option<MergedView>, MergedView>;
+
+/// The cached view of one enterprise.
+#[derive(Default)]
+struct ViewSlot {
+    view: Arc<tokio::sync::RwLock<Option<MergedView>>>,
+    /// One refresh at a time: concurrent readers of a stale view wait for it instead of loading the same change.
+    refresh: tokio::sync::Mutex<()>,
+}
 
 pub struct App {
     pub store: DynStore,
     pub config: Arc<AggregatorConfig>,
     /// One slot per enterprise; its async lock makes concurrent readers of a stale view wait for one rebuild.
-    views: Mutex<HashMap<i64, ViewSlot>>,
+    views: Mutex<HashMap<i64, Arc<ViewSlot>>>,
     /// The instance id of each "Sync now" request created by this process, so that a control stream held here
     /// delivers it at once (streams on other replicas find it by polling the database).
     sync_wakeups: tokio::sync::broadcast::Sender<i64>,
@@ -237,8 +245,8 @@ impl App {
         });
     }
 
-    /// The enterprise's merged view, rebuilt when the store's generation moved on.
-    pub async fn merged_view(&self, enterprise_id: i64) -> ServiceResult<Arc<MergedView>> {
+    /// The enterprise's merged view, brought up to date when the store's generation moved on.
+    pub async fn merged_view(&self, enterprise_id: i64) -> ServiceResult<ViewGuard> {
         let generation = self.store.enterprise_generation(enterprise_id).await?;
         let slot = {
             let mut views = self
@@ -247,39 +255,43 @@ impl App {
                 .map_err(|_| ServiceError::internal("reading the view cache", "poisoned lock"))?;
             Arc::clone(views.entry(enterprise_id).or_default())
         };
-        let mut cached = slot.lock().await;
-        if let Some(view) = cached.as_ref()
-            && view.generation >= generation
-        {
-            return Ok(Arc::clone(view));
+        if let Some(current) = current_view(&slot, generation).await {
+            return Ok(current);
+        }
+        let _refreshing = slot.refresh.lock().await;
+        // Another reader may have refreshed it while this one waited.
+        if let Some(current) = current_view(&slot, generation).await {
+            return Ok(current);
         }
         let started = Instant::now();
-        let input = self.store.load_merge_input(enterprise_id).await?;
+        let since = slot.view.read().await.as_ref().map(|view| view.generation);
+        // Loaded without holding the view: readers keep being served the previous generation meanwhile.
+        let changes = self.store.load_merge_changes(enterprise_id, since).await?;
         let loaded = started.elapsed();
+        let reloaded_instances = changes.changed_users.len();
+        let mut view = Arc::clone(&slot.view).write_owned().await;
         let view = tokio::task::spawn_blocking(move || {
-            let merged = merge(&input.instances, &input.cloud_members);
-            MergedView {
-                generation: input.generation,
-                seats_purchased: input.seats_purchased,
-                instances: input.instances,
-                cloud_members: input.cloud_members,
-                merged,
-            }
+            apply_changes(&mut view, changes);
+            view
         })
         .await
-        .map_err(|err| ServiceError::internal("merging accounts", err))?;
+        .map_err(|err| ServiceError::internal("merging accounts", err))?
+        .downgrade();
+        let view = tokio::sync::OwnedRwLockReadGuard::try_map(view, Option::as_ref)
+            .map_err(|_| ServiceError::internal("merging accounts", "no view after a refresh"))?;
+        let stats = view.people.stats();
         tracing::info!(
             enterprise_id,
             generation = view.generation,
-            accounts = view.merged.stats.server_accounts,
-            people = view.merged.stats.people,
-            consumed = view.merged.total_seats_consumed(),
+            incremental = since.is_some(),
+            reloaded_instances,
+            accounts = stats.server_accounts,
+            people = stats.people,
+            consumed = view.people.total_seats_consumed(),
             load_ms = loaded.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
-            "merged view rebuilt"
+            "merged view refreshed"
         );
-        let view = Arc::new(view);
-        *cached = Some(Arc::clone(&view));
         self.record_usage(enterprise_id, &view).await;
         Ok(view)
     }
@@ -289,19 +301,15 @@ impl App {
     async fn record_usage(&self, enterprise_id: i64, view: &MergedView) {
         let now = OffsetDateTime::now_utc();
         let instances = view
-            .instances
-            .iter()
-            .map(|instance| InstanceUsage {
+            .people
+            .instances()
+            .map(|(_, instance, consuming)| InstanceUsage {
                 hostname: instance.hostname.clone(),
                 accounts: instance.users.len() as i64,
-                consuming: instance
-                    .users
-                    .iter()
-                    .filter(|user| user.consumption().consumes())
-                    .count() as i64,
+                consuming: consuming as i64,
             })
             .collect();
-        let consumed = view.merged.total_seats_consumed() as i64;
+        let consumed = view.people.total_seats_consumed() as i64;
         let usage = UsageDay {
             date: utc_date(now),
             consumed,
@@ -332,6 +340,65 @@ impl App {
             Err(ServiceError::not_found("Not Found"))
         }
     }
+}
+
+/// The slot's view when it is at least at `generation`.
+async fn current_view(slot: &ViewSlot, generation: i64) -> Option<ViewGuard> {
+    let view = Arc::clone(&slot.view).read_owned().await;
+    tokio::sync::OwnedRwLockReadGuard::try_map(view, |view| {
+        view.as_ref().filter(|view| view.generation >= generation)
+    })
+    .ok()
+}
+
+/// Brings a view (or none yet) to the generation of `changes`.
+fn apply_changes(view: &mut Option<MergedView>, changes: MergeChanges) {
+    let MergeChanges {
+        generation,
+        seats_purchased,
+        instances,
+        changed_users,
+        cloud_members,
+    } = changes;
+    let mut changed_users: HashMap<i64, Vec<_>> = changed_users.into_iter().collect();
+    let view = match view {
+        Some(view) => {
+            if let Some(cloud_members) = cloud_members {
+                view.people.replace_cloud_members(cloud_members);
+            }
+            view
+        }
+        None => view.insert(MergedView {
+            generation,
+            seats_purchased,
+            people: PeopleIndex::new(cloud_members.unwrap_or_default()),
+        }),
+    };
+    let active: std::collections::HashSet<i64> =
+        instances.iter().map(|instance| instance.id).collect();
+    let mut batch: Vec<InstanceChange> = view
+        .people
+        .instances()
+        .filter(|(key, _, _)| !active.contains(key))
+        .map(|(key, _, _)| InstanceChange::Remove { key })
+        .collect();
+    for instance in instances {
+        let users = match changed_users.remove(&instance.id) {
+            Some(users) => users,
+            // Unchanged since the view's generation, and already in it.
+            None if view.people.has_instance(instance.id) => continue,
+            // New since the view's generation but never synced: no users yet.
+            None => Vec::new(),
+        };
+        batch.push(InstanceChange::Upsert {
+            key: instance.id,
+            hostname: instance.hostname,
+            users,
+        });
+    }
+    view.people.apply(batch);
+    view.generation = generation;
+    view.seats_purchased = seats_purchased;
 }
 
 /// `YYYY-MM-DD` of a UTC time.

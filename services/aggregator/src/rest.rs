@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use license_sync_core::merge::{AccountRef, Person, explain, explain_separation};
+use license_sync_core::merge::{Person, explain, explain_separation};
 use license_sync_core::model::CloudMember;
 use license_sync_core::snapshot::UsageFile;
 use serde::{Deserialize, Serialize};
@@ -203,11 +203,11 @@ struct ConsumedUser {
 fn consumed_user(view: &MergedView, person: &Person, cloud_web_url: &str) -> ConsumedUser {
     let member = person
         .cloud_member
-        .and_then(|index| view.cloud_members.get(index as usize));
+        .and_then(|index| view.people.cloud_members().get(index as usize));
     let mut server_ids = Vec::with_capacity(person.server_accounts.len());
     let mut server_emails: Vec<String> = Vec::new();
     for link in &person.server_accounts {
-        let instance = &view.instances[link.account.instance as usize];
+        let instance = &view.people.instance_slots()[link.account.instance as usize];
         let user = &instance.users[link.account.user as usize];
         server_ids.push(format!("{}:{}", instance.hostname, user.id));
         let email = user.email.trim();
@@ -273,22 +273,17 @@ async fn consumed_licenses(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let (per_page, page) = parse_page(&query)?;
     let view = app.merged_view(enterprise.id).await?;
-    let consuming = &view.merged.consuming;
+    let consuming = view.people.consuming();
     let total = consuming.len();
     let last_page = total.div_ceil(per_page).max(1);
     let start = (page - 1).saturating_mul(per_page).min(total);
     let end = start.saturating_add(per_page).min(total);
     let users: Vec<ConsumedUser> = consuming[start..end]
         .iter()
-        .map(|&position| {
-            consumed_user(
-                &view,
-                &view.merged.people[position as usize],
-                &app.config.cloud_web_url,
-            )
-        })
+        .filter_map(|&slot| view.people.person(slot))
+        .map(|person| consumed_user(&view, person, &app.config.cloud_web_url))
         .collect();
-    let consumed = view.merged.total_seats_consumed();
+    let consumed = view.people.total_seats_consumed();
     let body = json!({
         "total_seats_consumed": consumed,
         "total_seats_purchased": view.seats_purchased,
@@ -641,7 +636,7 @@ struct ExplainQuery {
 
 /// Finds the person holding an account reference or with a person id.
 fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v Person> {
-    if let Some(person) = view.merged.person_by_id(reference) {
+    if let Some(person) = view.people.person_by_id(reference) {
         return Ok(person);
     }
     let not_found = || {
@@ -650,33 +645,17 @@ fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v P
         ))
     };
     let (prefix, rest) = reference.rsplit_once(':').ok_or_else(not_found)?;
-    if prefix.eq_ignore_ascii_case("github.com") {
-        let index = view
-            .cloud_members
-            .iter()
-            .position(|member| member.login.eq_ignore_ascii_case(rest))
-            .ok_or_else(not_found)?;
-        return view
-            .merged
-            .person_of_cloud_member(index as u32)
-            .ok_or_else(not_found);
-    }
-    let user_id: i64 = rest.parse().map_err(|_| not_found())?;
-    for (instance_index, instance) in view.instances.iter().enumerate() {
-        if !instance.hostname.eq_ignore_ascii_case(prefix) {
-            continue;
-        }
-        if let Some(user_index) = instance.users.iter().position(|user| user.id == user_id) {
-            return view
-                .merged
-                .person_of_account(AccountRef {
-                    instance: instance_index as u32,
-                    user: user_index as u32,
-                })
-                .ok_or_else(not_found);
-        }
-    }
-    Err(not_found())
+    let person = if prefix.eq_ignore_ascii_case("github.com") {
+        view.people
+            .find_cloud_member(rest)
+            .and_then(|index| view.people.person_of_cloud_member(index))
+    } else {
+        let user_id: i64 = rest.parse().map_err(|_| not_found())?;
+        view.people
+            .find_account(prefix, user_id)
+            .and_then(|account| view.people.person_of_account(account))
+    };
+    person.ok_or_else(not_found)
 }
 
 /// "Why is this one license?" and, with `other`, "why are these two licenses?".
@@ -694,7 +673,8 @@ async fn license_explanation(
     })?;
     let view = app.merged_view(enterprise.id).await?;
     let person = find_person(&view, &reference)?;
-    let explanation = explain(person, &view.instances, &view.cloud_members);
+    let (instances, cloud) = (view.people.instance_slots(), view.people.cloud_members());
+    let explanation = explain(person, instances, cloud);
     let Some(other_reference) = query.other else {
         return Ok(Json(json!({ "explanation": explanation })));
     };
@@ -702,12 +682,12 @@ async fn license_explanation(
     let reasons = explain_separation(
         (person, &reference),
         (other, &other_reference),
-        &view.instances,
-        &view.cloud_members,
+        instances,
+        cloud,
     );
     Ok(Json(json!({
         "explanation": explanation,
-        "other_explanation": explain(other, &view.instances, &view.cloud_members),
+        "other_explanation": explain(other, instances, cloud),
         "same_person": person.id == other.id,
         "licenses": if person.id == other.id {
             u8::from(person.consumes_license)
@@ -726,8 +706,8 @@ async fn likely_duplicates(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let view = app.merged_view(enterprise.id).await?;
     Ok(Json(json!({
-        "likely_duplicates": view.merged.likely_duplicates,
-        "stats": view.merged.stats,
+        "likely_duplicates": view.people.likely_duplicates(),
+        "stats": view.people.stats(),
     })))
 }
 

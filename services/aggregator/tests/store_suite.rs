@@ -42,6 +42,22 @@ fn snapshot(server_id: Uuid, generated_at: i64, users: Vec<ServerUser>) -> Snaps
     }
 }
 
+fn member(id: i64, login: &str) -> CloudMember {
+    CloudMember {
+        id,
+        login: login.to_owned(),
+        name: Some(format!("{login} name")),
+        verified_emails: vec![format!("{login}@example.com")],
+        identity: None,
+        consumes_license: true,
+        member_roles: vec!["org1:Owner".into()],
+        enterprise_roles: vec![],
+        orgs_with_pending_invites: vec![],
+        two_factor_auth: Some(true),
+        visual_studio_subscription_user: false,
+    }
+}
+
 async fn commit(
     store: &DynStore,
     instance_id: i64,
@@ -401,19 +417,6 @@ pub async fn cloud_members_are_replaced_whole(store: DynStore) {
         .create_enterprise("acme", "Acme", 10)
         .await
         .expect("create");
-    let member = |id: i64, login: &str| CloudMember {
-        id,
-        login: login.to_owned(),
-        name: Some(format!("{login} name")),
-        verified_emails: vec![format!("{login}@example.com")],
-        identity: None,
-        consumes_license: true,
-        member_roles: vec!["org1:Owner".into()],
-        enterprise_roles: vec![],
-        orgs_with_pending_invites: vec![],
-        two_factor_auth: Some(true),
-        visual_studio_subscription_user: false,
-    };
     store
         .replace_cloud_members(acme.id, &[member(1, "a"), member(2, "b")])
         .await
@@ -1190,6 +1193,117 @@ pub async fn usage_history_keeps_the_latest_count_and_the_daily_maximum(store: D
     assert_eq!(one_day.len(), 1);
 }
 
+/// A view built at one generation catches up by reloading only what changed after it.
+pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10)
+        .await
+        .expect("create");
+    let (server_a, server_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = store
+        .enroll_instance(acme.id, server_a, "ghes-a", "ca")
+        .await
+        .expect("enroll a");
+    let b = store
+        .enroll_instance(acme.id, server_b, "ghes-b", "cb")
+        .await
+        .expect("enroll b");
+    commit(
+        &store,
+        a.id,
+        &snapshot(server_a, 1_700_000_000, vec![user(1, "a1")]),
+    )
+    .await
+    .expect("a");
+    commit(
+        &store,
+        b.id,
+        &snapshot(server_b, 1_700_000_000, vec![user(1, "b1")]),
+    )
+    .await
+    .expect("b");
+
+    let all = store
+        .load_merge_changes(acme.id, None)
+        .await
+        .expect("load all");
+    assert_eq!(all.instances.len(), 2);
+    assert_eq!(
+        all.changed_users.len(),
+        2,
+        "everything is new to a view built from nothing"
+    );
+    assert!(all.cloud_members.is_some());
+    let built_at = all.generation;
+
+    let nothing = store
+        .load_merge_changes(acme.id, Some(built_at))
+        .await
+        .expect("load nothing");
+    assert_eq!(nothing.generation, built_at);
+    assert!(nothing.changed_users.is_empty());
+    assert!(nothing.cloud_members.is_none());
+
+    commit(
+        &store,
+        b.id,
+        &snapshot(server_b, 1_700_000_100, vec![user(1, "b1"), user(2, "b2")]),
+    )
+    .await
+    .expect("b again");
+    let only_b = store
+        .load_merge_changes(acme.id, Some(built_at))
+        .await
+        .expect("load b");
+    assert!(only_b.generation > built_at);
+    assert_eq!(
+        only_b.changed_users.len(),
+        1,
+        "only the instance that synced"
+    );
+    let (changed_id, users) = &only_b.changed_users[0];
+    assert_eq!(*changed_id, b.id);
+    let logins: Vec<&str> = users.iter().map(|u| u.login.as_str()).collect();
+    assert_eq!(logins.len(), 2);
+    assert!(logins.contains(&"b1") && logins.contains(&"b2"));
+    assert!(only_b.cloud_members.is_none());
+
+    store
+        .replace_cloud_members(acme.id, &[member(7, "mona")])
+        .await
+        .expect("members");
+    store
+        .retire_instance(acme.id, server_a)
+        .await
+        .expect("retire");
+    let later = store
+        .load_merge_changes(acme.id, Some(only_b.generation))
+        .await
+        .expect("load later");
+    assert!(
+        later.changed_users.is_empty(),
+        "a retired instance has no users to load"
+    );
+    assert_eq!(
+        later.instances.iter().map(|i| i.id).collect::<Vec<_>>(),
+        [b.id],
+        "the retired instance is gone from the active list"
+    );
+    assert_eq!(later.cloud_members.map(|m| m.len()), Some(1));
+
+    // Enrolling again under a new hostname changes what the view shows for that instance's users.
+    store
+        .enroll_instance(acme.id, server_b, "ghes-b-renamed", "cb2")
+        .await
+        .expect("re-enroll");
+    let renamed = store
+        .load_merge_changes(acme.id, Some(later.generation))
+        .await
+        .expect("load renamed");
+    assert_eq!(renamed.changed_users.len(), 1);
+    assert_eq!(renamed.instances[0].hostname, "ghes-b-renamed");
+}
+
 macro_rules! store_suite {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -1225,6 +1339,7 @@ macro_rules! store_suite {
             case!(sync_requests_need_an_active_enrolled_instance);
             case!(sync_requests_are_claimed_once);
             case!(undelivered_sync_requests_expire);
+            case!(merge_changes_name_only_what_changed_after_a_generation);
         }
     };
 }

@@ -212,6 +212,10 @@ impl PeopleIndex {
             .filter_map(|((key, instance), consuming)| key.map(|key| (key, instance, *consuming)))
     }
 
+    pub fn has_instance(&self, key: InstanceKey) -> bool {
+        self.slot_of_instance.contains_key(&key)
+    }
+
     pub fn person_of_account(&self, account: AccountRef) -> Option<&Person> {
         let slot = *self
             .person_of_account

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use license_sync_core::merge::InstanceUsers;
-use license_sync_core::model::CloudMember;
+use license_sync_core::model::{CloudMember, ServerUser};
 use license_sync_core::snapshot::Snapshot;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -251,6 +251,48 @@ pub struct MergeInput {
     pub cloud_members: Vec<CloudMember>,
 }
 
+/// An active instance, and the generation that last changed its users (or its hostname).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceVersion {
+    pub id: i64,
+    pub hostname: String,
+    pub users_generation: i64,
+}
+
+/// What changed in an enterprise's merge input after a generation, read from one consistent snapshot.
+pub struct MergeChanges {
+    pub generation: i64,
+    pub seats_purchased: i64,
+    /// Every active instance, by ascending id.
+    pub instances: Vec<InstanceVersion>,
+    /// The users of each active instance changed after the generation asked for (every instance when none was),
+    /// by instance id.
+    pub changed_users: Vec<(i64, Vec<ServerUser>)>,
+    /// The cloud members, when they changed after the generation asked for (always when none was).
+    pub cloud_members: Option<Vec<CloudMember>>,
+}
+
+impl MergeChanges {
+    /// The whole input, from a load with no `since`.
+    fn into_input(self) -> MergeInput {
+        let mut users: std::collections::HashMap<i64, Vec<ServerUser>> =
+            self.changed_users.into_iter().collect();
+        MergeInput {
+            generation: self.generation,
+            seats_purchased: self.seats_purchased,
+            instances: self
+                .instances
+                .into_iter()
+                .map(|instance| InstanceUsers {
+                    users: users.remove(&instance.id).unwrap_or_default(),
+                    hostname: instance.hostname,
+                })
+                .collect(),
+            cloud_members: self.cloud_members.unwrap_or_default(),
+        }
+    }
+}
+
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
@@ -330,7 +372,22 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         members: &[CloudMember],
     ) -> ServiceResult<()>;
-    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput>;
+
+    /// The enterprise's merge input that changed after generation `since` (all of it when `since` is `None`), so
+    /// that a merged view built at `since` can catch up by reloading only the instances that changed.
+    async fn load_merge_changes(
+        &self,
+        enterprise_id: i64,
+        since: Option<i64>,
+    ) -> ServiceResult<MergeChanges>;
+
+    /// The whole merge input.
+    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+        Ok(self
+            .load_merge_changes(enterprise_id, None)
+            .await?
+            .into_input())
+    }
 
     /// Records today's usage: the latest count replaces the day's, the day's maximum only grows.
     async fn record_usage(

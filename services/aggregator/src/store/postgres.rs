@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use license_sync_core::merge::InstanceUsers;
-use license_sync_core::model::CloudMember;
+use license_sync_core::model::{CloudMember, ServerUser};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 use time::OffsetDateTime;
@@ -19,11 +18,11 @@ use uuid::Uuid;
 
 use super::rows::{
     INSTANCE_COLUMNS, SERVER_USER_COLUMNS, cloud_member_from_row, enterprise_from_row,
-    instance_from_row, server_user_from_row, usage_day_from_row,
+    instance_from_row, instance_version_from_row, server_user_from_row, usage_day_from_row,
 };
 use super::{
     AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
-    Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
+    Instance, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
     UsageDay, credential_revoked, enrollment_token_refused, no_active_instance, no_agent, refusal,
     time_to_unix_ms, unix_ms_to_time,
 };
@@ -102,11 +101,42 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 async fn bump_generation(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     enterprise_id: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE enterprises SET generation = generation + 1 WHERE id = $1 RETURNING generation",
+    )
+    .bind(enterprise_id)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Bumps the generation and stamps an instance's users with it, so that merged views reload that instance.
+async fn bump_users_generation(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    enterprise_id: i64,
+    instance_id: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE enterprises SET generation = generation + 1 WHERE id = $1")
-        .bind(enterprise_id)
+    let generation = bump_generation(tx, enterprise_id).await?;
+    sqlx::query("UPDATE instances SET users_generation = $1 WHERE id = $2")
+        .bind(generation)
+        .bind(instance_id)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Bumps the generation and stamps the cloud members with it, so that merged views reload them.
+async fn bump_members_generation(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    enterprise_id: i64,
+) -> Result<(), sqlx::Error> {
+    // Both right-hand sides read the row as it was, so both columns get the new value.
+    sqlx::query(
+        "UPDATE enterprises SET generation = generation + 1, members_generation = generation + 1 WHERE id = $1",
+    )
+    .bind(enterprise_id)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -259,7 +289,7 @@ impl PostgresStore {
             Err(err) if is_unique_violation(&err) => return Ok(Attempt::RacedOnSyncId),
             Err(err) => return Err(err.into()),
         }
-        bump_generation(&mut tx, enterprise_id).await?;
+        bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
         tx.commit().await?;
         Ok(Attempt::Done(CommitOutcome::Applied {
             committed_at: commit.now,
@@ -606,72 +636,76 @@ impl Store for PostgresStore {
         .bind(attributes)
         .execute(&mut *tx)
         .await?;
-        bump_generation(&mut tx, enterprise_id).await?;
+        bump_members_generation(&mut tx, enterprise_id).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+    async fn load_merge_changes(
+        &self,
+        enterprise_id: i64,
+        since: Option<i64>,
+    ) -> ServiceResult<MergeChanges> {
         // REPEATABLE READ: accounts, members and generation from one snapshot of the database.
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let enterprise =
-            sqlx::query("SELECT generation, seats_purchased FROM enterprises WHERE id = $1")
-                .bind(enterprise_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
-        let generation: i64 = enterprise.try_get("generation")?;
-        let seats_purchased: i64 = enterprise.try_get("seats_purchased")?;
+        let enterprise = sqlx::query(
+            "SELECT generation, seats_purchased, members_generation FROM enterprises WHERE id = $1",
+        )
+        .bind(enterprise_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
+        let changed_after = |generation: i64| since.is_none_or(|since| generation > since);
 
-        let instance_rows = sqlx::query(
-            "SELECT id, hostname FROM instances WHERE enterprise_id = $1 AND retired_at IS NULL ORDER BY id",
+        let instances = sqlx::query(
+            "SELECT id, hostname, users_generation FROM instances \
+             WHERE enterprise_id = $1 AND retired_at IS NULL ORDER BY id",
         )
         .bind(enterprise_id)
         .fetch_all(&mut *tx)
-        .await
-        ?;
-        let mut instances = Vec::with_capacity(instance_rows.len());
-        let mut position_of_instance = std::collections::HashMap::new();
-        for row in &instance_rows {
-            let id: i64 = row.try_get("id")?;
-            position_of_instance.insert(id, instances.len());
-            instances.push(InstanceUsers {
-                hostname: row.try_get("hostname")?,
-                users: Vec::new(),
-            });
-        }
-        {
+        .await?
+        .iter()
+        .map(instance_version_from_row)
+        .collect::<ServiceResult<Vec<_>>>()?;
+        let mut changed_users: Vec<(i64, Vec<ServerUser>)> = instances
+            .iter()
+            .filter(|instance| changed_after(instance.users_generation))
+            .map(|instance| (instance.id, Vec::new()))
+            .collect();
+        for (instance_id, users) in &mut changed_users {
             let sql = format!(
-                "SELECT {SERVER_USER_COLUMNS} \
-                 FROM server_users u JOIN instances i ON i.id = u.instance_id \
-                 WHERE i.enterprise_id = $1 AND i.retired_at IS NULL"
+                "SELECT {SERVER_USER_COLUMNS} FROM server_users u WHERE u.instance_id = $1"
             );
-            let mut rows = sqlx::query(&sql).bind(enterprise_id).fetch(&mut *tx);
+            let mut rows = sqlx::query(&sql).bind(*instance_id).fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
-                let (instance_id, user) = server_user_from_row(&row)?;
-                if let Some(&position) = position_of_instance.get(&instance_id) {
-                    instances[position].users.push(user);
-                }
+                users.push(server_user_from_row(&row)?.1);
             }
         }
-        let member_rows = sqlx::query(
-            "SELECT attributes_json FROM cloud_members WHERE enterprise_id = $1 ORDER BY member_id",
-        )
-        .bind(enterprise_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let cloud_members = member_rows
-            .iter()
-            .map(cloud_member_from_row)
-            .collect::<ServiceResult<Vec<_>>>()?;
+
+        let cloud_members = if changed_after(enterprise.try_get("members_generation")?) {
+            let rows = sqlx::query(
+                "SELECT attributes_json FROM cloud_members WHERE enterprise_id = $1 ORDER BY member_id",
+            )
+            .bind(enterprise_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            Some(
+                rows.iter()
+                    .map(cloud_member_from_row)
+                    .collect::<ServiceResult<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(MergeInput {
-            generation,
-            seats_purchased,
+        Ok(MergeChanges {
+            generation: enterprise.try_get("generation")?,
+            seats_purchased: enterprise.try_get("seats_purchased")?,
             instances,
+            changed_users,
             cloud_members,
         })
     }
@@ -994,7 +1028,7 @@ async fn enroll_in(
     .execute(&mut **tx)
     .await?;
     let existing = sqlx::query(
-        "SELECT enterprise_id, retired_at FROM instances WHERE server_id = $1 FOR UPDATE",
+        "SELECT id, enterprise_id, retired_at, hostname FROM instances WHERE server_id = $1 FOR UPDATE",
     )
     .bind(server_id.to_string())
     .fetch_one(&mut **tx)
@@ -1014,8 +1048,10 @@ async fn enroll_in(
     .bind(server_id.to_string())
     .execute(&mut **tx)
     .await?;
-    if was_retired {
-        bump_generation(tx, enterprise_id).await?;
+    let previous_hostname: String = existing.try_get("hostname")?;
+    if was_retired || previous_hostname != hostname {
+        // Its stored users count again, or under another hostname.
+        bump_users_generation(tx, enterprise_id, existing.try_get("id")?).await?;
     }
     instance_by_server_id(tx, server_id)
         .await?

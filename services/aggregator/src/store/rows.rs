@@ -6,7 +6,8 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use super::{
-    AgentPresence, Arrival, Enterprise, Instance, UsageDay, unix_ms_to_time, unix_to_time,
+    AgentPresence, Arrival, Enterprise, Instance, InstanceVersion, UsageDay, unix_ms_to_time,
+    unix_to_time,
 };
 use crate::error::{ServiceError, ServiceResult};
 
@@ -140,5 +141,19 @@ where
         purchased: row.try_get("purchased")?,
         instances: serde_json::from_str(&instances)
             .map_err(|err| ServiceError::internal("decoding stored instance usage", err))?,
+    })
+}
+
+pub(super) fn instance_version_from_row<R>(row: &R) -> ServiceResult<InstanceVersion>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(InstanceVersion {
+        id: row.try_get("id")?,
+        hostname: row.try_get("hostname")?,
+        users_generation: row.try_get("users_generation")?,
     })
 }

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use license_sync_core::merge::InstanceUsers;
-use license_sync_core::model::CloudMember;
+use license_sync_core::model::{CloudMember, ServerUser};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -23,11 +22,11 @@ use uuid::Uuid;
 
 use super::rows::{
     INSTANCE_COLUMNS, SERVER_USER_COLUMNS, cloud_member_from_row, enterprise_from_row,
-    instance_from_row, server_user_from_row, usage_day_from_row,
+    instance_from_row, instance_version_from_row, server_user_from_row, usage_day_from_row,
 };
 use super::{
     AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
-    Instance, MergeInput, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
+    Instance, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store, SyncAckRecord, SyncRequest,
     UsageDay, credential_revoked, enrollment_token_refused, no_active_instance, no_agent, refusal,
     time_to_unix_ms, unix_ms_to_time,
 };
@@ -499,7 +498,7 @@ impl Store for SqliteStore {
         .bind(committed_ms)
         .execute(&mut *tx)
         .await?;
-        bump_generation(&mut tx, enterprise_id).await?;
+        bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
         tx.commit().await?;
         Ok(CommitOutcome::Applied {
             committed_at: commit.now,
@@ -558,70 +557,72 @@ impl Store for SqliteStore {
             });
             insert.build().execute(&mut *tx).await?;
         }
-        bump_generation(&mut tx, enterprise_id).await?;
+        bump_members_generation(&mut tx, enterprise_id).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+    async fn load_merge_changes(
+        &self,
+        enterprise_id: i64,
+        since: Option<i64>,
+    ) -> ServiceResult<MergeChanges> {
         // One read transaction: a consistent WAL snapshot of accounts, members and generation.
         let mut tx = self.pool.begin().await?;
-        let enterprise =
-            sqlx::query("SELECT generation, seats_purchased FROM enterprises WHERE id = ?")
-                .bind(enterprise_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
-        let generation: i64 = enterprise.try_get("generation")?;
-        let seats_purchased: i64 = enterprise.try_get("seats_purchased")?;
+        let enterprise = sqlx::query(
+            "SELECT generation, seats_purchased, members_generation FROM enterprises WHERE id = ?",
+        )
+        .bind(enterprise_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
+        let changed_after = |generation: i64| since.is_none_or(|since| generation > since);
 
-        let instance_rows = sqlx::query(
-            "SELECT id, hostname FROM instances WHERE enterprise_id = ? AND retired_at IS NULL ORDER BY id",
+        let instances = sqlx::query(
+            "SELECT id, hostname, users_generation FROM instances \
+             WHERE enterprise_id = ? AND retired_at IS NULL ORDER BY id",
         )
         .bind(enterprise_id)
         .fetch_all(&mut *tx)
-        .await?;
-        let mut instances = Vec::with_capacity(instance_rows.len());
-        let mut position_of_instance = std::collections::HashMap::new();
-        for row in &instance_rows {
-            let id: i64 = row.try_get("id")?;
-            position_of_instance.insert(id, instances.len());
-            instances.push(InstanceUsers {
-                hostname: row.try_get("hostname")?,
-                users: Vec::new(),
-            });
-        }
-
-        {
-            let sql = format!(
-                "SELECT {SERVER_USER_COLUMNS} \
-                 FROM server_users u JOIN instances i ON i.id = u.instance_id \
-                 WHERE i.enterprise_id = ? AND i.retired_at IS NULL"
-            );
-            let mut rows = sqlx::query(&sql).bind(enterprise_id).fetch(&mut *tx);
+        .await?
+        .iter()
+        .map(instance_version_from_row)
+        .collect::<ServiceResult<Vec<_>>>()?;
+        let mut changed_users: Vec<(i64, Vec<ServerUser>)> = instances
+            .iter()
+            .filter(|instance| changed_after(instance.users_generation))
+            .map(|instance| (instance.id, Vec::new()))
+            .collect();
+        for (instance_id, users) in &mut changed_users {
+            let sql =
+                format!("SELECT {SERVER_USER_COLUMNS} FROM server_users u WHERE u.instance_id = ?");
+            let mut rows = sqlx::query(&sql).bind(*instance_id).fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
-                let (instance_id, user) = server_user_from_row(&row)?;
-                if let Some(&position) = position_of_instance.get(&instance_id) {
-                    instances[position].users.push(user);
-                }
+                users.push(server_user_from_row(&row)?.1);
             }
         }
 
-        let member_rows = sqlx::query(
-            "SELECT attributes_json FROM cloud_members WHERE enterprise_id = ? ORDER BY member_id",
-        )
-        .bind(enterprise_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let cloud_members = member_rows
-            .iter()
-            .map(cloud_member_from_row)
-            .collect::<ServiceResult<Vec<_>>>()?;
+        let cloud_members = if changed_after(enterprise.try_get("members_generation")?) {
+            let rows = sqlx::query(
+                "SELECT attributes_json FROM cloud_members WHERE enterprise_id = ? ORDER BY member_id",
+            )
+            .bind(enterprise_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            Some(
+                rows.iter()
+                    .map(cloud_member_from_row)
+                    .collect::<ServiceResult<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(MergeInput {
-            generation,
-            seats_purchased,
+        Ok(MergeChanges {
+            generation: enterprise.try_get("generation")?,
+            seats_purchased: enterprise.try_get("seats_purchased")?,
             instances,
+            changed_users,
             cloud_members,
         })
     }
@@ -936,11 +937,12 @@ async fn enroll_in(
     ghes_version: Option<&str>,
     credential_sha256: &str,
 ) -> ServiceResult<Instance> {
-    let existing =
-        sqlx::query("SELECT enterprise_id, retired_at FROM instances WHERE server_id = ?")
-            .bind(server_id.to_string())
-            .fetch_optional(&mut **tx)
-            .await?;
+    let existing = sqlx::query(
+        "SELECT id, enterprise_id, retired_at, hostname FROM instances WHERE server_id = ?",
+    )
+    .bind(server_id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
     let ghes_version = ghes_version.filter(|version| !version.is_empty());
     match existing {
         Some(existing) => {
@@ -959,9 +961,10 @@ async fn enroll_in(
             .bind(server_id.to_string())
             .execute(&mut **tx)
             .await?;
-            if was_retired {
-                // Its stored users count again.
-                bump_generation(tx, enterprise_id).await?;
+            let previous_hostname: String = existing.try_get("hostname")?;
+            if was_retired || previous_hostname != hostname {
+                // Its stored users count again, or under another hostname.
+                bump_users_generation(tx, enterprise_id, existing.try_get("id")?).await?;
             }
         }
         None => {
@@ -991,10 +994,41 @@ async fn enroll_in(
 async fn bump_generation(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     enterprise_id: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE enterprises SET generation = generation + 1 WHERE id = ? RETURNING generation",
+    )
+    .bind(enterprise_id)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Bumps the generation and stamps an instance's users with it, so that merged views reload that instance.
+async fn bump_users_generation(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    enterprise_id: i64,
+    instance_id: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE enterprises SET generation = generation + 1 WHERE id = ?")
-        .bind(enterprise_id)
+    let generation = bump_generation(tx, enterprise_id).await?;
+    sqlx::query("UPDATE instances SET users_generation = ? WHERE id = ?")
+        .bind(generation)
+        .bind(instance_id)
         .execute(&mut **tx)
         .await?;
+    Ok(())
+}
+
+/// Bumps the generation and stamps the cloud members with it, so that merged views reload them.
+async fn bump_members_generation(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    enterprise_id: i64,
+) -> Result<(), sqlx::Error> {
+    // Both right-hand sides read the row as it was, so both columns get the new value.
+    sqlx::query(
+        "UPDATE enterprises SET generation = generation + 1, members_generation = generation + 1 WHERE id = ?",
+    )
+    .bind(enterprise_id)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
