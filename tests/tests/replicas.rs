@@ -17,6 +17,10 @@ use time::OffsetDateTime;
 use tonic::Code;
 use uuid::Uuid;
 
+/// How long each replica reuses a check of the database's generation (`view_check_interval_ms`): the bound on how
+/// late one replica sees another's change.
+const VIEW_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
 fn postgres_url() -> Option<String> {
     match std::env::var("LICENSE_SYNC_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),
@@ -122,8 +126,14 @@ async fn three_replicas_on_one_database_agree_and_apply_each_snapshot_once() {
         .map(|_| {
             let url = database.url.clone();
             std::thread::spawn(move || {
-                Aggregator::start_with_env(&[("LICENSE_SYNC_AGGREGATOR_DATABASE_URL", &url)])
-                    .expect("replica starts")
+                Aggregator::start_with_env(&[
+                    ("LICENSE_SYNC_AGGREGATOR_DATABASE_URL", &url),
+                    (
+                        "LICENSE_SYNC_AGGREGATOR_VIEW_CHECK_INTERVAL_MS",
+                        &VIEW_CHECK_INTERVAL.as_millis().to_string(),
+                    ),
+                ])
+                .expect("replica starts")
             })
         })
         .collect();
@@ -198,7 +208,9 @@ async fn three_replicas_on_one_database_agree_and_apply_each_snapshot_once() {
         applied.len()
     );
 
-    // The newest snapshot (14 users) won everywhere, and every replica says the same.
+    // The newest snapshot (14 users) won everywhere, and every replica says the same once its last check of the
+    // database's generation is older than the documented bound.
+    tokio::time::sleep(VIEW_CHECK_INTERVAL + Duration::from_millis(100)).await;
     let mut answers = Vec::new();
     for replica in &replicas {
         let status = get(

@@ -48,13 +48,28 @@ struct ViewSlot {
     view: Arc<tokio::sync::RwLock<Option<MergedView>>>,
     /// One refresh at a time: concurrent readers of a stale view wait for it instead of loading the same change.
     refresh: tokio::sync::Mutex<()>,
+    /// The store's generation as last checked, and when: readers reuse it for `view_check_interval_ms`.
+    checked: Mutex<Option<(i64, Instant)>>,
+    /// Serialised `consumed-licenses` bodies of one view generation, by (per_page, page).
+    pages: Mutex<PageCache>,
 }
+
+#[derive(Default)]
+struct PageCache {
+    generation: i64,
+    bodies: HashMap<(usize, usize), axum::body::Bytes>,
+}
+
+/// Bounds the page cache of one enterprise (pages are at most 100 users, a few tens of KiB each).
+const MAX_CACHED_PAGES: usize = 2048;
 
 pub struct App {
     pub store: DynStore,
     pub config: Arc<AggregatorConfig>,
     /// One slot per enterprise; its async lock makes concurrent readers of a stale view wait for one rebuild.
     views: Mutex<HashMap<i64, Arc<ViewSlot>>>,
+    /// Checked REST API tokens (by SHA-256) and when they were checked.
+    api_tokens: Mutex<HashMap<String, (Enterprise, Instant)>>,
     /// The instance id of each "Sync now" request created by this process, so that a control stream held here
     /// delivers it at once (streams on other replicas find it by polling the database).
     sync_wakeups: tokio::sync::broadcast::Sender<i64>,
@@ -66,6 +81,7 @@ impl App {
             store,
             config: Arc::new(config),
             views: Mutex::new(HashMap::new()),
+            api_tokens: Mutex::new(HashMap::new()),
             sync_wakeups: tokio::sync::broadcast::channel(256).0,
         })
     }
@@ -190,6 +206,7 @@ impl App {
             .await?;
         let receipt = match outcome {
             CommitOutcome::Applied { committed_at } => {
+                self.note_change(instance.enterprise_id);
                 self.warm_view(instance.enterprise_id);
                 Receipt {
                     sync_id: meta.sync_id,
@@ -245,16 +262,81 @@ impl App {
         });
     }
 
+    fn view_slot(&self, enterprise_id: i64) -> ServiceResult<Arc<ViewSlot>> {
+        let mut views = self
+            .views
+            .lock()
+            .map_err(|_| ServiceError::internal("reading the view cache", "poisoned lock"))?;
+        Ok(Arc::clone(views.entry(enterprise_id).or_default()))
+    }
+
+    /// The store's generation of an enterprise, or a check of it made less than `view_check_interval_ms` ago.
+    async fn store_generation(&self, slot: &ViewSlot, enterprise_id: i64) -> ServiceResult<i64> {
+        let interval = std::time::Duration::from_millis(self.config.view_check_interval_ms);
+        if let Ok(checked) = slot.checked.lock()
+            && let Some((generation, at)) = *checked
+            && at.elapsed() < interval
+        {
+            return Ok(generation);
+        }
+        let generation = self.store.enterprise_generation(enterprise_id).await?;
+        if let Ok(mut checked) = slot.checked.lock() {
+            *checked = Some((generation, Instant::now()));
+        }
+        Ok(generation)
+    }
+
+    /// Forgets the last generation check, after a change made through this process, so readers see it at once.
+    pub fn note_change(&self, enterprise_id: i64) {
+        if let Ok(slot) = self.view_slot(enterprise_id)
+            && let Ok(mut checked) = slot.checked.lock()
+        {
+            *checked = None;
+        }
+    }
+
+    /// A serialised `consumed-licenses` body of this view generation, if one was cached.
+    pub fn cached_page(
+        &self,
+        enterprise_id: i64,
+        generation: i64,
+        key: (usize, usize),
+    ) -> Option<axum::body::Bytes> {
+        let slot = self.view_slot(enterprise_id).ok()?;
+        let pages = slot.pages.lock().ok()?;
+        (pages.generation == generation)
+            .then(|| pages.bodies.get(&key).cloned())
+            .flatten()
+    }
+
+    pub fn cache_page(
+        &self,
+        enterprise_id: i64,
+        generation: i64,
+        key: (usize, usize),
+        body: axum::body::Bytes,
+    ) {
+        let Ok(slot) = self.view_slot(enterprise_id) else {
+            return;
+        };
+        let Ok(mut pages) = slot.pages.lock() else {
+            return;
+        };
+        if pages.generation != generation || pages.bodies.len() >= MAX_CACHED_PAGES {
+            // A newer generation makes every cached page wrong; a full cache starts again rather than track use.
+            if generation < pages.generation {
+                return;
+            }
+            pages.generation = generation;
+            pages.bodies.clear();
+        }
+        pages.bodies.insert(key, body);
+    }
+
     /// The enterprise's merged view, brought up to date when the store's generation moved on.
     pub async fn merged_view(&self, enterprise_id: i64) -> ServiceResult<ViewGuard> {
-        let generation = self.store.enterprise_generation(enterprise_id).await?;
-        let slot = {
-            let mut views = self
-                .views
-                .lock()
-                .map_err(|_| ServiceError::internal("reading the view cache", "poisoned lock"))?;
-            Arc::clone(views.entry(enterprise_id).or_default())
-        };
+        let slot = self.view_slot(enterprise_id)?;
+        let generation = self.store_generation(&slot, enterprise_id).await?;
         if let Some(current) = current_view(&slot, generation).await {
             return Ok(current);
         }
@@ -329,16 +411,40 @@ impl App {
         token: &str,
         enterprise: &str,
     ) -> ServiceResult<Enterprise> {
-        let owned = self
-            .store
-            .enterprise_for_api_token(&tokens::sha256_hex(token))
-            .await?
-            .ok_or_else(|| ServiceError::unauthenticated("Bad credentials"))?;
+        let owned = self.enterprise_for_api_token(token).await?;
         if owned.slug == enterprise || owned.id.to_string() == enterprise {
             Ok(owned)
         } else {
             Err(ServiceError::not_found("Not Found"))
         }
+    }
+
+    /// The enterprise of a REST API token. A valid token is remembered for `api_token_cache_secs`; an invalid one
+    /// is asked again every time, so a new token works at once.
+    async fn enterprise_for_api_token(&self, token: &str) -> ServiceResult<Enterprise> {
+        let token_sha256 = tokens::sha256_hex(token);
+        let ttl = std::time::Duration::from_secs(self.config.api_token_cache_secs);
+        if let Ok(cache) = self.api_tokens.lock()
+            && let Some((enterprise, checked_at)) = cache.get(&token_sha256)
+            && checked_at.elapsed() < ttl
+        {
+            return Ok(enterprise.clone());
+        }
+        let enterprise = self
+            .store
+            .enterprise_for_api_token(&token_sha256)
+            .await?
+            .ok_or_else(|| ServiceError::unauthenticated("Bad credentials"))?;
+        if !ttl.is_zero()
+            && let Ok(mut cache) = self.api_tokens.lock()
+        {
+            // Tokens are few; a full cache (many tokens in one TTL) starts again rather than track use.
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+            cache.insert(token_sha256, (enterprise.clone(), Instant::now()));
+        }
+        Ok(enterprise)
     }
 }
 

@@ -40,6 +40,12 @@ pub struct AggregatorConfig {
     /// How often each control stream looks in the database for "Sync now" requests created by another aggregator
     /// replica (requests created on the same process are delivered at once).
     pub control_poll_interval_ms: u64,
+    /// How long REST readers reuse a check of the store's generation. Changes made through this process show at
+    /// once; changes made by another process (another replica, the admin CLI) show after at most this long.
+    /// 0 checks the store on every request.
+    pub view_check_interval_ms: u64,
+    /// How long a REST API token, once checked, is trusted without asking the store again.
+    pub api_token_cache_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -66,6 +72,8 @@ impl Default for AggregatorConfig {
             log_format: LogFormat::Text,
             agent_heartbeat_interval_secs: 30,
             control_poll_interval_ms: 1000,
+            view_check_interval_ms: 200,
+            api_token_cache_secs: 10,
         }
     }
 }
@@ -121,6 +129,14 @@ impl AggregatorConfig {
                  between heartbeats), got {}",
                 self.agent_heartbeat_interval_secs
             );
+        }
+        if self.view_check_interval_ms > 60_000 {
+            anyhow::bail!(
+                "view_check_interval_ms must be at most 60000: readers would see other replicas' changes too late"
+            );
+        }
+        if self.api_token_cache_secs > 300 {
+            anyhow::bail!("api_token_cache_secs must be at most 300");
         }
         if !(100..=60_000).contains(&self.control_poll_interval_ms) {
             anyhow::bail!(

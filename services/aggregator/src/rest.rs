@@ -273,24 +273,31 @@ async fn consumed_licenses(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let (per_page, page) = parse_page(&query)?;
     let view = app.merged_view(enterprise.id).await?;
-    let consuming = view.people.consuming();
-    let total = consuming.len();
+    let total = view.people.consuming().len();
     let last_page = total.div_ceil(per_page).max(1);
-    let start = (page - 1).saturating_mul(per_page).min(total);
-    let end = start.saturating_add(per_page).min(total);
-    let users: Vec<ConsumedUser> = consuming[start..end]
-        .iter()
-        .filter_map(|&slot| view.people.person(slot))
-        .map(|person| consumed_user(&view, person, &app.config.cloud_web_url))
-        .collect();
-    let consumed = view.people.total_seats_consumed();
-    let body = json!({
-        "total_seats_consumed": consumed,
-        "total_seats_purchased": view.seats_purchased,
-        "total_seats_overage": overage(consumed, view.seats_purchased),
-        "users": users,
-    });
-    let mut response = Json(body).into_response();
+    // Pages of one view generation are identical for every reader: serialise each once.
+    let body = match app.cached_page(enterprise.id, view.generation, (per_page, page)) {
+        Some(body) => body,
+        None => {
+            let body = Bytes::from(consumed_licenses_body(&app, &view, per_page, page)?);
+            app.cache_page(
+                enterprise.id,
+                view.generation,
+                (per_page, page),
+                body.clone(),
+            );
+            body
+        }
+    };
+    drop(view);
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
     let url = format!(
         "{}/enterprises/{}/consumed-licenses",
         base_url(&app, &headers),
@@ -302,6 +309,32 @@ async fn consumed_licenses(
         response.headers_mut().insert(header::LINK, value);
     }
     Ok(response)
+}
+
+/// One `consumed-licenses` page as JSON.
+fn consumed_licenses_body(
+    app: &App,
+    view: &MergedView,
+    per_page: usize,
+    page: usize,
+) -> ServiceResult<Vec<u8>> {
+    let consuming = view.people.consuming();
+    let total = consuming.len();
+    let start = (page - 1).saturating_mul(per_page).min(total);
+    let end = start.saturating_add(per_page).min(total);
+    let users: Vec<ConsumedUser> = consuming[start..end]
+        .iter()
+        .filter_map(|&slot| view.people.person(slot))
+        .map(|person| consumed_user(view, person, &app.config.cloud_web_url))
+        .collect();
+    let consumed = view.people.total_seats_consumed();
+    serde_json::to_vec(&json!({
+        "total_seats_consumed": consumed,
+        "total_seats_purchased": view.seats_purchased,
+        "total_seats_overage": overage(consumed, view.seats_purchased),
+        "users": users,
+    }))
+    .map_err(|err| ServiceError::internal("encoding consumed licenses", err))
 }
 
 pub fn rfc3339(time: OffsetDateTime) -> String {
@@ -477,6 +510,7 @@ async fn import_cloud_members(
     app.store
         .replace_cloud_members(enterprise.id, &members)
         .await?;
+    app.note_change(enterprise.id);
     tracing::info!(enterprise = %enterprise.slug, members = members.len(), "cloud members imported");
     Ok(Json(json!({ "members_imported": members.len() })))
 }
@@ -621,6 +655,7 @@ async fn retire_instance(
     let server_id = Uuid::parse_str(&server_id)
         .map_err(|_| ServiceError::invalid(format!("{server_id:?} is not a server id (UUID)")))?;
     app.store.retire_instance(enterprise.id, server_id).await?;
+    app.note_change(enterprise.id);
     tracing::info!(enterprise = %enterprise.slug, %server_id, "instance retired");
     Ok(StatusCode::NO_CONTENT)
 }
