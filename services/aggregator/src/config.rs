@@ -92,7 +92,8 @@ impl AggregatorConfig {
             figment = figment.merge(Toml::file(file));
         }
         let config: AggregatorConfig = figment
-            .merge(Env::prefixed("LICENSE_SYNC_AGGREGATOR_"))
+            // `LICENSE_SYNC_AGGREGATOR_CONFIG` names the file itself (the CLI's `--config`), not a setting.
+            .merge(Env::prefixed("LICENSE_SYNC_AGGREGATOR_").ignore(&["config"]))
             .extract()
             .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))?;
         config.validate()?;
@@ -165,6 +166,20 @@ mod tests {
         assert_eq!(config.stale_after_days, 8);
         assert_eq!(config.agent_heartbeat_interval_secs, 30);
         assert_eq!(config.control_poll_interval_ms, 1000);
+    }
+
+    #[test]
+    fn variables_override_and_the_config_file_variable_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("aggregator.toml", "stale_after_days = 3\n")?;
+            jail.set_env("LICENSE_SYNC_AGGREGATOR_CONFIG", "aggregator.toml");
+            jail.set_env("LICENSE_SYNC_AGGREGATOR_VIEW_CHECK_INTERVAL_MS", "0");
+            let config = AggregatorConfig::load(Some(Path::new("aggregator.toml")))
+                .map_err(|err| err.to_string())?;
+            assert_eq!(config.stale_after_days, 3);
+            assert_eq!(config.view_check_interval_ms, 0);
+            Ok(())
+        });
     }
 
     #[test]
