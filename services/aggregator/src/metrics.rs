@@ -36,8 +36,8 @@ use prometheus_client::registry::{Registry, Unit};
 use time::OffsetDateTime;
 
 use crate::app::{App, MergedView};
-use crate::error::{ErrorKind, ServiceResult};
-use crate::store::{Arrival, Enterprise};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::store::{Arrival, Enterprise, Instance};
 
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -481,7 +481,7 @@ impl Metrics {
     }
 
     /// Refreshes the database gauges and encodes every metric.
-    pub async fn render(&self, app: &App) -> Result<String, std::fmt::Error> {
+    pub async fn render(&self, app: &Arc<App>) -> Result<String, std::fmt::Error> {
         let _scrape = self.scrape.lock().await;
         self.refresh(app).await;
         let mut text = String::new();
@@ -489,39 +489,50 @@ impl Metrics {
         Ok(text)
     }
 
-    async fn refresh(&self, app: &App) {
-        let enterprises = match app.store.list_enterprises().await {
-            Ok(enterprises) => enterprises,
-            Err(error) => {
-                // Better no series than yesterday's presented as current.
-                tracing::warn!(error = %error.message, "metrics: cannot list the enterprises; their gauges are left out of this scrape");
-                self.clear_database_gauges();
-                return;
-            }
-        };
+    async fn refresh(&self, app: &Arc<App>) {
+        let (sender, mut reads) = tokio::sync::mpsc::unbounded_channel();
+        // Its own task, one enterprise at a time: a view rebuild that outlasts this scrape's budget still completes
+        // and is cached for the next scrape, and a fresh replica does not rebuild every view at once.
+        tokio::spawn(read_database(Arc::clone(app), sender));
+        let deadline = tokio::time::Instant::now() + REFRESH_BUDGET;
         let now = OffsetDateTime::now_utc();
         let stale_after = time::Duration::days(i64::from(app.config.stale_after_days));
-        let mut values = Vec::with_capacity(enterprises.len());
-        for enterprise in &enterprises {
-            match self
-                .enterprise_values(app, enterprise, now, stale_after)
-                .await
-            {
-                Ok(value) => values.push(value),
-                Err(error) => tracing::warn!(
+        let mut listed = None;
+        let mut values = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, reads.recv()).await {
+                Ok(Some(Read::Listed(ids))) => listed = Some(ids),
+                Ok(Some(Read::Enterprise(enterprise, Ok((view, instances))))) => values
+                    .push(self.enterprise_values(&enterprise, &view, instances, now, stale_after)),
+                Ok(Some(Read::Enterprise(enterprise, Err(error)))) => tracing::warn!(
                     enterprise = %enterprise.slug,
                     error = %error.message,
                     "metrics: cannot read the enterprise; its gauges are left out of this scrape"
                 ),
+                Ok(Some(Read::ListFailed(error))) => {
+                    tracing::warn!(error = %error.message, "metrics: cannot list the enterprises; their gauges are left out of this scrape");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        budget_secs = REFRESH_BUDGET.as_secs(),
+                        "metrics: reading the database took longer than the budget; the enterprises not read yet are \
+                         left out of this scrape (their views are still being rebuilt for the next one)"
+                    );
+                    break;
+                }
             }
         }
+        // Better no series than old values presented as current.
         self.clear_database_gauges();
         for value in values {
             self.set_enterprise(value);
         }
         // Forget the counts of enterprises that are gone.
-        let known: HashSet<i64> = enterprises.iter().map(|e| e.id).collect();
-        if let Ok(mut cache) = self.states_cache.lock() {
+        if let Some(known) = listed
+            && let Ok(mut cache) = self.states_cache.lock()
+        {
             cache.retain(|id, _| known.contains(id));
         }
     }
@@ -535,16 +546,14 @@ impl Metrics {
         self.instances_stale.clear();
     }
 
-    async fn enterprise_values(
+    fn enterprise_values(
         &self,
-        app: &App,
         enterprise: &Enterprise,
+        view: &MergedView,
+        instances: Vec<Instance>,
         now: OffsetDateTime,
         stale_after: time::Duration,
-    ) -> ServiceResult<EnterpriseValues> {
-        // Cached per generation: a re-merge only when the database changed since this process last looked.
-        let view = app.merged_view(enterprise.id).await?;
-        let instances = app.store.list_instances(enterprise.id).await?;
+    ) -> EnterpriseValues {
         let active: Vec<_> = instances
             .into_iter()
             .filter(|instance| instance.retired_at.is_none())
@@ -557,7 +566,7 @@ impl Metrics {
                     .is_none_or(|success| now - success > stale_after)
             })
             .count() as i64;
-        Ok(EnterpriseValues {
+        EnterpriseValues {
             slug: enterprise.slug.clone(),
             consumed: i64::try_from(view.merged.total_seats_consumed()).unwrap_or(i64::MAX),
             purchased: view.seats_purchased,
@@ -566,8 +575,8 @@ impl Metrics {
                 .map(|instance| (instance.hostname, instance.last_success_at))
                 .collect(),
             stale,
-            states: self.instance_states(enterprise.id, &view),
-        })
+            states: self.instance_states(enterprise.id, view),
+        }
     }
 
     /// Accounts by state of each instance of the view, counted once per generation.
@@ -657,6 +666,46 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+}
+
+/// The longest a scrape waits for the database before answering with what it has: below Prometheus' default
+/// `scrape_timeout` (10 s), so that the event counters stay visible while the database is slow or down.
+const REFRESH_BUDGET: Duration = Duration::from_secs(5);
+
+/// What [`read_database`] hands to the scrape, as it goes.
+enum Read {
+    Listed(HashSet<i64>),
+    ListFailed(ServiceError),
+    Enterprise(Enterprise, ServiceResult<(Arc<MergedView>, Vec<Instance>)>),
+}
+
+/// Reads every enterprise's merged view (cached per generation: a re-merge only when the database changed since this
+/// process last looked) and instance rows, one enterprise at a time. Stops when the scrape is gone.
+async fn read_database(app: Arc<App>, sender: tokio::sync::mpsc::UnboundedSender<Read>) {
+    let enterprises = match app.store.list_enterprises().await {
+        Ok(enterprises) => enterprises,
+        Err(error) => {
+            let _ = sender.send(Read::ListFailed(error));
+            return;
+        }
+    };
+    if sender
+        .send(Read::Listed(enterprises.iter().map(|e| e.id).collect()))
+        .is_err()
+    {
+        return;
+    }
+    for enterprise in enterprises {
+        let read = async {
+            let view = app.merged_view(enterprise.id).await?;
+            let instances = app.store.list_instances(enterprise.id).await?;
+            Ok((view, instances))
+        }
+        .await;
+        if sender.send(Read::Enterprise(enterprise, read)).is_err() {
+            return;
+        }
     }
 }
 
