@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, learns their ports from the JSON line each prints on stdout, and kills them on drop.
 
 pub mod grpc;
+pub mod metrics;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};

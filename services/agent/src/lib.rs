@@ -18,6 +18,7 @@
 //! - [`retry`]: exponential backoff with full jitter.
 //! - [`sidecar`]: the running agent: jobs, scheduler, delivery loop, control stream and the local HTTP API.
 //! - [`local_api`]: the CLI's client of that local API.
+//! - [`metrics`]: the Prometheus metrics the local API serves at `/metrics`.
 
 pub mod client;
 pub mod commands;
@@ -26,6 +27,7 @@ pub mod connection;
 pub mod error;
 pub mod export;
 pub mod local_api;
+pub mod metrics;
 pub mod retry;
 pub mod schedule;
 pub mod sidecar;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::metrics::{Metrics, Rejection};
 use crate::store::{
     Arrival, CommitOutcome, DynStore, Enterprise, Instance, InstanceUsage, MergeChanges,
     SnapshotCommit, SyncRequest, UsageDay, no_active_instance,
@@ -66,6 +67,7 @@ const MAX_CACHED_PAGES: usize = 2048;
 pub struct App {
     pub store: DynStore,
     pub config: Arc<AggregatorConfig>,
+    pub metrics: Arc<Metrics>,
     /// One slot per enterprise; its async lock makes concurrent readers of a stale view wait for one rebuild.
     views: Mutex<HashMap<i64, Arc<ViewSlot>>>,
     /// Checked REST API tokens (by SHA-256) and when they were checked.
@@ -80,6 +82,7 @@ impl App {
         Arc::new(App {
             store,
             config: Arc::new(config),
+            metrics: Arc::new(Metrics::for_served_services()),
             views: Mutex::new(HashMap::new()),
             api_tokens: Mutex::new(HashMap::new()),
             sync_wakeups: tokio::sync::broadcast::channel(256).0,
@@ -160,6 +163,10 @@ impl App {
             .validate_and_commit(instance, &snapshot, via, received_digest)
             .await;
         let meta = &snapshot.meta;
+        if let Ok(receipt) = &result {
+            self.metrics
+                .sync_committed(via, receipt.duplicate, started.elapsed());
+        }
         match &result {
             Ok(receipt) => tracing::info!(
                 server_id = %meta.instance.server_id,
@@ -185,13 +192,16 @@ impl App {
     ) -> ServiceResult<Receipt> {
         let meta = &snapshot.meta;
         if meta.instance.server_id != instance.server_id {
+            self.metrics.rejected(Rejection::WrongInstance);
             return Err(ServiceError::permission_denied(format!(
                 "this credential belongs to instance {}, not {}: use the instance's own credential",
                 instance.server_id, meta.instance.server_id
             )));
         }
         let now = OffsetDateTime::now_utc();
-        snapshot.validate(&self.snapshot_limits(), now)?;
+        snapshot
+            .validate(&self.snapshot_limits(), now)
+            .inspect_err(|error| self.metrics.rejected(Rejection::of(error)))?;
         let digest = received_digest.unwrap_or_else(|| snapshot.digest());
         let users_sha256 = hex::encode(digest);
         let outcome = self
@@ -232,6 +242,7 @@ impl App {
 
     /// Shows a failed attempt on the status page. The stored snapshot is untouched.
     pub async fn record_failure(&self, instance: &Instance, via: Arrival, error: &ServiceError) {
+        self.metrics.sync_failed(via, error.kind);
         tracing::warn!(
             server_id = %instance.server_id,
             hostname = %instance.hostname,
@@ -359,6 +370,7 @@ impl App {
         .await
         .map_err(|err| ServiceError::internal("merging accounts", err))?
         .downgrade();
+        self.metrics.merge_finished(started.elapsed());
         let view = tokio::sync::OwnedRwLockReadGuard::try_map(view, Option::as_ref)
             .map_err(|_| ServiceError::internal("merging accounts", "no view after a refresh"))?;
         let stats = view.people.stats();

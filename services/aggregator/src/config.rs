@@ -169,6 +169,8 @@ mod tests {
     }
 
     #[test]
+    // figment's test jail fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn variables_override_and_the_config_file_variable_is_not_a_setting() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("aggregator.toml", "stale_after_days = 3\n")?;

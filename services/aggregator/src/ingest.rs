@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::metrics::{Metrics, Rejection};
 use crate::store::{Arrival, Instance};
 
 pub struct IngestService {
@@ -92,9 +93,12 @@ async fn ingest(
         .await
 }
 
+/// The next message of the stream. Refusals of its shape are counted in `metrics`; a silent or broken stream is not
+/// a refusal of the snapshot.
 async fn next_chunk(
     stream: &mut Streaming<SnapshotChunk>,
     idle_timeout: Duration,
+    metrics: &Metrics,
 ) -> ServiceResult<Option<Chunk>> {
     let Ok(message) = tokio::time::timeout(idle_timeout, stream.message()).await else {
         return Err(ServiceError::invalid(format!(
@@ -104,17 +108,23 @@ async fn next_chunk(
     };
     match message {
         Ok(Some(SnapshotChunk { chunk: Some(chunk) })) => Ok(Some(chunk)),
-        Ok(Some(SnapshotChunk { chunk: None })) => Err(ServiceError::invalid(
-            "received an empty stream message: every message must carry a header, users or a trailer",
-        )),
+        Ok(Some(SnapshotChunk { chunk: None })) => {
+            metrics.rejected(Rejection::MalformedStream);
+            Err(ServiceError::invalid(
+                "received an empty stream message: every message must carry a header, users or a trailer",
+            ))
+        }
         Ok(None) => Ok(None),
-        Err(status) if status.code() == tonic::Code::ResourceExhausted => Err(ServiceError::new(
-            ErrorKind::ResourceExhausted,
-            format!(
-                "a stream message is over the aggregator's limit ({}); lower the agent's batch_size",
-                status.message()
-            ),
-        )),
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+            metrics.rejected(Rejection::MessageTooLarge);
+            Err(ServiceError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "a stream message is over the aggregator's limit ({}); lower the agent's batch_size",
+                    status.message()
+                ),
+            ))
+        }
         Err(status) => Err(ServiceError::invalid(format!(
             "the snapshot stream was interrupted ({}: {}); nothing was changed, send the snapshot again",
             status.code(),
@@ -130,19 +140,36 @@ async fn receive_snapshot(
     stream: &mut Streaming<SnapshotChunk>,
 ) -> ServiceResult<(Snapshot, [u8; 32])> {
     let idle_timeout = Duration::from_secs(app.config.stream_idle_timeout_secs);
-    let header = match next_chunk(stream, idle_timeout).await? {
+    let metrics = &*app.metrics;
+    let refuse = |reason: Rejection, error: ServiceError| {
+        metrics.rejected(reason);
+        error
+    };
+    let header = match next_chunk(stream, idle_timeout, metrics).await? {
         Some(Chunk::Header(header)) => header,
         Some(_) => {
-            return Err(ServiceError::invalid(
-                "the snapshot stream must start with a header",
+            return Err(refuse(
+                Rejection::MalformedStream,
+                ServiceError::invalid("the snapshot stream must start with a header"),
             ));
         }
-        None => return Err(ServiceError::invalid("the snapshot stream was empty")),
+        None => {
+            return Err(refuse(
+                Rejection::MalformedStream,
+                ServiceError::invalid("the snapshot stream was empty"),
+            ));
+        }
     };
-    let meta = snapshot_meta_from_proto(header)
-        .map_err(|err| ServiceError::invalid(format!("invalid snapshot header: {err}")))?;
-    meta.validate(OffsetDateTime::now_utc())?;
+    let meta = snapshot_meta_from_proto(header).map_err(|err| {
+        refuse(
+            Rejection::InvalidIdentity,
+            ServiceError::invalid(format!("invalid snapshot header: {err}")),
+        )
+    })?;
+    meta.validate(OffsetDateTime::now_utc())
+        .map_err(|err| refuse(Rejection::of(&err), err.into()))?;
     if meta.instance.server_id != instance.server_id {
+        metrics.rejected(Rejection::WrongInstance);
         return Err(ServiceError::permission_denied(format!(
             "this credential belongs to instance {}, not {}: use the instance's own credential",
             instance.server_id, meta.instance.server_id
@@ -153,48 +180,67 @@ async fn receive_snapshot(
     let mut users = Vec::new();
     let mut digest = SnapshotDigest::default();
     let trailer = loop {
-        match next_chunk(stream, idle_timeout).await? {
+        match next_chunk(stream, idle_timeout, metrics).await? {
             Some(Chunk::Users(batch)) => {
                 if users.len() + batch.users.len() > max_users {
-                    return Err(SnapshotError::TooManyUsers {
-                        count: users.len() + batch.users.len(),
-                        max: max_users,
-                    }
-                    .into());
+                    return Err(refuse(
+                        Rejection::TooManyUsers,
+                        SnapshotError::TooManyUsers {
+                            count: users.len() + batch.users.len(),
+                            max: max_users,
+                        }
+                        .into(),
+                    ));
                 }
                 users.reserve(batch.users.len());
                 for wire_user in batch.users {
                     let row = users.len() + 1;
-                    let user = server_user_from_proto(wire_user)
-                        .map_err(|err| ServiceError::invalid(format!("user row {row}: {err}")))?;
+                    let user = server_user_from_proto(wire_user).map_err(|err| {
+                        refuse(
+                            Rejection::InvalidRow,
+                            ServiceError::invalid(format!("user row {row}: {err}")),
+                        )
+                    })?;
                     digest.update(&user);
                     users.push(user);
                 }
             }
             Some(Chunk::Trailer(trailer)) => break trailer,
             Some(Chunk::Header(_)) => {
-                return Err(ServiceError::invalid(
-                    "the snapshot stream has a second header; send one snapshot per stream",
+                return Err(refuse(
+                    Rejection::MalformedStream,
+                    ServiceError::invalid(
+                        "the snapshot stream has a second header; send one snapshot per stream",
+                    ),
                 ));
             }
             None => {
-                return Err(ServiceError::invalid(
-                    "the snapshot stream ended before its trailer: the snapshot is incomplete and nothing was changed; send it again",
+                return Err(refuse(
+                    Rejection::MalformedStream,
+                    ServiceError::invalid(
+                        "the snapshot stream ended before its trailer: the snapshot is incomplete and nothing was changed; send it again",
+                    ),
                 ));
             }
         }
     };
     let received = users.len() as u64;
     if trailer.user_count != received {
-        return Err(SnapshotError::CountMismatch {
-            declared: trailer.user_count,
-            received,
-        }
-        .into());
+        return Err(refuse(
+            Rejection::CountMismatch,
+            SnapshotError::CountMismatch {
+                declared: trailer.user_count,
+                received,
+            }
+            .into(),
+        ));
     }
     let digest = digest.finish();
     if trailer.users_sha256.as_slice() != digest.as_slice() {
-        return Err(SnapshotError::DigestMismatch.into());
+        return Err(refuse(
+            Rejection::DigestMismatch,
+            SnapshotError::DigestMismatch.into(),
+        ));
     }
     Ok((Snapshot { meta, users }, digest))
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod store;

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::app::{App, MergedView};
 use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::metrics::Rejection;
 use crate::store::{Arrival, Enterprise, Instance, SyncRequest};
 
 pub const MAX_PER_PAGE: usize = 100;
@@ -31,6 +32,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // Unauthenticated, like the health checks: restrict it at the network level.
+        .route("/metrics", get(crate::metrics::serve))
         .route(
             "/enterprises/{enterprise}/consumed-licenses",
             get(consumed_licenses),
@@ -75,6 +78,11 @@ pub fn router(app: Arc<App>) -> Router {
         // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
         .layer(DefaultBodyLimit::disable())
         .fallback(|| async { ServiceError::not_found("Not Found") })
+        // Last, so that it sees every route and the fallback (whose requests are labelled `unmatched`).
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app.metrics),
+            crate::metrics::track_http,
+        ))
         .with_state(app)
 }
 
@@ -440,23 +448,27 @@ async fn upload_usage(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let bytes = read_body(&app, body).await?;
     let what = "a usage file written by `license-sync-agent export`";
-    let value: Value = parse_json(&bytes, what)?;
+    let malformed = |error: ServiceError| {
+        app.metrics.rejected(Rejection::MalformedFile);
+        error
+    };
+    let value: Value = parse_json(&bytes, what).map_err(malformed)?;
     match value.get("format").and_then(Value::as_str) {
         Some(UsageFile::FORMAT) => {}
         Some(other) => {
-            return Err(ServiceError::invalid(format!(
+            return Err(malformed(ServiceError::invalid(format!(
                 "unsupported usage file format {other:?}; this aggregator reads {:?}",
                 UsageFile::FORMAT
-            )));
+            ))));
         }
         None => {
-            return Err(ServiceError::invalid(format!(
+            return Err(malformed(ServiceError::invalid(format!(
                 "the body has no \"format\" field: expected {what}"
-            )));
+            ))));
         }
     }
     drop(value);
-    let file: UsageFile = parse_json(&bytes, what)?;
+    let file: UsageFile = parse_json(&bytes, what).map_err(malformed)?;
     let instance = app
         .store
         .instance_for_upload(
@@ -468,6 +480,7 @@ async fn upload_usage(
     let snapshot = match file.into_snapshot() {
         Ok(snapshot) => snapshot,
         Err(error) => {
+            app.metrics.rejected(Rejection::of(&error));
             let error = ServiceError::from(error);
             app.record_failure(&instance, Arrival::Upload, &error).await;
             return Err(error);

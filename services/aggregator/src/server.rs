@@ -94,6 +94,7 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         // Long-lived control streams: find dead peers (a half-open TCP connection) without waiting for the OS.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .layer(app.metrics.grpc_layer())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)

@@ -125,6 +125,20 @@ pub async fn enterprises_and_tokens(store: DynStore) {
         reloaded.generation > acme.generation,
         "seat changes bump the generation"
     );
+    let other = store
+        .create_enterprise("other", "Other", 3)
+        .await
+        .expect("create");
+    let listed = store.list_enterprises().await.expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|e| (e.slug.as_str(), e.seats_purchased))
+            .collect::<Vec<_>>(),
+        [("acme", 25), ("other", 3)],
+        "every enterprise, by id"
+    );
+    assert_eq!(listed[1].id, other.id);
 }
 
 pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `GET /healthz` | anyone | liveness |
 //! | `GET /readyz` | anyone | readiness (running, state directory accessible) |
+//! | `GET /metrics` | anyone | Prometheus metrics (OpenMetrics text), see [`crate::metrics`] |
 //! | `GET /api/v1/status` | anyone | enabled, connected, last sync, next scheduled sync, pending deliveries, current job, counters |
 //! | `GET /api/v1/settings` | anyone | `{"license_sync_enabled", "enabled_at", "updated_at"}` |
 //! | `PUT /api/v1/settings` | owner | `{"license_sync_enabled": true\|false}`; enabling needs a working connection (409 otherwise) |
@@ -44,6 +45,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/settings", get(get_settings).put(put_settings))
         .route(
@@ -181,6 +183,23 @@ async fn readyz(State(sidecar): State<AppState>) -> Response {
             axum::Json(json!({"status": "not_ready", "message": reason})),
         )
             .into_response(),
+    }
+}
+
+async fn metrics(State(sidecar): State<AppState>) -> Response {
+    match sidecar.metrics_text() {
+        Ok(text) => {
+            let mut response = text.into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot encode the metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 

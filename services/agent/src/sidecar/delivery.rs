@@ -179,6 +179,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     duplicate = receipt.duplicate,
                     "the aggregator committed the snapshot"
                 );
+                sidecar.metrics.succeeded(sidecar.now());
                 // Removed first, so that whoever sees the job committed also sees the snapshot gone.
                 let removed = remove_pending(&sidecar, &entry).await;
                 {

@@ -34,6 +34,7 @@ use crate::connection::{
     CredentialSource, ResolvedCredential, check_connection, resolve_credential,
 };
 use crate::error::{AgentError, error_chain};
+use crate::metrics::{AgentMetrics, ScrapeState, failure_label};
 use crate::schedule::{Clock, SystemClock};
 use crate::state::{ErrorReport, FailedReason, LastResult, Settings, StateDir};
 use jobs::{Job, JobRegistry, JobState, JobTicket, Trigger};
@@ -58,6 +59,7 @@ pub struct Sidecar {
     shutdown: watch::Sender<bool>,
     current_job_task: Mutex<Option<JoinHandle<()>>>,
     started_at: OffsetDateTime,
+    metrics: AgentMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -108,7 +110,7 @@ pub struct NextSync {
     pub at: OffsetDateTime,
 }
 
-/// Counters kept for the metrics endpoint (a later issue) and shown in the status.
+/// Counters shown in the status (`/metrics` has its own, see [`crate::metrics`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
     pub jobs_started: JobsByTrigger,
@@ -225,6 +227,7 @@ impl Sidecar {
             shutdown: watch::Sender::new(false),
             current_job_task: Mutex::new(None),
             started_at: now,
+            metrics: AgentMetrics::new(),
             clock,
         }
     }
@@ -305,8 +308,23 @@ impl Sidecar {
         let job = inner.jobs.update(id, now, change)?;
         if was_active {
             match job.state {
-                JobState::Committed => inner.counters.jobs_committed += 1,
-                JobState::Failed => inner.counters.jobs_failed += 1,
+                JobState::Committed => {
+                    inner.counters.jobs_committed += 1;
+                    let duplicate = job
+                        .receipt
+                        .as_ref()
+                        .is_some_and(|receipt| receipt.duplicate);
+                    self.metrics
+                        .job_finished(job.trigger, if duplicate { "duplicate" } else { "success" });
+                }
+                JobState::Failed => {
+                    inner.counters.jobs_failed += 1;
+                    let kind = job
+                        .error
+                        .as_ref()
+                        .map_or("unknown", |error| error.kind.as_str());
+                    self.metrics.job_finished(job.trigger, failure_label(kind));
+                }
                 _ => {}
             }
         }
@@ -325,8 +343,12 @@ impl Sidecar {
     async fn run_job(self: Arc<Self>, id: Uuid) {
         self.update_job(id, |job| job.state = JobState::Reading);
         let mut shutdown = self.shutdown.subscribe();
+        let reading = std::time::Instant::now();
         let built = tokio::select! {
-            built = prepare_snapshot(&self.config) => built,
+            built = prepare_snapshot(&self.config) => {
+                self.metrics.source_read(reading.elapsed());
+                built
+            }
             _ = shutdown.wait_for(|stopping| *stopping) => {
                 self.fail_job(id, ErrorReport::new(
                     "shutting_down",
@@ -336,7 +358,12 @@ impl Sidecar {
             }
         };
         let built = match built {
-            Ok(built) => built,
+            Ok(built) => {
+                for row in &built.skipped {
+                    self.metrics.row_skipped(&row.reason);
+                }
+                built
+            }
             Err(error) => {
                 tracing::warn!(job_id = %id, kind = error.kind(), error = %error_chain(&error), "the sync job could not read the source");
                 self.fail_job(id, ErrorReport::from(&error), error.is_retryable());
@@ -530,6 +557,24 @@ impl Sidecar {
         }
     }
 
+    /// `GET /metrics`: the state gauges as the status reports them, and every counter.
+    pub fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let settings = self.settings();
+        let state = {
+            let inner = self.inner();
+            ScrapeState {
+                next_sync: inner
+                    .next_sync
+                    .filter(|_| settings.license_sync_enabled)
+                    .map(|next| next.at),
+                pending: inner.pending,
+                sync_enabled: settings.license_sync_enabled,
+                connected: inner.control.state == "connected",
+            }
+        };
+        self.metrics.render(state)
+    }
+
     /// Whether `/readyz` answers ready: running and the state directory is there.
     pub fn ready(&self) -> Result<(), String> {
         if self.shutting_down() {
@@ -689,6 +734,9 @@ pub async fn start_with_clock(
     ));
     {
         let pending = sidecar.state.list_pending()?.len() as u64;
+        if let Some(result) = last_result.as_ref().filter(|r| r.result == "committed") {
+            sidecar.metrics.succeeded(result.at);
+        }
         let mut inner = sidecar.inner();
         inner.pending = pending;
         inner.last_result = last_result;

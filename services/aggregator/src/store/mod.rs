@@ -310,6 +310,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()>;
     async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>>;
     async fn enterprise_by_id(&self, enterprise_id: i64) -> ServiceResult<Option<Enterprise>>;
+    /// Every enterprise, by id (for the per-enterprise metrics).
+    async fn list_enterprises(&self) -> ServiceResult<Vec<Enterprise>>;
     async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64>;
 
     async fn create_api_token(

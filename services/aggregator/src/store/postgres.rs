@@ -407,6 +407,18 @@ impl Store for PostgresStore {
         Ok(row.as_ref().map(enterprise_from_row).transpose()?)
     }
 
+    async fn list_enterprises(&self) -> ServiceResult<Vec<Enterprise>> {
+        let rows = sqlx::query(
+            "SELECT id, slug, name, seats_purchased, generation FROM enterprises ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(enterprise_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
     async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64> {
         let generation: Option<i64> =
             sqlx::query_scalar("SELECT generation FROM enterprises WHERE id = $1")
