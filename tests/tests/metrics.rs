@@ -118,6 +118,50 @@ fn scrape(http: &reqwest::blocking::Client, base: &str) -> Exposition {
     Exposition::parse(&text).unwrap_or_else(|error| panic!("{error:#}\n{text}"))
 }
 
+/// Every metric that `deploy/` (alerts, dashboard) may use, listed in `deploy/metrics.txt`, is declared by one of the
+/// services with that type: a renamed metric cannot silently break an alert.
+fn assert_deploy_metrics_are_served(http: &reqwest::blocking::Client, bases: &[&str]) {
+    let mut declared = std::collections::HashSet::new();
+    for base in bases {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .and_then(|response| response.text())
+            .expect("GET /metrics");
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ")
+                && let Some((name, kind)) = rest.split_once(' ')
+            {
+                declared.insert((name.to_owned(), kind.to_owned()));
+            }
+        }
+    }
+    let listed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/metrics.txt"),
+    )
+    .expect("read deploy/metrics.txt");
+    let mut missing = Vec::new();
+    for line in listed.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, kind) = line.split_once(' ').unwrap_or((line, ""));
+        let kind = kind.trim();
+        // OpenMetrics declares a counter's family without its `_total` suffix.
+        let family = match kind {
+            "counter" => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        if !declared.contains(&(family.to_owned(), kind.to_owned())) {
+            missing.push(format!("{name} ({kind})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "deploy/metrics.txt lists metrics no service declares: {missing:?}"
+    );
+}
+
 /// The one sample named `name` with `labels`; fails the test when there is none.
 fn value(exposition: &Exposition, name: &str, labels: &[(&str, &str)]) -> f64 {
     exposition
@@ -393,6 +437,7 @@ fn metrics_agree_with_the_rest_answers_after_a_sync() {
 
     // The agent.
     let agent_metrics = scrape(http, &agent.api);
+    assert_deploy_metrics_are_served(http, &[&aggregator_url, &agent.api]);
     let schedule_success = [("trigger", "schedule"), ("result", "success")];
     assert_eq!(
         value(
