@@ -115,6 +115,7 @@ fn value_text(value: Option<&AnyValue>) -> String {
 /// The receiver, serving on `127.0.0.1:0` from its own runtime until dropped.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
+    tls: bool,
     received: Arc<Mutex<Received>>,
     // Dropping the runtime stops the server.
     _runtime: tokio::runtime::Runtime,
@@ -122,6 +123,15 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub fn start() -> Result<Self> {
+        Self::serve(None)
+    }
+
+    /// Over TLS, with this certificate and key (PEM): the endpoint is then `https://…`.
+    pub fn start_tls(certificate: &[u8], key: &[u8]) -> Result<Self> {
+        Self::serve(Some(tonic::transport::Identity::from_pem(certificate, key)))
+    }
+
+    fn serve(identity: Option<tonic::transport::Identity>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -132,21 +142,32 @@ impl OtlpReceiver {
         let service = TraceServiceServer::new(Receiver {
             received: received.clone(),
         });
+        let mut server = tonic::transport::Server::builder();
+        let tls = identity.is_some();
+        if let Some(identity) = identity {
+            server =
+                server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        }
         runtime.spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         Ok(OtlpReceiver {
             addr,
+            tls,
             received,
             _runtime: runtime,
         })
     }
 
-    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// `http://127.0.0.1:PORT` (`https://localhost:PORT` over TLS), for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {

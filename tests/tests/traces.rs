@@ -315,6 +315,48 @@ fn each_sidecar_sync_is_its_own_trace() {
     assert_no_secrets(&receiver.raw(), &[&enrollment, agent.owner_token(), "lsi_"]);
 }
 
+#[test]
+fn spans_reach_a_collector_over_tls_with_its_ca() {
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/agent/tests/fixtures/tls");
+    let read = |name: &str| std::fs::read(fixtures.join(name)).expect("TLS fixture");
+    let receiver =
+        OtlpReceiver::start_tls(&read("server.pem"), &read("server.key")).expect("TLS receiver");
+    let aggregator = Aggregator::start().expect("aggregator starts");
+    let hostname = "ghes-tls-traced.test";
+    let (server_id, credential) = enterprise_with_instance(&aggregator, hostname);
+    let config = write_agent_config(
+        aggregator.dir.path(),
+        &aggregator,
+        &server_id,
+        hostname,
+        &credential,
+    );
+    let ca = fixtures.join("ca.pem");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ca.to_string_lossy().into_owned(),
+        ),
+        ("OTEL_SERVICE_NAME", "agent-over-tls".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let output = agent_with_env(&["sync", "--config", &config], &env).expect("agent");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The agent flushed before exiting: the spans are there already, or within a moment.
+    let spans = receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            has_all(spans, &AGENT_SPANS)
+        })
+        .expect("the agent's spans over TLS");
+    assert!(spans.iter().all(|span| span.service == "agent-over-tls"));
+}
+
 /// Listeners on the default OTLP/gRPC address (`localhost:4317`), where an exporter installed by mistake would
 /// send; `None` for an address that is taken on this machine.
 fn default_collector_listeners() -> Vec<TcpListener> {

@@ -10,8 +10,8 @@
 //!
 //! The OpenTelemetry SDK reads the standard variables itself: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
 //! (the resource), `OTEL_TRACES_SAMPLER`/`_ARG`, `OTEL_BSP_*` (batching), `OTEL_EXPORTER_OTLP_*` (endpoint, headers,
-//! timeout, compression), `OTEL_SPAN_*_LIMIT`. This crate adds the default service name, `OTEL_SDK_DISABLED` and
-//! `OTEL_TRACES_EXPORTER=none`.
+//! timeout, compression), `OTEL_SPAN_*_LIMIT`. This crate adds the default service name, `OTEL_SDK_DISABLED`,
+//! `OTEL_TRACES_EXPORTER=none` and `OTEL_EXPORTER_OTLP_CERTIFICATE` (a CA for an `https://` collector).
 //!
 //! The W3C trace context (`traceparent`, `tracestate`) crosses gRPC calls as request metadata: the caller injects
 //! it with [`inject_context`], the server makes its span a child of it with [`set_remote_parent`]. The global
@@ -24,11 +24,13 @@ use std::time::Duration;
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{KeyValue, global};
+use opentelemetry_otlp::WithTonicConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::filter::{EnvFilter, Targets};
@@ -250,6 +252,7 @@ fn tracer_provider(options: &Options) -> Result<SdkTracerProvider, String> {
     // The endpoint, headers, timeout and compression come from the OTEL_EXPORTER_OTLP_* variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
+        .with_tls_config(tls_config()?)
         .build()
         .map_err(|error| error.to_string())?;
     // Detectors first, then our default underneath them: OTEL_RESOURCE_ATTRIBUTES may override service.version.
@@ -270,6 +273,31 @@ fn tracer_provider(options: &Options) -> Result<SdkTracerProvider, String> {
         .with_resource(resource.build())
         .with_batch_exporter(exporter)
         .build())
+}
+
+/// TLS for an `https://` collector (a plain `http://` endpoint ignores it): the Mozilla roots, plus the CA of
+/// `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE` or `OTEL_EXPORTER_OTLP_CERTIFICATE` (PEM), which the SDK does not read
+/// itself. Without roots the exporter's default TLS would trust no server at all.
+fn tls_config() -> Result<ClientTlsConfig, String> {
+    let tls = ClientTlsConfig::new().with_webpki_roots();
+    let certificate = [
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ]
+    .into_iter()
+    .find_map(|variable| {
+        env_var(variable)
+            .filter(|path| !path.trim().is_empty())
+            .map(|path| (variable, path))
+    });
+    match certificate {
+        None => Ok(tls),
+        Some((variable, path)) => {
+            let pem = std::fs::read(&path)
+                .map_err(|error| format!("cannot read {variable} ({path}): {error}"))?;
+            Ok(tls.ca_certificate(Certificate::from_pem(pem)))
+        }
+    }
 }
 
 /// Writes W3C trace-context entries into gRPC request metadata.
