@@ -3,8 +3,9 @@
 
 pub mod grpc;
 pub mod metrics;
+pub mod otlp;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -38,7 +39,8 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A child process killed when dropped; its stderr goes to a log file kept for inspection.
+/// A child process killed when dropped; its stderr goes to a log file kept for inspection, and its stdout (the
+/// ready line and anything after it) to the same path with the extension `stdout`.
 pub struct Process {
     child: Child,
     pub log_path: PathBuf,
@@ -54,13 +56,19 @@ impl Process {
             .stdin(Stdio::null());
         let mut child = command.spawn().context("spawn")?;
         let stdout = child.stdout.take().context("stdout")?;
+        let mut copy = std::fs::File::create(log_path.with_extension("stdout"))?;
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let first = lines.next();
+            if let Some(Ok(line)) = &first {
+                let _ = writeln!(copy, "{line}");
+            }
             let _ = sender.send(first);
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
+            // Keep draining so the child never blocks on a full pipe; kept for tests that read all output.
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(copy, "{line}");
+            }
         });
         let process = Process { child, log_path };
         let line = match receiver.recv_timeout(Duration::from_secs(60)) {
@@ -288,8 +296,14 @@ impl GhesSim {
 
 /// Runs `license-sync-agent <args>` and returns its output whatever the exit status.
 pub fn agent(args: &[&str]) -> Result<Output> {
+    agent_with_env(args, &[])
+}
+
+/// Runs `license-sync-agent <args>` with extra environment variables (e.g. `RUST_LOG`, `OTEL_*`).
+pub fn agent_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
     Ok(Command::new(binary("license-sync-agent"))
         .args(args)
+        .envs(env.iter().copied())
         .output()?)
 }
 
@@ -410,6 +424,8 @@ pub struct SidecarOptions {
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub shutdown_grace_secs: u64,
+    /// Extra environment of the agent process, applied last (e.g. `RUST_LOG`, `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 impl SidecarOptions {
@@ -424,6 +440,7 @@ impl SidecarOptions {
             retry_initial_ms: 100,
             retry_max_ms: 500,
             shutdown_grace_secs: 5,
+            env: Vec::new(),
         }
     }
 }
@@ -438,6 +455,7 @@ pub struct SidecarAgent {
     pub hostname: String,
     pub config: PathBuf,
     owner_token: String,
+    env: Vec<(String, String)>,
     http: reqwest::blocking::Client,
 }
 
@@ -483,6 +501,7 @@ impl SidecarAgent {
             hostname: options.hostname,
             config: config_path,
             owner_token,
+            env: options.env,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -502,7 +521,8 @@ impl SidecarAgent {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info,license_sync_agent=debug")
-            .env_remove("LICENSE_SYNC_LOG_FORMAT");
+            .env_remove("LICENSE_SYNC_LOG_FORMAT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = self.dir.path().join(format!("agent-{}.log", now_ms()));
         let (process, ready) = Process::spawn(command, log)?;
         self.api = format!(

@@ -17,6 +17,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::{AggregatorConfig, ConfigError, ConfigProblem, Secret};
@@ -95,13 +96,43 @@ impl AggregatorClient {
     }
 
     /// Streams the snapshot and returns the aggregator's receipt, which it sends only after its commit.
+    ///
+    /// The call is the span `agent.snapshot_stream` (a child of the caller's span), and its W3C trace context goes
+    /// with the request's metadata, so that the aggregator's `aggregator.ingest` span is its child.
     pub async fn upload(&mut self, snapshot: Arc<Snapshot>) -> Result<UploadReceipt, AgentError> {
+        let span = tracing::info_span!(
+            "agent.snapshot_stream",
+            otel.kind = "client",
+            sync_id = %snapshot.meta.sync_id,
+            users = snapshot.users.len() as u64,
+            batch_size = self.batch_size as u64,
+            duplicate = tracing::field::Empty
+        );
+        let receipt = self
+            .upload_in_span(snapshot, &span)
+            .instrument(span.clone())
+            .await;
+        match &receipt {
+            Ok(receipt) => {
+                span.record("duplicate", receipt.duplicate);
+            }
+            Err(error) => license_sync_tracing::record_failure(&span, error.kind()),
+        }
+        receipt
+    }
+
+    async fn upload_in_span(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        span: &tracing::Span,
+    ) -> Result<UploadReceipt, AgentError> {
         let sync_id = snapshot.meta.sync_id;
         let users = snapshot.users.len();
         let mut request = tonic::Request::new(snapshot_chunks(snapshot, self.batch_size));
         request
             .metadata_mut()
             .insert("authorization", self.authorization.clone());
+        license_sync_tracing::inject_context(span, request.metadata_mut());
         tracing::info!(%sync_id, users, batch_size = self.batch_size, endpoint = %self.endpoint, "uploading the snapshot");
         let receipt = self
             .client

@@ -5,28 +5,72 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use license_sync_core::model::InstanceLicense;
+use license_sync_tracing::record_failure;
 use serde::Serialize;
 use time::OffsetDateTime;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 use uuid::Uuid;
 
 use crate::client::AggregatorClient;
-use crate::config::{AgentConfig, Secret};
+use crate::config::{AgentConfig, Secret, SourceConfig};
 use crate::connection::{Enrollment, resolve_credential};
 use crate::error::AgentError;
 use crate::export::write_usage_file;
 use crate::snapshot::{
     BuiltSnapshot, SkippedLine, build_snapshot, log_diagnostics, validate_snapshot,
 };
-use crate::source::read_source;
+use crate::source::{SourceData, read_source};
 use crate::state::StateDir;
 
-/// Reads the source and builds a snapshot that passes the aggregator's validation.
+/// Reads the source and builds a snapshot that passes the aggregator's validation: the spans `agent.source_fetch`
+/// and `agent.snapshot_build`, children of the caller's span. Records the sync id and user count on the caller's
+/// span (`agent.sync`), which declares them.
 pub async fn prepare_snapshot(config: &AgentConfig) -> Result<BuiltSnapshot, AgentError> {
-    let data = read_source(config).await?;
-    let built = build_snapshot(&config.instance, data);
-    log_diagnostics(&built);
-    validate_snapshot(&built.snapshot)?;
-    Ok(built)
+    let data = fetch_source(config).await?;
+    let caller = tracing::Span::current();
+    let span = tracing::info_span!(
+        "agent.snapshot_build",
+        sync_id = Empty,
+        users = Empty,
+        rows_skipped = Empty
+    );
+    span.in_scope(|| {
+        let built = build_snapshot(&config.instance, data);
+        let meta = &built.snapshot.meta;
+        for span in [&span, &caller] {
+            span.record("sync_id", tracing::field::display(meta.sync_id));
+            span.record("users", built.snapshot.users.len() as u64);
+        }
+        span.record("rows_skipped", meta.source_report.rows_skipped);
+        log_diagnostics(&built);
+        validate_snapshot(&built.snapshot)
+            .inspect_err(|error| record_failure(&span, error.kind()))?;
+        Ok(built)
+    })
+}
+
+/// Reads the source inside the span `agent.source_fetch` (GHES report or file; counts only).
+async fn fetch_source(config: &AgentConfig) -> Result<SourceData, AgentError> {
+    let span = tracing::info_span!(
+        "agent.source_fetch",
+        source = match &config.source {
+            SourceConfig::File(_) => "file",
+            SourceConfig::Ghes(_) => "ghes",
+        },
+        rows_read = Empty,
+        rows_skipped = Empty
+    );
+    let data = read_source(config).instrument(span.clone()).await;
+    match &data {
+        Ok(data) => {
+            let report = data.report.source_report();
+            span.record("rows_read", report.rows_read);
+            span.record("rows_skipped", report.rows_skipped);
+        }
+        Err(error) => record_failure(&span, error.kind()),
+    }
+    data
 }
 
 /// What `check` saw, without sending anything.
@@ -42,6 +86,7 @@ pub struct CheckSummary {
     pub license: Option<InstanceLicense>,
 }
 
+#[tracing::instrument(name = "agent.check", skip_all, fields(server_id = %config.instance.server_id, hostname = %config.instance.hostname, sync_id = Empty, users = Empty))]
 pub async fn check(config: &AgentConfig) -> Result<CheckSummary, AgentError> {
     let built = prepare_snapshot(config).await?;
     let skipped = built.skipped_lines();
@@ -71,6 +116,7 @@ pub struct ExportSummary {
     pub skipped: Vec<SkippedLine>,
 }
 
+#[tracing::instrument(name = "agent.export", skip_all, fields(server_id = %config.instance.server_id, hostname = %config.instance.hostname, sync_id = Empty, users = Empty))]
 pub async fn export(config: &AgentConfig, output: &Path) -> Result<ExportSummary, AgentError> {
     let built = prepare_snapshot(config).await?;
     let skipped = built.skipped_lines();
@@ -113,7 +159,38 @@ pub struct SyncSummary {
 ///
 /// With an `[agent]` section the owner's settings apply (nothing is sent while license sync is disabled) and the
 /// enrolled credential is used; without one, the configured credential (the cron-style deployment).
+///
+/// The whole command is the root span `agent.sync` of the sync's trace (`trigger = "cli"`); the aggregator's spans
+/// join it through the trace context sent with the stream.
 pub async fn sync(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
+    let span = tracing::info_span!(
+        "agent.sync",
+        trigger = "cli",
+        server_id = %config.instance.server_id,
+        hostname = %config.instance.hostname,
+        sync_id = Empty,
+        users = Empty,
+        outcome = Empty
+    );
+    let summary = sync_in_span(config).instrument(span.clone()).await;
+    match &summary {
+        Ok(summary) => {
+            span.record("outcome", outcome(summary.duplicate));
+        }
+        Err(error) => {
+            span.record("outcome", "failed");
+            record_failure(&span, error.kind());
+        }
+    }
+    summary
+}
+
+/// The `outcome` of an `agent.sync` span that reached the aggregator's receipt.
+pub fn outcome(duplicate: bool) -> &'static str {
+    if duplicate { "duplicate" } else { "committed" }
+}
+
+async fn sync_in_span(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
     let aggregator = config.aggregator()?;
     let state = match &config.agent {
         Some(agent) => {
@@ -126,7 +203,9 @@ pub async fn sync(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
         None => None,
     };
     let credential = resolve_credential(config, state.as_ref())?;
-    let mut client = AggregatorClient::connect_with(aggregator, &credential.secret).await?;
+    let mut client = AggregatorClient::connect_with(aggregator, &credential.secret)
+        .instrument(tracing::info_span!("agent.aggregator_connect"))
+        .await?;
     let built = prepare_snapshot(config).await?;
     let skipped = built.skipped_lines();
     let snapshot = Arc::new(built.snapshot);

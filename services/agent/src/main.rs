@@ -113,7 +113,6 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,12 +123,31 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // The OTLP exporter's gRPC channel is created on the runtime.
+    let mut telemetry = {
+        let _runtime = runtime.enter();
+        init_telemetry(log_format, cli.command.traced())
+    };
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             report(&error, log_format);
             ExitCode::from(error.exit_code())
         }
+    };
+    // A one-shot sync exits right after its receipt: its spans are exported now, from this thread, while the
+    // runtime (still alive, its workers running) carries the export.
+    telemetry.shutdown();
+    code
+}
+
+impl Command {
+    /// Commands that read a source or send a snapshot; the CLI of the local API has nothing worth tracing.
+    fn traced(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_) | Command::Sync(_) | Command::Export { .. } | Command::Check(_)
+        )
     }
 }
 
@@ -288,18 +306,20 @@ fn report(error: &AgentError, format: LogFormat) {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: a sidecar's stderr usually goes to a log collector.
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// Logs on stderr and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace spans over OTLP.
+fn init_telemetry(format: LogFormat, traces: bool) -> license_sync_tracing::Telemetry {
+    license_sync_tracing::init(&license_sync_tracing::Options {
+        service_name: "license-sync-agent",
+        service_version: env!("CARGO_PKG_VERSION"),
+        format: match format {
+            LogFormat::Text => license_sync_tracing::LogFormat::Text,
+            LogFormat::Json => license_sync_tracing::LogFormat::Json,
+        },
+        flatten_json: true,
+        // Colours only on a terminal: a sidecar's stderr usually goes to a log collector.
+        ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        traces,
+    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::time::Instant;
 use license_sync_core::incremental::{InstanceChange, PeopleIndex};
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
 use time::OffsetDateTime;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::AggregatorConfig;
@@ -199,11 +200,16 @@ impl App {
             )));
         }
         let now = OffsetDateTime::now_utc();
-        snapshot
-            .validate(&self.snapshot_limits(), now)
+        tracing::info_span!("aggregator.validate", users = snapshot.users.len() as u64)
+            .in_scope(|| snapshot.validate(&self.snapshot_limits(), now))
             .inspect_err(|error| self.metrics.rejected(Rejection::of(error)))?;
         let digest = received_digest.unwrap_or_else(|| snapshot.digest());
         let users_sha256 = hex::encode(digest);
+        let committing = tracing::info_span!(
+            "aggregator.commit",
+            instance_id = instance.id,
+            users = snapshot.users.len() as u64
+        );
         let outcome = self
             .store
             .commit_snapshot(SnapshotCommit {
@@ -213,7 +219,12 @@ impl App {
                 via,
                 now,
             })
-            .await?;
+            .instrument(committing.clone())
+            .await
+            .inspect_err(|error| {
+                license_sync_tracing::record_failure(&committing, error.kind.as_str())
+            })?;
+        drop(committing);
         let receipt = match outcome {
             CommitOutcome::Applied { committed_at } => {
                 self.note_change(instance.enterprise_id);
@@ -264,10 +275,15 @@ impl App {
     }
 
     /// Rebuilds the merged view in the background so the next reader finds it ready.
+    ///
+    /// The rebuild is the span `aggregator.merge`, a child of the current span (the sync or upload whose commit
+    /// made it necessary) although it ends after the receipt: the sync's trace then shows when the REST view
+    /// caught up with it.
     fn warm_view(self: &Arc<Self>, enterprise_id: i64) {
         let app = Arc::clone(self);
+        let span = tracing::info_span!("aggregator.merge", enterprise_id);
         tokio::spawn(async move {
-            if let Err(error) = app.merged_view(enterprise_id).await {
+            if let Err(error) = app.merged_view(enterprise_id).instrument(span).await {
                 tracing::warn!(error = %error.message, "could not rebuild the merged view");
             }
         });

@@ -12,6 +12,8 @@ use license_sync_proto::v1::snapshot_ingest_server::SnapshotIngest;
 use license_sync_proto::v1::{SnapshotChunk, SyncReceipt};
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -57,15 +59,27 @@ impl SnapshotIngest for IngestService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SyncReceipt>, Status> {
-        let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
-        let stream = request.into_inner();
-        // Its own task: when a client resets the stream, the server drops this handler's future, but the ingest
-        // still runs to its end, so the failed attempt is recorded and a started commit completes or rolls back.
-        let app = Arc::clone(&self.app);
-        let receipt = tokio::spawn(ingest(app, instance, stream))
-            .await
-            .map_err(|err| ServiceError::internal("receiving a snapshot", err))??;
+        // The span `aggregator.ingest` continues the agent's trace: a child of its `agent.snapshot_stream` span,
+        // named by the `traceparent` metadata.
+        let span = tracing::info_span!(
+            "aggregator.ingest",
+            otel.kind = "server",
+            enterprise_id = Empty,
+            server_id = Empty,
+            hostname = Empty,
+            sync_id = Empty,
+            users = Empty,
+            duplicate = Empty
+        );
+        license_sync_tracing::set_remote_parent(&span, request.metadata());
+        let receipt = self.upload(request).instrument(span.clone()).await;
+        match &receipt {
+            Ok(receipt) => {
+                span.record("duplicate", receipt.duplicate);
+            }
+            Err(error) => license_sync_tracing::record_failure(&span, error.kind.as_str()),
+        }
+        let receipt = receipt?;
         Ok(Response::new(SyncReceipt {
             sync_id: receipt.sync_id.to_string(),
             server_id: receipt.server_id.to_string(),
@@ -76,12 +90,51 @@ impl SnapshotIngest for IngestService {
     }
 }
 
+impl IngestService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> ServiceResult<crate::app::Receipt> {
+        let credential = bearer_credential(&request)?;
+        let instance = self.app.authenticate_instance(&credential).await?;
+        let span = tracing::Span::current();
+        span.record("enterprise_id", instance.enterprise_id);
+        span.record("server_id", tracing::field::display(instance.server_id));
+        span.record("hostname", instance.hostname.as_str());
+        let stream = request.into_inner();
+        // Its own task: when a client resets the stream, the server drops this handler's future, but the ingest
+        // still runs to its end, so the failed attempt is recorded and a started commit completes or rolls back.
+        let app = Arc::clone(&self.app);
+        tokio::spawn(ingest(app, instance, stream).instrument(span))
+            .await
+            .map_err(|err| ServiceError::internal("receiving a snapshot", err))?
+    }
+}
+
 async fn ingest(
     app: Arc<App>,
     instance: Instance,
     mut stream: Streaming<SnapshotChunk>,
 ) -> ServiceResult<crate::app::Receipt> {
-    let (snapshot, digest) = match receive_snapshot(&app, &instance, &mut stream).await {
+    let received = {
+        // Ends with the reception, before the commit.
+        let receiving = tracing::info_span!("aggregator.receive", users = Empty);
+        let received = receive_snapshot(&app, &instance, &mut stream)
+            .instrument(receiving.clone())
+            .await;
+        match &received {
+            Ok((snapshot, _)) => {
+                let users = snapshot.users.len() as u64;
+                receiving.record("users", users);
+                let ingest = tracing::Span::current();
+                ingest.record("sync_id", tracing::field::display(snapshot.meta.sync_id));
+                ingest.record("users", users);
+            }
+            Err(error) => license_sync_tracing::record_failure(&receiving, error.kind.as_str()),
+        }
+        received
+    };
+    let (snapshot, digest) = match received {
         Ok(received) => received,
         Err(error) => {
             app.record_failure(&instance, Arrival::Connect, &error)

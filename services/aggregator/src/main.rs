@@ -126,16 +126,21 @@ enum MembersCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+/// Logs on stderr and, for `serve` when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace spans over OTLP.
+fn init_telemetry(format: LogFormat, serve: bool) -> license_sync_tracing::Telemetry {
+    license_sync_tracing::init(&license_sync_tracing::Options {
+        service_name: "license-sync-aggregator",
+        service_version: env!("CARGO_PKG_VERSION"),
+        format: match format {
+            LogFormat::Text => license_sync_tracing::LogFormat::Text,
+            LogFormat::Json => license_sync_tracing::LogFormat::Json,
+        },
+        flatten_json: false,
+        // Colours only on a terminal: a server's stderr usually goes to a log collector.
+        ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        // Administration commands act on the database directly; only the server has requests worth tracing.
+        traces: serve,
+    })
 }
 
 /// Prints one line on stdout and flushes, so that scripts and tests reading it see it at once.
@@ -170,24 +175,16 @@ async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = AggregatorConfig::load(cli.config.as_deref())?;
-    init_logging(config.log_format);
-    if let Command::Serve = cli.command {
-        let running = server::start(config).await?;
-        tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "aggregator listening");
-        print_line(
-            &serde_json::json!({
-                "grpc": running.grpc_addr.to_string(),
-                "http": running.http_addr.to_string(),
-            })
-            .to_string(),
-        )?;
-        let stop = running.stop_handle();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            let _ = stop.send(true);
-        });
-        return running.wait().await;
+    let serving = matches!(cli.command, Command::Serve);
+    let mut telemetry = init_telemetry(config.log_format, serving);
+    if serving {
+        let served = serve(config).await;
+        // The spans of the last requests (and of the merges they started) are exported before the exit. The flush
+        // blocks, and needs the runtime's other workers for the export: off the async threads.
+        if let Err(error) = tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
+            tracing::warn!(%error, "the trace exporter's shutdown failed");
+        }
+        return served;
     }
 
     let store = store::open(&config.database_url)
@@ -273,6 +270,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs the server until SIGTERM or Ctrl-C, then shuts it down gracefully.
+async fn serve(config: AggregatorConfig) -> anyhow::Result<()> {
+    let running = server::start(config).await?;
+    tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "aggregator listening");
+    print_line(
+        &serde_json::json!({
+            "grpc": running.grpc_addr.to_string(),
+            "http": running.http_addr.to_string(),
+        })
+        .to_string(),
+    )?;
+    let stop = running.stop_handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    running.wait().await
 }
 
 #[tokio::main]

@@ -438,7 +438,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Servi
     })
 }
 
-/// "Add server usage": the manual upload of a usage file exported by an agent.
+/// "Add server usage": the manual upload of a usage file exported by an agent. The span `aggregator.upload` is
+/// the root of the upload's trace (validation, commit and merge are its children, as for a streamed sync).
+#[tracing::instrument(name = "aggregator.upload", skip_all, fields(otel.kind = "server"))]
 async fn upload_usage(
     State(app): State<Arc<App>>,
     Path(enterprise): Path<String>,

@@ -106,7 +106,18 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         );
     let grpc_task = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
 
-    let router = rest::router(Arc::clone(&app)).layer(TraceLayer::new_for_http());
+    // Request logs name the path only: a query string is the caller's input and may hold an email address (e.g. an
+    // owner asking for `license-explanations?account=<an address>`).
+    let router = rest::router(Arc::clone(&app)).layer(TraceLayer::new_for_http().make_span_with(
+        |request: &axum::http::Request<axum::body::Body>| {
+            tracing::debug_span!(
+                "request",
+                method = %request.method(),
+                path = request.uri().path(),
+                version = ?request.version()
+            )
+        },
+    ));
     let http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, router)

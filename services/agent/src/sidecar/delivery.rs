@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use license_sync_core::snapshot::Snapshot;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::jobs::{JobReceipt, JobState};
 use super::{Sidecar, wait_until};
@@ -74,9 +75,10 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
         };
         sidecar.inner().pending = pending.len() as u64;
         if let Some((id, sync_id)) = sending {
-            let sync_id = sync_id.to_string();
-            if !pending.iter().any(|entry| entry.name.contains(&sync_id)) {
+            let name_part = sync_id.to_string();
+            if !pending.iter().any(|entry| entry.name.contains(&name_part)) {
                 tracing::error!(job_id = %id, %sync_id, "the job's pending snapshot disappeared from the state directory");
+                sidecar.finish_sync_span(sync_id, "failed", Some("snapshot_missing"));
                 sidecar.fail_job(
                     id,
                     ErrorReport::new(
@@ -153,12 +155,17 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             });
         }
         let generated_at = snapshot.meta.generated_at;
-        let attempt = attempt(&sidecar, credential, snapshot).await;
+        // Every attempt (its `agent.snapshot_stream` span) is a child of the sync's span: retries show in one trace.
+        let sync_span = sidecar.sync_span(sync_id, snapshot.users.len() as u64);
+        let attempt = attempt(&sidecar, credential, snapshot)
+            .instrument(sync_span)
+            .await;
 
         match attempt {
             Attempt::Abandoned => {
                 tracing::warn!(%sync_id, "the upload did not finish within the shutdown grace period; abandoned, the snapshot stays pending and is sent after the restart");
                 sidecar.inner().counters.delivery_attempts.interrupted += 1;
+                sidecar.finish_sync_span(sync_id, "interrupted", None);
                 return;
             }
             Attempt::Cancelled => {
@@ -166,6 +173,8 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                 let mut inner = sidecar.inner();
                 inner.counters.delivery_attempts.interrupted += 1;
                 drop(inner);
+                // It may stay pending for days: this trace ends here, a later delivery starts its own.
+                sidecar.finish_sync_span(sync_id, "interrupted", None);
                 if let Some(id) = job_id {
                     sidecar.update_job(id, |job| {
                         job.last_error = Some(ErrorReport::from(&AgentError::SyncDisabled));
@@ -180,6 +189,11 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     "the aggregator committed the snapshot"
                 );
                 sidecar.metrics.succeeded(sidecar.now());
+                sidecar.finish_sync_span(
+                    sync_id,
+                    crate::commands::outcome(receipt.duplicate),
+                    None,
+                );
                 // Removed first, so that whoever sees the job committed also sees the snapshot gone.
                 let removed = remove_pending(&sidecar, &entry).await;
                 {
@@ -284,7 +298,9 @@ async fn attempt(
         Err(error) => return Attempt::Done(Err(error.into())),
     };
     let upload = async move {
-        let mut client = AggregatorClient::connect_with(&aggregator, &credential.secret).await?;
+        let mut client = AggregatorClient::connect_with(&aggregator, &credential.secret)
+            .instrument(tracing::info_span!("agent.aggregator_connect"))
+            .await?;
         client.upload(Arc::new(snapshot)).await
     };
     tokio::pin!(upload);
@@ -336,6 +352,9 @@ async fn give_up(
         // Without the move the loop would pick the same file again; remove it instead of retrying forever.
         tracing::error!(pending = %entry.name, error = %error_chain(&move_error), "cannot move the refused snapshot to failed/; deleting it");
         let _ = std::fs::remove_file(&entry.path);
+    }
+    if let Some(sync_id) = sync_id {
+        sidecar.finish_sync_span(sync_id, "failed", Some(&error.kind));
     }
     let job_id = sync_id.and_then(|sync_id| sidecar.inner().jobs.id_for_sync(sync_id));
     if let Some(id) = job_id {

@@ -18,6 +18,7 @@ mod delivery;
 pub mod jobs;
 mod scheduler;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,6 +27,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 use uuid::Uuid;
 
 use crate::commands::prepare_snapshot;
@@ -73,6 +76,9 @@ struct Inner {
     failed: u64,
     recent_failures: Vec<FailedReason>,
     counters: Counters,
+    /// The open `agent.sync` span of each snapshot between its job and its final delivery outcome, so that every
+    /// delivery attempt joins the sync's trace. Removing a span ends it (and exports it).
+    sync_spans: HashMap<Uuid, tracing::Span>,
 }
 
 /// The control stream as the status shows it.
@@ -288,7 +294,19 @@ impl Sidecar {
             tracing::info!(job_id = %ticket.job.id, trigger = kind, "starting a sync job");
             let sidecar = self.clone();
             let id = ticket.job.id;
-            let handle = tokio::spawn(async move { sidecar.run_job(id).await });
+            // Each job is the root span of its sync's trace; the delivery loop's attempts join it.
+            let span = tracing::info_span!(
+                parent: None,
+                "agent.sync",
+                trigger = kind,
+                job_id = %id,
+                server_id = %self.config.instance.server_id,
+                hostname = %self.config.instance.hostname,
+                sync_id = Empty,
+                users = Empty,
+                outcome = Empty
+            );
+            let handle = tokio::spawn(async move { sidecar.run_job(id).await }.instrument(span));
             *self
                 .current_job_task
                 .lock()
@@ -331,6 +349,40 @@ impl Sidecar {
         Some(job)
     }
 
+    /// The `agent.sync` span of a pending snapshot: its job's, or a new root for a snapshot left pending by a
+    /// previous run (`trigger = "pending"`), kept until [`Sidecar::finish_sync_span`].
+    fn sync_span(&self, sync_id: Uuid, users: u64) -> tracing::Span {
+        self.inner()
+            .sync_spans
+            .entry(sync_id)
+            .or_insert_with(|| {
+                tracing::info_span!(
+                    parent: None,
+                    "agent.sync",
+                    trigger = "pending",
+                    server_id = %self.config.instance.server_id,
+                    hostname = %self.config.instance.hostname,
+                    sync_id = %sync_id,
+                    users,
+                    outcome = Empty
+                )
+            })
+            .clone()
+    }
+
+    /// Ends the `agent.sync` span of a snapshot with its outcome (`committed`, `duplicate`, `failed`,
+    /// `interrupted`); `failure` is the error kind of a failed sync.
+    fn finish_sync_span(&self, sync_id: Uuid, outcome: &'static str, failure: Option<&str>) {
+        let span = self.inner().sync_spans.remove(&sync_id);
+        // Dropped outside the lock: ending a span hands it to the exporter.
+        if let Some(span) = span {
+            span.record("outcome", outcome);
+            if let Some(kind) = failure {
+                license_sync_tracing::record_failure(&span, kind);
+            }
+        }
+    }
+
     fn fail_job(&self, id: Uuid, error: ErrorReport, retryable: bool) {
         self.update_job(id, |job| {
             job.state = JobState::Failed;
@@ -350,6 +402,7 @@ impl Sidecar {
                 built
             }
             _ = shutdown.wait_for(|stopping| *stopping) => {
+                tracing::Span::current().record("outcome", "interrupted");
                 self.fail_job(id, ErrorReport::new(
                     "shutting_down",
                     "the agent stopped while reading the source; nothing was sent",
@@ -366,11 +419,15 @@ impl Sidecar {
             }
             Err(error) => {
                 tracing::warn!(job_id = %id, kind = error.kind(), error = %error_chain(&error), "the sync job could not read the source");
+                let span = tracing::Span::current();
+                span.record("outcome", "failed");
+                license_sync_tracing::record_failure(&span, error.kind());
                 self.fail_job(id, ErrorReport::from(&error), error.is_retryable());
                 return;
             }
         };
         if !self.enabled() {
+            tracing::Span::current().record("outcome", "interrupted");
             self.fail_job(id, ErrorReport::from(&AgentError::SyncDisabled), false);
             return;
         }
@@ -387,6 +444,10 @@ impl Sidecar {
             job.users = Some(users);
             job.rows_skipped = Some(rows_skipped);
         });
+        // Likewise the job's span, so that the first delivery attempt already joins this trace.
+        self.inner()
+            .sync_spans
+            .insert(sync_id, tracing::Span::current());
         let state = self.state.clone();
         let written = tokio::task::spawn_blocking(move || {
             let entry = state.write_pending(snapshot)?;
@@ -415,6 +476,7 @@ impl Sidecar {
             }
             Err(error) => {
                 tracing::error!(job_id = %id, %sync_id, error = %error_chain(&error), "cannot persist the snapshot; nothing was sent");
+                self.finish_sync_span(sync_id, "failed", Some(error.kind()));
                 let mut report = ErrorReport::from(&error);
                 if !report.message.contains("nothing was sent") {
                     report.message.push_str(
@@ -668,6 +730,11 @@ impl RunningAgent {
                 tracing::warn!(task = name, "did not stop in time; abandoned");
                 abort.abort();
             }
+        }
+        // Syncs still waiting for delivery end their spans here, so that they are exported before the exit.
+        let open: Vec<Uuid> = self.sidecar.inner().sync_spans.keys().copied().collect();
+        for sync_id in open {
+            self.sidecar.finish_sync_span(sync_id, "interrupted", None);
         }
         tracing::info!("stopped");
     }
