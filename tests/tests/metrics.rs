@@ -688,6 +688,7 @@ impl Prometheus {
                 self.log()
             );
         }
+        eprintln!("prometheus answered {query:?}: {last:?}");
     }
 }
 
