@@ -60,10 +60,12 @@ struct ViewSlot {
 struct PageCache {
     generation: i64,
     bodies: HashMap<(usize, usize), axum::body::Bytes>,
+    bytes: usize,
 }
 
-/// Bounds the page cache of one enterprise (pages are at most 100 users, a few tens of KiB each).
-const MAX_CACHED_PAGES: usize = 2048;
+/// Bounds the page cache of one enterprise: about 500 pages of 100 users. Clients mostly read the first pages or
+/// walk them in order, so a small cache serves most requests; it is memory the aggregator must not outgrow.
+const MAX_CACHED_PAGE_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct App {
     pub store: DynStore,
@@ -349,15 +351,19 @@ impl App {
         let Ok(mut pages) = slot.pages.lock() else {
             return;
         };
-        if pages.generation != generation || pages.bodies.len() >= MAX_CACHED_PAGES {
+        if generation < pages.generation {
+            return;
+        }
+        if pages.generation != generation || pages.bytes + body.len() > MAX_CACHED_PAGE_BYTES {
             // A newer generation makes every cached page wrong; a full cache starts again rather than track use.
-            if generation < pages.generation {
-                return;
-            }
             pages.generation = generation;
             pages.bodies.clear();
+            pages.bytes = 0;
         }
-        pages.bodies.insert(key, body);
+        pages.bytes += body.len();
+        if let Some(replaced) = pages.bodies.insert(key, body) {
+            pages.bytes -= replaced.len();
+        }
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

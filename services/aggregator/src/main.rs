@@ -10,6 +10,11 @@ use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::{admin, control, server, store};
 use uuid::Uuid;
 
+/// mimalloc instead of glibc's malloc: the merged view is millions of small allocations that live long and change
+/// a few at a time, where glibc's per-thread arenas fragment and hold on to freed memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "license-sync-aggregator",

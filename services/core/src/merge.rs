@@ -489,6 +489,8 @@ pub(crate) fn finish_person(
             }
         }
     }
+    // Most people have one or two accounts: a Vec grown by pushes keeps room for four, 160 bytes each time.
+    draft.links.shrink_to_fit();
     let member = draft.cloud_member.map(|index| &cloud[index as usize]);
     let consumes_license = member.is_some_and(|member| member.consumes_license)
         || draft.links.iter().any(|link| {
