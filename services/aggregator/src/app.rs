@@ -41,6 +41,22 @@ pub struct MergedView {
     pub people: PeopleIndex,
 }
 
+/// The users of a snapshot this process just committed, to apply to the view without reading them back.
+struct Committed {
+    generation: i64,
+    instance_id: i64,
+    hostname: String,
+    users: Vec<license_sync_core::model::ServerUser>,
+}
+
+/// How a view refresh went, for its log line and metrics.
+struct Refresh {
+    started: Instant,
+    loaded: std::time::Duration,
+    reloaded_instances: usize,
+    from_commit: bool,
+}
+
 /// A reader's hold on a current merged view. Readers share it; a refresh waits for them only to apply a change.
 pub type ViewGuard = tokio::sync::OwnedRwLockReadGuard<Option<MergedView>, MergedView>;
 
@@ -162,28 +178,42 @@ impl App {
         received_digest: Option<[u8; 32]>,
     ) -> ServiceResult<Receipt> {
         let started = Instant::now();
-        let result = self
+        let (receipt, applied_generation) = match self
             .validate_and_commit(instance, &snapshot, via, received_digest)
-            .await;
+            .await
+        {
+            Ok(committed) => committed,
+            Err(error) => {
+                self.record_failure(instance, via, &error).await;
+                return Err(error);
+            }
+        };
+        self.metrics
+            .sync_committed(via, receipt.duplicate, started.elapsed());
         let meta = &snapshot.meta;
-        if let Ok(receipt) = &result {
-            self.metrics
-                .sync_committed(via, receipt.duplicate, started.elapsed());
+        tracing::info!(
+            server_id = %meta.instance.server_id,
+            hostname = %meta.instance.hostname,
+            sync_id = %meta.sync_id,
+            users = receipt.users_accepted,
+            duplicate = receipt.duplicate,
+            via = via.as_str(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot committed"
+        );
+        if let Some(generation) = applied_generation {
+            self.note_change(instance.enterprise_id);
+            self.warm_view(
+                instance.enterprise_id,
+                Some(Committed {
+                    generation,
+                    instance_id: instance.id,
+                    hostname: snapshot.meta.instance.hostname,
+                    users: snapshot.users,
+                }),
+            );
         }
-        match &result {
-            Ok(receipt) => tracing::info!(
-                server_id = %meta.instance.server_id,
-                hostname = %meta.instance.hostname,
-                sync_id = %meta.sync_id,
-                users = receipt.users_accepted,
-                duplicate = receipt.duplicate,
-                via = via.as_str(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "snapshot committed"
-            ),
-            Err(error) => self.record_failure(instance, via, error).await,
-        }
-        result
+        Ok(receipt)
     }
 
     async fn validate_and_commit(
@@ -192,7 +222,7 @@ impl App {
         snapshot: &Snapshot,
         via: Arrival,
         received_digest: Option<[u8; 32]>,
-    ) -> ServiceResult<Receipt> {
+    ) -> ServiceResult<(Receipt, Option<i64>)> {
         let meta = &snapshot.meta;
         if meta.instance.server_id != instance.server_id {
             self.metrics.rejected(Rejection::WrongInstance);
@@ -227,30 +257,34 @@ impl App {
                 license_sync_tracing::record_failure(&committing, error.kind.as_str())
             })?;
         drop(committing);
-        let receipt = match outcome {
-            CommitOutcome::Applied { committed_at } => {
-                self.note_change(instance.enterprise_id);
-                self.warm_view(instance.enterprise_id);
+        Ok(match outcome {
+            CommitOutcome::Applied {
+                committed_at,
+                generation,
+            } => (
                 Receipt {
                     sync_id: meta.sync_id,
                     server_id: meta.instance.server_id,
                     users_accepted: snapshot.users.len() as u64,
                     committed_at,
                     duplicate: false,
-                }
-            }
+                },
+                Some(generation),
+            ),
             CommitOutcome::Duplicate {
                 committed_at,
                 user_count,
-            } => Receipt {
-                sync_id: meta.sync_id,
-                server_id: meta.instance.server_id,
-                users_accepted: user_count,
-                committed_at,
-                duplicate: true,
-            },
-        };
-        Ok(receipt)
+            } => (
+                Receipt {
+                    sync_id: meta.sync_id,
+                    server_id: meta.instance.server_id,
+                    users_accepted: user_count,
+                    committed_at,
+                    duplicate: true,
+                },
+                None,
+            ),
+        })
     }
 
     /// Shows a failed attempt on the status page. The stored snapshot is untouched.
@@ -276,19 +310,61 @@ impl App {
         }
     }
 
-    /// Rebuilds the merged view in the background so the next reader finds it ready.
-    ///
-    /// The rebuild is the span `aggregator.merge`, a child of the current span (the sync or upload whose commit
-    /// made it necessary) although it ends after the receipt: the sync's trace then shows when the REST view
-    /// caught up with it.
-    fn warm_view(self: &Arc<Self>, enterprise_id: i64) {
+    /// Brings the merged view up to date in the background so the next reader finds it ready. Given the commit
+    /// this process just made, applies its users directly when the view is at the generation just before it.
+    fn warm_view(self: &Arc<Self>, enterprise_id: i64, committed: Option<Committed>) {
         let app = Arc::clone(self);
         let span = tracing::info_span!("aggregator.merge", enterprise_id);
-        tokio::spawn(async move {
-            if let Err(error) = app.merged_view(enterprise_id).instrument(span).await {
-                tracing::warn!(error = %error.message, "could not rebuild the merged view");
+        tokio::spawn(
+            async move {
+                let result = match committed {
+                    Some(committed) => app.apply_commit(enterprise_id, committed).await,
+                    None => app.merged_view(enterprise_id).await.map(drop),
+                };
+                if let Err(error) = result {
+                    tracing::warn!(error = %error.message, "could not rebuild the merged view");
+                }
             }
-        });
+            .instrument(span),
+        );
+    }
+
+    /// Applies a commit of this process to the view without reading its users back from the store. Exact only
+    /// when the view is at the generation just before the commit's (every change bumps the generation once), so
+    /// any other case catches up from the store instead.
+    async fn apply_commit(&self, enterprise_id: i64, committed: Committed) -> ServiceResult<()> {
+        let slot = self.view_slot(enterprise_id)?;
+        let refreshing = slot.refresh.lock().await;
+        let at = slot.view.read().await.as_ref().map(|view| view.generation);
+        if at != Some(committed.generation - 1) {
+            drop(refreshing);
+            return self.merged_view(enterprise_id).await.map(drop);
+        }
+        let started = Instant::now();
+        let mut view = Arc::clone(&slot.view).write_owned().await;
+        let view = tokio::task::spawn_blocking(move || {
+            if let Some(view) = view.as_mut() {
+                view.people.apply([InstanceChange::Upsert {
+                    key: committed.instance_id,
+                    hostname: committed.hostname,
+                    users: committed.users,
+                }]);
+                view.generation = committed.generation;
+            }
+            view
+        })
+        .await
+        .map_err(|err| ServiceError::internal("merging accounts", err))?
+        .downgrade();
+        let refresh = Refresh {
+            started,
+            loaded: std::time::Duration::ZERO,
+            reloaded_instances: 0,
+            from_commit: true,
+        };
+        self.finish_refresh(enterprise_id, view, refresh)
+            .await
+            .map(drop)
     }
 
     fn view_slot(&self, enterprise_id: i64) -> ServiceResult<Arc<ViewSlot>> {
@@ -392,20 +468,36 @@ impl App {
         .await
         .map_err(|err| ServiceError::internal("merging accounts", err))?
         .downgrade();
-        self.metrics.merge_finished(started.elapsed());
+        let refresh = Refresh {
+            started,
+            loaded,
+            reloaded_instances,
+            from_commit: false,
+        };
+        self.finish_refresh(enterprise_id, view, refresh).await
+    }
+
+    /// Metrics, a log line and today's usage after a view changed; hands the view on as a reader's.
+    async fn finish_refresh(
+        &self,
+        enterprise_id: i64,
+        view: tokio::sync::OwnedRwLockReadGuard<Option<MergedView>>,
+        refresh: Refresh,
+    ) -> ServiceResult<ViewGuard> {
+        self.metrics.merge_finished(refresh.started.elapsed());
         let view = tokio::sync::OwnedRwLockReadGuard::try_map(view, Option::as_ref)
             .map_err(|_| ServiceError::internal("merging accounts", "no view after a refresh"))?;
         let stats = view.people.stats();
         tracing::info!(
             enterprise_id,
             generation = view.generation,
-            incremental = since.is_some(),
-            reloaded_instances,
+            from_commit = refresh.from_commit,
+            reloaded_instances = refresh.reloaded_instances,
             accounts = stats.server_accounts,
             people = stats.people,
             consumed = view.people.total_seats_consumed(),
-            load_ms = loaded.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
+            load_ms = refresh.loaded.as_millis() as u64,
+            total_ms = refresh.started.elapsed().as_millis() as u64,
             "merged view refreshed"
         );
         self.record_usage(enterprise_id, &view).await;

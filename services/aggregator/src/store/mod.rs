@@ -212,8 +212,11 @@ pub struct SnapshotCommit<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// The snapshot replaced the instance's previous one.
-    Applied { committed_at: OffsetDateTime },
+    /// The snapshot replaced the instance's previous one; `generation` is the enterprise's generation it made.
+    Applied {
+        committed_at: OffsetDateTime,
+        generation: i64,
+    },
     /// This sync id was applied before; nothing changed.
     Duplicate {
         committed_at: OffsetDateTime,

@@ -115,14 +115,14 @@ async fn bump_users_generation(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     enterprise_id: i64,
     instance_id: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
     let generation = bump_generation(tx, enterprise_id).await?;
     sqlx::query("UPDATE instances SET users_generation = $1 WHERE id = $2")
         .bind(generation)
         .bind(instance_id)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(generation)
 }
 
 /// Bumps the generation and stamps the cloud members with it, so that merged views reload them.
@@ -289,10 +289,11 @@ impl PostgresStore {
             Err(err) if is_unique_violation(&err) => return Ok(Attempt::RacedOnSyncId),
             Err(err) => return Err(err.into()),
         }
-        bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
+        let generation = bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
         tx.commit().await?;
         Ok(Attempt::Done(CommitOutcome::Applied {
             committed_at: commit.now,
+            generation,
         }))
     }
 }

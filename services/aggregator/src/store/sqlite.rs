@@ -510,10 +510,11 @@ impl Store for SqliteStore {
         .bind(committed_ms)
         .execute(&mut *tx)
         .await?;
-        bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
+        let generation = bump_users_generation(&mut tx, enterprise_id, commit.instance_id).await?;
         tx.commit().await?;
         Ok(CommitOutcome::Applied {
             committed_at: commit.now,
+            generation,
         })
     }
 
@@ -1020,14 +1021,14 @@ async fn bump_users_generation(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     enterprise_id: i64,
     instance_id: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
     let generation = bump_generation(tx, enterprise_id).await?;
     sqlx::query("UPDATE instances SET users_generation = ? WHERE id = ?")
         .bind(generation)
         .bind(instance_id)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(generation)
 }
 
 /// Bumps the generation and stamps the cloud members with it, so that merged views reload them.
