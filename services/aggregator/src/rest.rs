@@ -179,91 +179,101 @@ fn link_header(url: &str, per_page: usize, page: usize, last_page: usize) -> Opt
     (!links.is_empty()).then(|| links.join(", "))
 }
 
-/// One entry of `users` in GitHub's "Enterprise Consumed Licenses" schema.
+/// One entry of `users` in GitHub's "Enterprise Consumed Licenses" schema. Borrows from the merged view: a page is
+/// serialised straight from it, without copying every string first.
 #[derive(Debug, Serialize)]
-struct ConsumedUser {
-    github_com_login: String,
-    github_com_name: Option<String>,
+struct ConsumedUser<'a> {
+    github_com_login: &'a str,
+    github_com_name: Option<&'a str>,
     enterprise_server_user_ids: Vec<String>,
     github_com_user: bool,
     enterprise_server_user: Option<bool>,
     visual_studio_subscription_user: bool,
     license_type: &'static str,
     github_com_profile: Option<String>,
-    github_com_member_roles: Vec<String>,
-    github_com_enterprise_roles: Vec<String>,
-    github_com_verified_domain_emails: Vec<String>,
-    github_com_saml_name_id: Option<String>,
-    github_com_orgs_with_pending_invites: Vec<String>,
+    github_com_member_roles: &'a [String],
+    github_com_enterprise_roles: &'a [String],
+    github_com_verified_domain_emails: &'a [String],
+    github_com_saml_name_id: Option<&'a str>,
+    github_com_orgs_with_pending_invites: &'a [String],
     github_com_two_factor_auth: Option<bool>,
-    enterprise_server_emails: Vec<String>,
+    enterprise_server_emails: &'a [&'a str],
     /// The name PyGithub's `NamedEnterpriseUser` reads; same content as `enterprise_server_emails`.
-    enterprise_server_primary_emails: Vec<String>,
-    visual_studio_license_status: Option<String>,
-    visual_studio_subscription_email: Option<String>,
+    enterprise_server_primary_emails: &'a [&'a str],
+    visual_studio_license_status: Option<&'static str>,
+    visual_studio_subscription_email: Option<&'static str>,
     total_user_accounts: usize,
     /// Ours: the person's stable id, for `license-explanations?person=`.
-    person_id: String,
+    person_id: &'a str,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
     ambiguous: bool,
 }
 
-fn consumed_user(view: &MergedView, person: &Person, cloud_web_url: &str) -> ConsumedUser {
+/// The distinct primary emails of a person's GHES accounts (case-insensitive), as GHES reports them.
+fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
+    let mut emails: Vec<&str> = Vec::new();
+    for link in &person.server_accounts {
+        let instance = &view.people.instance_slots()[link.account.instance as usize];
+        let email = instance.users[link.account.user as usize].email.trim();
+        if !email.is_empty() && !emails.iter().any(|known| known.eq_ignore_ascii_case(email)) {
+            emails.push(email);
+        }
+    }
+    emails
+}
+
+fn consumed_user<'a>(
+    view: &'a MergedView,
+    person: &'a Person,
+    server_emails: &'a [&'a str],
+    cloud_web_url: &str,
+) -> ConsumedUser<'a> {
     let member = person
         .cloud_member
         .and_then(|index| view.people.cloud_members().get(index as usize));
-    let mut server_ids = Vec::with_capacity(person.server_accounts.len());
-    let mut server_emails: Vec<String> = Vec::new();
-    for link in &person.server_accounts {
-        let instance = &view.people.instance_slots()[link.account.instance as usize];
-        let user = &instance.users[link.account.user as usize];
-        server_ids.push(format!("{}:{}", instance.hostname, user.id));
-        let email = user.email.trim();
-        if !email.is_empty()
-            && !server_emails
-                .iter()
-                .any(|known| known.eq_ignore_ascii_case(email))
-        {
-            server_emails.push(email.to_owned());
-        }
-    }
+    let server_ids = person
+        .server_accounts
+        .iter()
+        .map(|link| {
+            let instance = &view.people.instance_slots()[link.account.instance as usize];
+            format!(
+                "{}:{}",
+                instance.hostname, instance.users[link.account.user as usize].id
+            )
+        })
+        .collect();
     // GitHub's own example gives empty strings, not nulls, for a server-only person; clients expect that.
-    let text = |value: Option<&str>| Some(value.unwrap_or_default().to_owned());
+    let text = |value: Option<&'a str>| Some(value.unwrap_or_default());
+    const NONE: &[String] = &[];
     ConsumedUser {
-        github_com_login: member.map(|m| m.login.clone()).unwrap_or_default(),
+        github_com_login: member.map(|m| m.login.as_str()).unwrap_or_default(),
         github_com_name: text(member.and_then(|m| m.name.as_deref())),
         enterprise_server_user_ids: server_ids,
         github_com_user: member.is_some(),
         enterprise_server_user: Some(!person.server_accounts.is_empty()),
         visual_studio_subscription_user: member.is_some_and(|m| m.visual_studio_subscription_user),
         license_type: "enterprise",
-        github_com_profile: text(
+        github_com_profile: Some(
             member
                 .map(|m| format!("{}/{}", cloud_web_url.trim_end_matches('/'), m.login))
-                .as_deref(),
+                .unwrap_or_default(),
         ),
-        github_com_member_roles: member.map(|m| m.member_roles.clone()).unwrap_or_default(),
-        github_com_enterprise_roles: member
-            .map(|m| m.enterprise_roles.clone())
-            .unwrap_or_default(),
-        github_com_verified_domain_emails: member
-            .map(|m| m.verified_emails.clone())
-            .unwrap_or_default(),
+        github_com_member_roles: member.map_or(NONE, |m| &m.member_roles),
+        github_com_enterprise_roles: member.map_or(NONE, |m| &m.enterprise_roles),
+        github_com_verified_domain_emails: member.map_or(NONE, |m| &m.verified_emails),
         github_com_saml_name_id: text(
             member
                 .and_then(|m| m.identity.as_ref())
                 .and_then(|identity| identity.name_id.as_deref()),
         ),
-        github_com_orgs_with_pending_invites: member
-            .map(|m| m.orgs_with_pending_invites.clone())
-            .unwrap_or_default(),
+        github_com_orgs_with_pending_invites: member.map_or(NONE, |m| &m.orgs_with_pending_invites),
         github_com_two_factor_auth: member.and_then(|m| m.two_factor_auth),
-        enterprise_server_primary_emails: server_emails.clone(),
+        enterprise_server_primary_emails: server_emails,
         enterprise_server_emails: server_emails,
-        visual_studio_license_status: text(None),
-        visual_studio_subscription_email: text(None),
+        visual_studio_license_status: Some(""),
+        visual_studio_subscription_email: Some(""),
         total_user_accounts: person.total_user_accounts(),
-        person_id: person.id.clone(),
+        person_id: &person.id,
         ambiguous: person.ambiguous(),
     }
 }
@@ -330,18 +340,33 @@ fn consumed_licenses_body(
     let total = consuming.len();
     let start = (page - 1).saturating_mul(per_page).min(total);
     let end = start.saturating_add(per_page).min(total);
-    let users: Vec<ConsumedUser> = consuming[start..end]
+    let people: Vec<&Person> = consuming[start..end]
         .iter()
         .filter_map(|&slot| view.people.person(slot))
-        .map(|person| consumed_user(view, person, &app.config.cloud_web_url))
+        .collect();
+    let emails: Vec<Vec<&str>> = people
+        .iter()
+        .map(|person| server_emails(view, person))
+        .collect();
+    let users: Vec<ConsumedUser> = people
+        .iter()
+        .zip(&emails)
+        .map(|(person, emails)| consumed_user(view, person, emails, &app.config.cloud_web_url))
         .collect();
     let consumed = view.people.total_seats_consumed();
-    serde_json::to_vec(&json!({
-        "total_seats_consumed": consumed,
-        "total_seats_purchased": view.seats_purchased,
-        "total_seats_overage": overage(consumed, view.seats_purchased),
-        "users": users,
-    }))
+    #[derive(Serialize)]
+    struct Page<'a> {
+        total_seats_consumed: u64,
+        total_seats_purchased: i64,
+        total_seats_overage: u64,
+        users: Vec<ConsumedUser<'a>>,
+    }
+    serde_json::to_vec(&Page {
+        total_seats_consumed: consumed,
+        total_seats_purchased: view.seats_purchased,
+        total_seats_overage: overage(consumed, view.seats_purchased),
+        users,
+    })
     .map_err(|err| ServiceError::internal("encoding consumed licenses", err))
 }
 
