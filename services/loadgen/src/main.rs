@@ -947,8 +947,11 @@ async fn compare_replicas(cx: &Run<'_>, count: usize) -> Result<()> {
                 replicas_word(phase.replicas)
             );
             println!(
-                "    {instances} syncs, {} at a time                 {}  ({:.0} users/s, {:.1} syncs/s; {:.2}× the floor's users/s)",
-                sync_concurrency.min(instances),
+                "    {:<44}{}  ({:.0} users/s, {:.1} syncs/s; {:.2}× the floor's users/s)",
+                format!(
+                    "{instances} syncs, {} at a time",
+                    sync_concurrency.min(instances)
+                ),
                 secs(phase.wall),
                 users_per_sec,
                 instances as f64 / wall,
