@@ -15,6 +15,8 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
+use sha2::{Digest, Sha256};
+
 use crate::email::normalize_email;
 use crate::merge::{
     AccountRef, CloudIndex, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person,
@@ -53,11 +55,12 @@ pub struct PeopleIndex {
     consuming_accounts: Vec<u64>,
     /// Person slots. Slot `i < cloud.len()` is cloud member `i`; a free slot has no cloud member and no accounts.
     people: Vec<Person>,
-    /// The lower-cased login each person sorts by (with its id as the tie-breaker).
-    sort_keys: Vec<String>,
+    /// The lower-cased login each person sorts by (with its id as the tie-breaker), when it differs from the login
+    /// itself; most logins are lower case already, and a string per person is memory the index can do without.
+    sort_keys: Vec<Option<Box<str>>>,
     free_people: Vec<u32>,
     /// Groups of accounts that matched no cloud member, by normalised primary email.
-    person_of_email: HashMap<String, u32>,
+    person_of_email: HashMap<EmailKey, u32>,
     /// Person slots that consume a license, sorted by (login, id) as GitHub pages them.
     consuming: Vec<u32>,
     stats: MergeStats,
@@ -70,7 +73,7 @@ struct Touched {
     /// Parallel to the people slab while a batch runs: whether a slot is already in `people`.
     marked: Vec<bool>,
     /// Unmatched-email groups that lost accounts, with their email: removed from the email map if left empty.
-    shrunk_groups: Vec<(u32, String)>,
+    shrunk_groups: Vec<(u32, EmailKey)>,
 }
 
 impl PeopleIndex {
@@ -103,7 +106,7 @@ impl PeopleIndex {
                 server_accounts: Vec::new(),
                 consumes_license: false,
             });
-            index.sort_keys.push(String::new());
+            index.sort_keys.push(None);
             // Marked while still empty, so that it has nothing to take out of the statistics.
             index.mark(&mut touched, member);
             index.people[member as usize].cloud_member = Some(member);
@@ -301,7 +304,7 @@ impl PeopleIndex {
             server_accounts: Vec::new(),
             consumes_license: false,
         });
-        self.sort_keys.push(String::new());
+        self.sort_keys.push(None);
         (self.people.len() - 1) as u32
     }
 
@@ -361,7 +364,7 @@ impl PeopleIndex {
             {
                 touched
                     .shrunk_groups
-                    .push((owner, email.as_str().to_owned()));
+                    .push((owner, email_key(email.as_str())));
             }
         }
         self.instances[slot as usize].users = Vec::new();
@@ -386,7 +389,7 @@ impl PeopleIndex {
                         rule: MatchRule::InvalidEmail {
                             reason: invalid.into(),
                         },
-                        tied_candidates: Vec::new(),
+                        tied_candidates: Box::default(),
                     },
                 ),
                 Ok(email) => match self.cloud_index.find(email.as_str()) {
@@ -399,19 +402,19 @@ impl PeopleIndex {
                         },
                     ),
                     None => {
-                        let owner = match self.person_of_email.get(email.as_str()) {
+                        let key = email_key(email.as_str());
+                        let owner = match self.person_of_email.get(&key) {
                             Some(&owner) => owner,
                             None => {
                                 let owner = self.allocate_person();
-                                self.person_of_email
-                                    .insert(email.as_str().to_owned(), owner);
+                                self.person_of_email.insert(key, owner);
                                 owner
                             }
                         };
                         let link = ServerLink {
                             account,
                             rule: MatchRule::Unmatched,
-                            tied_candidates: Vec::new(),
+                            tied_candidates: Box::default(),
                         };
                         (owner, link)
                     }
@@ -448,7 +451,7 @@ impl PeopleIndex {
                 },
             );
             if !is_live(&person) {
-                self.sort_keys[index].clear();
+                self.sort_keys[index] = None;
                 self.free_people.push(slot);
                 continue;
             }
@@ -464,7 +467,8 @@ impl PeopleIndex {
                 newly_consuming.push(slot);
             }
             self.people[index] = finished;
-            self.sort_keys[index] = sort_key;
+            self.sort_keys[index] =
+                (sort_key != self.login(index)).then(|| sort_key.into_boxed_str());
         }
 
         let previous = std::mem::take(&mut self.consuming);
@@ -487,10 +491,41 @@ impl PeopleIndex {
 
     fn compare_people(&self, a: u32, b: u32) -> Ordering {
         let (a, b) = (a as usize, b as usize);
-        self.sort_keys[a]
-            .cmp(&self.sort_keys[b])
+        self.sort_key(a)
+            .cmp(self.sort_key(b))
             .then_with(|| self.people[a].id.cmp(&self.people[b].id))
     }
+
+    /// The login a person is named by: its cloud member's, or its first account's.
+    fn login(&self, slot: usize) -> &str {
+        let person = &self.people[slot];
+        match (person.cloud_member, person.server_accounts.first()) {
+            (Some(member), _) => &self.cloud[member as usize].login,
+            (None, Some(first)) => {
+                &self.instances[first.account.instance as usize].users[first.account.user as usize]
+                    .login
+            }
+            (None, None) => "",
+        }
+    }
+
+    fn sort_key(&self, slot: usize) -> &str {
+        self.sort_keys[slot]
+            .as_deref()
+            .unwrap_or_else(|| self.login(slot))
+    }
+}
+
+/// A normalised email as a map key: the first 128 bits of its SHA-256. Collisions are out of reach (about 2^64
+/// addresses for an even chance, and SHA-256 resists crafted ones), and 16 bytes cost far less than a string per
+/// unmatched address.
+type EmailKey = [u8; 16];
+
+fn email_key(email: &str) -> EmailKey {
+    let digest = Sha256::digest(email.as_bytes());
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
 }
 
 fn is_live(person: &Person) -> bool {

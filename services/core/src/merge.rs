@@ -120,8 +120,8 @@ pub struct ServerLink {
     pub account: AccountRef,
     pub rule: MatchRule,
     /// Every cloud member the email matched (indexes into the cloud input, by ascending cloud id) when there was
-    /// more than one; empty otherwise.
-    pub tied_candidates: Vec<u32>,
+    /// more than one; empty otherwise. A boxed slice: one per account, almost always empty.
+    pub tied_candidates: Box<[u32]>,
 }
 
 /// One person: at most one cloud member plus any number of GHES accounts.
@@ -233,7 +233,7 @@ impl Merged {
 pub(crate) struct CloudMatch {
     pub(crate) winner: u32,
     pub(crate) rule: MatchRule,
-    pub(crate) tied_candidates: Vec<u32>,
+    pub(crate) tied_candidates: Box<[u32]>,
 }
 
 /// Normalised identity attribute → (cloud index, attribute), and normalised verified email → cloud indexes.
@@ -321,9 +321,9 @@ impl CloudIndex {
         candidates.sort_by_key(|&index| (self.ids[index as usize], index));
         candidates.dedup();
         let tied_candidates = if candidates.len() > 1 {
-            candidates
+            candidates.into_boxed_slice()
         } else {
-            Vec::new()
+            Box::default()
         };
         Some(CloudMatch {
             winner,
@@ -375,7 +375,7 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
                             rule: MatchRule::InvalidEmail {
                                 reason: invalid.into(),
                             },
-                            tied_candidates: Vec::new(),
+                            tied_candidates: Box::default(),
                         }],
                     });
                     continue;
@@ -399,7 +399,7 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
             let link = ServerLink {
                 account,
                 rule: MatchRule::Unmatched,
-                tied_candidates: Vec::new(),
+                tied_candidates: Box::default(),
             };
             match server_only_by_email.entry(email.as_str().to_owned()) {
                 Entry::Occupied(existing) => drafts[*existing.get() as usize].links.push(link),
@@ -1023,7 +1023,7 @@ mod tests {
         assert_eq!(person.id, "cloud:500");
         assert!(person.ambiguous());
         // Candidates are listed by ascending cloud id.
-        assert_eq!(person.server_accounts[0].tied_candidates, vec![0, 1]);
+        assert_eq!(*person.server_accounts[0].tied_candidates, [0, 1]);
     }
 
     #[test]
