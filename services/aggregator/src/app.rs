@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use license_sync_core::incremental::{InstanceChange, PeopleIndex};
+use license_sync_core::merge::LikelyDuplicate;
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
@@ -70,6 +71,8 @@ struct ViewSlot {
     checked: Mutex<Option<(i64, Instant)>>,
     /// Serialised `consumed-licenses` bodies of one view generation, by (per_page, page).
     pages: Mutex<PageCache>,
+    /// The likely duplicates of one view generation: a pass over every consuming person, so computed once.
+    duplicates: Mutex<Option<(i64, Arc<Vec<LikelyDuplicate>>)>>,
 }
 
 #[derive(Default)]
@@ -440,6 +443,29 @@ impl App {
         if let Some(replaced) = pages.bodies.insert(key, body) {
             pages.bytes -= replaced.len();
         }
+    }
+
+    /// The view's likely duplicates, computed once per generation.
+    pub fn likely_duplicates(
+        &self,
+        enterprise_id: i64,
+        view: &MergedView,
+    ) -> Arc<Vec<LikelyDuplicate>> {
+        let slot = self.view_slot(enterprise_id).ok();
+        if let Some(slot) = &slot
+            && let Ok(cached) = slot.duplicates.lock()
+            && let Some((generation, duplicates)) = cached.as_ref()
+            && *generation == view.generation
+        {
+            return Arc::clone(duplicates);
+        }
+        let duplicates = Arc::new(view.people.likely_duplicates());
+        if let Some(slot) = slot
+            && let Ok(mut cached) = slot.duplicates.lock()
+        {
+            *cached = Some((view.generation, Arc::clone(&duplicates)));
+        }
+        duplicates
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

@@ -781,7 +781,7 @@ async fn likely_duplicates(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let view = app.merged_view(enterprise.id).await?;
     Ok(Json(json!({
-        "likely_duplicates": view.people.likely_duplicates(),
+        "likely_duplicates": *app.likely_duplicates(enterprise.id, &view),
         "stats": view.people.stats(),
     })))
 }
