@@ -344,8 +344,7 @@ impl App {
             return self.merged_view(enterprise_id).await.map(drop);
         }
         let started = Instant::now();
-        let mut view = Arc::clone(&slot.view).write_owned().await;
-        let view = tokio::task::spawn_blocking(move || {
+        let view = apply_to_view(&slot, move |view| {
             if let Some(view) = view.as_mut() {
                 view.people.apply([InstanceChange::Upsert {
                     key: committed.instance_id,
@@ -354,11 +353,8 @@ impl App {
                 }]);
                 view.generation = committed.generation;
             }
-            view
         })
-        .await
-        .map_err(|err| ServiceError::internal("merging accounts", err))?
-        .downgrade();
+        .await?;
         let refresh = Refresh {
             started,
             loaded: std::time::Duration::ZERO,
@@ -486,14 +482,7 @@ impl App {
         let changes = self.store.load_merge_changes(enterprise_id, since).await?;
         let loaded = started.elapsed();
         let reloaded_instances = changes.changed_users.len();
-        let mut view = Arc::clone(&slot.view).write_owned().await;
-        let view = tokio::task::spawn_blocking(move || {
-            apply_changes(&mut view, changes);
-            view
-        })
-        .await
-        .map_err(|err| ServiceError::internal("merging accounts", err))?
-        .downgrade();
+        let view = apply_to_view(&slot, move |view| apply_changes(view, changes)).await?;
         let refresh = Refresh {
             started,
             loaded,
@@ -597,6 +586,28 @@ impl App {
             cache.insert(token_sha256, (enterprise.clone(), Instant::now()));
         }
         Ok(enterprise)
+    }
+}
+
+/// Changes the slot's view on a blocking thread (readers wait only for this) and hands it back for reading. Should
+/// the change panic, the view is dropped, to be rebuilt from the store by the next reader, rather than left
+/// half-applied.
+async fn apply_to_view(
+    slot: &ViewSlot,
+    change: impl FnOnce(&mut Option<MergedView>) + Send + 'static,
+) -> ServiceResult<tokio::sync::OwnedRwLockReadGuard<Option<MergedView>>> {
+    let mut view = Arc::clone(&slot.view).write_owned().await;
+    match tokio::task::spawn_blocking(move || {
+        change(&mut view);
+        view
+    })
+    .await
+    {
+        Ok(view) => Ok(view.downgrade()),
+        Err(error) => {
+            *slot.view.write().await = None;
+            Err(ServiceError::internal("merging accounts", error))
+        }
     }
 }
 
