@@ -73,6 +73,8 @@ struct ViewSlot {
     pages: Mutex<PageCache>,
     /// The likely duplicates of one view generation: a pass over every consuming person, so computed once.
     duplicates: Mutex<Option<(i64, Arc<Vec<LikelyDuplicate>>)>>,
+    /// The UTC day this process last recorded the enterprise's usage: each day gets a row even when nothing changes.
+    usage_recorded_on: Mutex<Option<time::Date>>,
 }
 
 #[derive(Default)]
@@ -469,6 +471,12 @@ impl App {
         let slot = self.view_slot(enterprise_id)?;
         let generation = self.store_generation(&slot, enterprise_id).await?;
         if let Some(current) = current_view(&slot, generation).await {
+            // A view unchanged since yesterday still owes today its usage row.
+            let today = OffsetDateTime::now_utc().date();
+            let recorded = slot.usage_recorded_on.lock().ok().and_then(|day| *day);
+            if recorded != Some(today) {
+                self.record_usage(enterprise_id, &current).await;
+            }
             return Ok(current);
         }
         let _refreshing = slot.refresh.lock().await;
@@ -519,8 +527,8 @@ impl App {
         Ok(view)
     }
 
-    /// Records today's usage from a freshly built view. A failure is logged: the history is a report, and a
-    /// REST answer must not fail because of it.
+    /// Records today's usage from the current view: after each change, and on the first read of a day otherwise. A
+    /// failure is logged: the history is a report, and a REST answer must not fail because of it.
     async fn record_usage(&self, enterprise_id: i64, view: &MergedView) {
         let now = OffsetDateTime::now_utc();
         let instances = view
@@ -540,8 +548,17 @@ impl App {
             purchased: view.seats_purchased,
             instances,
         };
-        if let Err(error) = self.store.record_usage(enterprise_id, &usage, now).await {
-            tracing::warn!(enterprise_id, error = %error.message, "could not record usage history");
+        match self.store.record_usage(enterprise_id, &usage, now).await {
+            Ok(()) => {
+                if let Ok(slot) = self.view_slot(enterprise_id)
+                    && let Ok(mut recorded) = slot.usage_recorded_on.lock()
+                {
+                    *recorded = Some(now.date());
+                }
+            }
+            Err(error) => {
+                tracing::warn!(enterprise_id, error = %error.message, "could not record usage history")
+            }
         }
     }
 

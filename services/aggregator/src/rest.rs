@@ -831,7 +831,7 @@ async fn usage_history(
         )));
     }
     let day = |date: time::Date| crate::app::utc_date(date.midnight().assume_utc());
-    // Today's figure exists once the view was built since midnight; build it so the answer includes today.
+    // Reading the view records today's usage if it is not recorded yet, so the answer includes today.
     if until >= today {
         app.merged_view(enterprise.id).await?;
     }
