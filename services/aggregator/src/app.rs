@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use license_sync_core::accounts::Accounts;
 use license_sync_core::incremental::{InstanceChange, PeopleIndex};
 use license_sync_core::merge::LikelyDuplicate;
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
@@ -47,7 +48,7 @@ struct Committed {
     generation: i64,
     instance_id: i64,
     hostname: String,
-    users: Vec<license_sync_core::model::ServerUser>,
+    users: Accounts,
 }
 
 /// How a view refresh went, for its log line and metrics.
@@ -208,15 +209,20 @@ impl App {
         );
         if let Some(generation) = applied_generation {
             self.note_change(instance.enterprise_id);
-            self.warm_view(
-                instance.enterprise_id,
-                Some(Committed {
+            // The view keeps accounts in compact columns; the full rows can go as soon as they are converted.
+            let committed = Accounts::from_users(&snapshot.users)
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "the view will read this snapshot back from the store")
+                })
+                .ok()
+                .map(|users| Committed {
                     generation,
                     instance_id: instance.id,
                     hostname: snapshot.meta.instance.hostname,
-                    users: snapshot.users,
-                }),
-            );
+                    users,
+                });
+            drop(snapshot.users);
+            self.warm_view(instance.enterprise_id, committed);
         }
         Ok(receipt)
     }
@@ -646,7 +652,7 @@ fn apply_changes(view: &mut Option<MergedView>, changes: MergeChanges) {
         changed_users,
         cloud_members,
     } = changes;
-    let mut changed_users: HashMap<i64, Vec<_>> = changed_users.into_iter().collect();
+    let mut changed_users: HashMap<i64, Accounts> = changed_users.into_iter().collect();
     let view = match view {
         Some(view) => {
             if let Some(cloud_members) = cloud_members {
@@ -674,7 +680,7 @@ fn apply_changes(view: &mut Option<MergedView>, changes: MergeChanges) {
             // Unchanged since the view's generation, and already in it.
             None if view.people.has_instance(instance.id) => continue,
             // New since the view's generation but never synced: no users yet.
-            None => Vec::new(),
+            None => Accounts::new(),
         };
         batch.push(InstanceChange::Upsert {
             key: instance.id,

@@ -592,7 +592,7 @@ impl Metrics {
                 .instances()
                 .map(|(_, instance, _)| {
                     let mut counts = [0i64; 4];
-                    for user in &instance.users {
+                    for user in instance.users.iter() {
                         let state = user.consumption();
                         if let Some(index) = STATES.iter().position(|known| *known == state) {
                             counts[index] += 1;

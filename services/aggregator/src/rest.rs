@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use license_sync_core::merge::{Person, explain, explain_separation};
+use license_sync_core::merge::{Person, PersonId, explain, explain_separation};
 use license_sync_core::model::CloudMember;
 use license_sync_core::snapshot::UsageFile;
 use serde::{Deserialize, Serialize};
@@ -204,7 +204,7 @@ struct ConsumedUser<'a> {
     visual_studio_subscription_email: Option<&'static str>,
     total_user_accounts: usize,
     /// Ours: the person's stable id, for `license-explanations?person=`.
-    person_id: &'a str,
+    person_id: PersonId<'a>,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
     ambiguous: bool,
 }
@@ -214,7 +214,7 @@ fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
     let mut emails: Vec<&str> = Vec::new();
     for link in &person.server_accounts {
         let instance = &view.people.instance_slots()[link.account.instance as usize];
-        let email = instance.users[link.account.user as usize].email.trim();
+        let email = instance.users.at(link.account.user as usize).email.trim();
         if !email.is_empty() && !emails.iter().any(|known| known.eq_ignore_ascii_case(email)) {
             emails.push(email);
         }
@@ -238,7 +238,8 @@ fn consumed_user<'a>(
             let instance = &view.people.instance_slots()[link.account.instance as usize];
             format!(
                 "{}:{}",
-                instance.hostname, instance.users[link.account.user as usize].id
+                instance.hostname,
+                instance.users.at(link.account.user as usize).id
             )
         })
         .collect();
@@ -273,7 +274,7 @@ fn consumed_user<'a>(
         visual_studio_license_status: Some(""),
         visual_studio_subscription_email: Some(""),
         total_user_accounts: person.total_user_accounts(),
-        person_id: &person.id,
+        person_id: view.people.person_id(person),
         ambiguous: person.ambiguous(),
     }
 }
@@ -749,7 +750,8 @@ async fn license_explanation(
     let view = app.merged_view(enterprise.id).await?;
     let person = find_person(&view, &reference)?;
     let (instances, cloud) = (view.people.instance_slots(), view.people.cloud_members());
-    let explanation = explain(person, instances, cloud);
+    let ties = view.people.ties();
+    let explanation = explain(person, instances, cloud, ties);
     let Some(other_reference) = query.other else {
         return Ok(Json(json!({ "explanation": explanation })));
     };
@@ -760,11 +762,12 @@ async fn license_explanation(
         instances,
         cloud,
     );
+    let same_person = view.people.person_id(person) == view.people.person_id(other);
     Ok(Json(json!({
         "explanation": explanation,
-        "other_explanation": explain(other, instances, cloud),
-        "same_person": person.id == other.id,
-        "licenses": if person.id == other.id {
+        "other_explanation": explain(other, instances, cloud, ties),
+        "same_person": same_person,
+        "licenses": if same_person {
             u8::from(person.consumes_license)
         } else {
             u8::from(person.consumes_license) + u8::from(other.consumes_license)

@@ -17,12 +17,14 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+use crate::accounts::Accounts;
 use crate::email::normalize_email;
 use crate::merge::{
     AccountRef, CloudIndex, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person,
-    ServerLink, find_likely_duplicates, finish_person,
+    PersonId, ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
+    person_id,
 };
-use crate::model::{CloudMember, ServerUser};
+use crate::model::CloudMember;
 
 /// The caller's stable key for an instance (the store's instance id).
 pub type InstanceKey = i64;
@@ -34,7 +36,7 @@ pub enum InstanceChange {
     Upsert {
         key: InstanceKey,
         hostname: String,
-        users: Vec<ServerUser>,
+        users: Accounts,
     },
     /// The instance is gone (retired): its accounts leave their people.
     Remove { key: InstanceKey },
@@ -54,11 +56,11 @@ pub struct PeopleIndex {
     /// Accounts of each instance slot that consume a license on their own (for usage history).
     consuming_accounts: Vec<u64>,
     /// Person slots. Slot `i < cloud.len()` is cloud member `i`; a free slot has no cloud member and no accounts.
+    /// A person stores neither its id nor its sort key: both derive from its first account or cloud member.
     people: Vec<Person>,
-    /// The lower-cased login each person sorts by (with its id as the tie-breaker), when it differs from the login
-    /// itself; most logins are lower case already, and a string per person is memory the index can do without.
-    sort_keys: Vec<Option<Box<str>>>,
     free_people: Vec<u32>,
+    /// The cloud candidates of the (few) accounts whose email matched several cloud members.
+    ties: Ties,
     /// Groups of accounts that matched no cloud member, by normalised primary email.
     person_of_email: HashMap<EmailKey, u32>,
     /// Person slots that consume a license, sorted by (login, id) as GitHub pages them.
@@ -88,8 +90,8 @@ impl PeopleIndex {
             person_of_account: Vec::new(),
             consuming_accounts: Vec::new(),
             people: Vec::with_capacity(cloud.len()),
-            sort_keys: Vec::with_capacity(cloud.len()),
             free_people: Vec::new(),
+            ties: Ties::new(),
             person_of_email: HashMap::new(),
             consuming: Vec::new(),
             stats: MergeStats {
@@ -100,13 +102,7 @@ impl PeopleIndex {
         };
         let mut touched = Touched::default();
         for member in 0..index.cloud.len() as u32 {
-            index.people.push(Person {
-                id: String::new(),
-                cloud_member: None,
-                server_accounts: Vec::new(),
-                consumes_license: false,
-            });
-            index.sort_keys.push(None);
+            index.people.push(Person::default());
             // Marked while still empty, so that it has nothing to take out of the statistics.
             index.mark(&mut touched, member);
             index.people[member as usize].cloud_member = Some(member);
@@ -240,7 +236,7 @@ impl PeopleIndex {
                 return None;
             }
             let slot = *self.slot_of_instance.get(&key)?;
-            let user = instance.users.iter().position(|user| user.id == user_id)?;
+            let user = instance.users.position_of_id(user_id)?;
             Some(AccountRef {
                 instance: slot,
                 user: user as u32,
@@ -267,7 +263,17 @@ impl PeopleIndex {
             self.person_of_account(self.find_account(hostname, user_id.parse().ok()?)?)
         }?;
         // An account's person is named after its first account, which may be another one.
-        (person.id == id).then_some(person)
+        (self.person_id(person) == id).then_some(person)
+    }
+
+    /// A person's stable id (`cloud:<id>` or `server:<hostname>:<user id>`).
+    pub fn person_id(&self, person: &Person) -> PersonId<'_> {
+        person_id(person, &self.instances, &self.cloud)
+    }
+
+    /// The cloud candidates of accounts whose email matched more than one cloud member.
+    pub fn ties(&self) -> &Ties {
+        &self.ties
     }
 
     /// License-consuming people that share a login or a display name. Computed on demand: it is a report.
@@ -282,7 +288,7 @@ impl PeopleIndex {
         let slot = self.free_instance_slots.pop().unwrap_or_else(|| {
             self.instances.push(InstanceUsers {
                 hostname: String::new(),
-                users: Vec::new(),
+                users: Accounts::new(),
             });
             self.instance_keys.push(None);
             self.person_of_account.push(Vec::new());
@@ -298,13 +304,7 @@ impl PeopleIndex {
         if let Some(slot) = self.free_people.pop() {
             return slot;
         }
-        self.people.push(Person {
-            id: String::new(),
-            cloud_member: None,
-            server_accounts: Vec::new(),
-            consumes_license: false,
-        });
-        self.sort_keys.push(None);
+        self.people.push(Person::default());
         (self.people.len() - 1) as u32
     }
 
@@ -339,13 +339,16 @@ impl PeopleIndex {
         for owner in affected {
             let person = &mut self.people[owner as usize];
             let mut removed_email = None;
-            let mut kept = Vec::with_capacity(person.server_accounts.len());
+            let mut kept = ServerLinks::with_capacity(person.server_accounts.len());
             for link in std::mem::take(&mut person.server_accounts) {
                 if link.account.instance != slot {
                     kept.push(link);
                     continue;
                 }
                 apply_link_stats(&mut self.stats, &link, Sign::Minus);
+                if link.tied {
+                    self.ties.remove(&link.account);
+                }
                 if removed_email.is_none()
                     && matches!(
                         link.rule,
@@ -360,19 +363,19 @@ impl PeopleIndex {
                 && person.server_accounts.is_empty()
                 && let Some(user) = removed_email
                 && let Ok(email) =
-                    normalize_email(&self.instances[slot as usize].users[user as usize].email)
+                    normalize_email(self.instances[slot as usize].users.at(user as usize).email)
             {
                 touched
                     .shrunk_groups
                     .push((owner, email_key(email.as_str())));
             }
         }
-        self.instances[slot as usize].users = Vec::new();
+        self.instances[slot as usize].users = Accounts::new();
         self.consuming_accounts[slot as usize] = 0;
     }
 
     /// Puts an instance's new accounts into their people (the same rules as [`crate::merge::merge`]).
-    fn attach(&mut self, slot: u32, users: Vec<ServerUser>, touched: &mut Touched) {
+    fn attach(&mut self, slot: u32, users: Accounts, touched: &mut Touched) {
         let mut owners = Vec::with_capacity(users.len());
         let mut consuming_accounts = 0;
         for (user_index, user) in users.iter().enumerate() {
@@ -381,7 +384,7 @@ impl PeopleIndex {
                 instance: slot,
                 user: user_index as u32,
             };
-            let (owner, link) = match normalize_email(&user.email) {
+            let (owner, link) = match normalize_email(user.email) {
                 Err(invalid) => (
                     self.allocate_person(),
                     ServerLink {
@@ -389,18 +392,24 @@ impl PeopleIndex {
                         rule: MatchRule::InvalidEmail {
                             reason: invalid.into(),
                         },
-                        tied_candidates: Box::default(),
+                        tied: false,
                     },
                 ),
                 Ok(email) => match self.cloud_index.find(email.as_str()) {
-                    Some(found) => (
-                        found.winner,
-                        ServerLink {
-                            account,
-                            rule: found.rule,
-                            tied_candidates: found.tied_candidates,
-                        },
-                    ),
+                    Some(found) => {
+                        let tied = !found.tied_candidates.is_empty();
+                        if tied {
+                            self.ties.insert(account, found.tied_candidates);
+                        }
+                        (
+                            found.winner,
+                            ServerLink {
+                                account,
+                                rule: found.rule,
+                                tied,
+                            },
+                        )
+                    }
                     None => {
                         let key = email_key(email.as_str());
                         let owner = match self.person_of_email.get(&key) {
@@ -414,7 +423,7 @@ impl PeopleIndex {
                         let link = ServerLink {
                             account,
                             rule: MatchRule::Unmatched,
-                            tied_candidates: Box::default(),
+                            tied: false,
                         };
                         (owner, link)
                     }
@@ -441,17 +450,8 @@ impl PeopleIndex {
         let mut newly_consuming = Vec::new();
         for &slot in &touched.people {
             let index = slot as usize;
-            let person = std::mem::replace(
-                &mut self.people[index],
-                Person {
-                    id: String::new(),
-                    cloud_member: None,
-                    server_accounts: Vec::new(),
-                    consumes_license: false,
-                },
-            );
+            let person = std::mem::take(&mut self.people[index]);
             if !is_live(&person) {
-                self.sort_keys[index] = None;
                 self.free_people.push(slot);
                 continue;
             }
@@ -459,7 +459,7 @@ impl PeopleIndex {
                 cloud_member: person.cloud_member,
                 links: person.server_accounts,
             };
-            let (sort_key, finished) = finish_person(draft, &self.instances, &self.cloud);
+            let finished = finish_person(draft, &self.instances, &self.cloud);
             self.stats.people += 1;
             self.stats.consuming_people += u64::from(finished.consumes_license);
             self.stats.merged_by_primary_email += finished.merged_by_primary_email();
@@ -467,8 +467,6 @@ impl PeopleIndex {
                 newly_consuming.push(slot);
             }
             self.people[index] = finished;
-            self.sort_keys[index] =
-                (sort_key != self.login(index)).then(|| sort_key.into_boxed_str());
         }
 
         let previous = std::mem::take(&mut self.consuming);
@@ -490,29 +488,12 @@ impl PeopleIndex {
     }
 
     fn compare_people(&self, a: u32, b: u32) -> Ordering {
-        let (a, b) = (a as usize, b as usize);
-        self.sort_key(a)
-            .cmp(self.sort_key(b))
-            .then_with(|| self.people[a].id.cmp(&self.people[b].id))
-    }
-
-    /// The login a person is named by: its cloud member's, or its first account's.
-    fn login(&self, slot: usize) -> &str {
-        let person = &self.people[slot];
-        match (person.cloud_member, person.server_accounts.first()) {
-            (Some(member), _) => &self.cloud[member as usize].login,
-            (None, Some(first)) => {
-                &self.instances[first.account.instance as usize].users[first.account.user as usize]
-                    .login
-            }
-            (None, None) => "",
-        }
-    }
-
-    fn sort_key(&self, slot: usize) -> &str {
-        self.sort_keys[slot]
-            .as_deref()
-            .unwrap_or_else(|| self.login(slot))
+        compare_people(
+            &self.people[a as usize],
+            &self.people[b as usize],
+            &self.instances,
+            &self.cloud,
+        )
     }
 }
 
@@ -561,10 +542,7 @@ fn apply_link_stats(stats: &mut MergeStats, link: &ServerLink, sign: Sign) {
         &mut stats.invalid_emails,
         matches!(link.rule, MatchRule::InvalidEmail { .. }),
     );
-    apply(
-        &mut stats.ambiguous_accounts,
-        !link.tied_candidates.is_empty(),
-    );
+    apply(&mut stats.ambiguous_accounts, link.tied);
 }
 
 #[cfg(test)]
@@ -575,7 +553,7 @@ mod tests {
 
     use super::*;
     use crate::merge::{Merged, merge};
-    use crate::model::{ExternalIdentity, UserRole};
+    use crate::model::{ExternalIdentity, ServerUser, UserRole};
 
     /// Everything a reader of the merge can observe, independent of slot and instance numbering.
     #[derive(Debug, PartialEq)]
@@ -601,9 +579,10 @@ mod tests {
         person: &Person,
         instances: &[InstanceUsers],
         cloud: &[CloudMember],
+        ties: &Ties,
     ) -> ObservedPerson {
         ObservedPerson {
-            id: person.id.clone(),
+            id: person_id(person, instances, cloud).to_string(),
             cloud_id: person.cloud_member.map(|index| cloud[index as usize].id),
             accounts: person
                 .server_accounts
@@ -612,10 +591,12 @@ mod tests {
                     let instance = &instances[link.account.instance as usize];
                     (
                         instance.hostname.clone(),
-                        instance.users[link.account.user as usize].id,
+                        instance.users.at(link.account.user as usize).id,
                         link.rule,
-                        link.tied_candidates
-                            .iter()
+                        ties.get(&link.account)
+                            .filter(|_| link.tied)
+                            .into_iter()
+                            .flatten()
                             .map(|&index| cloud[index as usize].id)
                             .collect(),
                     )
@@ -634,12 +615,14 @@ mod tests {
             people: merged
                 .people
                 .iter()
-                .map(|person| observe_person(person, instances, cloud))
+                .map(|person| observe_person(person, instances, cloud, &merged.ties))
                 .collect(),
             consuming: merged
                 .consuming
                 .iter()
-                .map(|&position| merged.people[position as usize].id.clone())
+                .map(|&position| {
+                    person_id(&merged.people[position as usize], instances, cloud).to_string()
+                })
                 .collect(),
             stats: merged.stats,
             likely_duplicates: merged.likely_duplicates.clone(),
@@ -655,12 +638,14 @@ mod tests {
         Observed {
             people: slots
                 .iter()
-                .map(|&slot| observe_person(person(slot), &index.instances, &index.cloud))
+                .map(|&slot| {
+                    observe_person(person(slot), &index.instances, &index.cloud, &index.ties)
+                })
                 .collect(),
             consuming: index
                 .consuming()
                 .iter()
-                .map(|&slot| person(slot).id.clone())
+                .map(|&slot| index.person_id(person(slot)).to_string())
                 .collect(),
             stats: index.stats(),
             likely_duplicates: index.likely_duplicates(),
@@ -800,6 +785,7 @@ mod tests {
                         Step::Upsert { key, renamed, users } => {
                             // Distinct hostnames per instance; a rename changes every account's sort position.
                             let hostname = if renamed { format!("GHES-{key}.corp") } else { format!("ghes-{key}") };
+                            let users = Accounts::from_users(&users).expect("a small table");
                             current.insert(key, InstanceUsers { hostname: hostname.clone(), users: users.clone() });
                             changes.push(InstanceChange::Upsert { key, hostname, users });
                         }
@@ -820,7 +806,8 @@ mod tests {
                 prop_assert_eq!(observe_index(&index), observe_full(&full, &instances, &current_cloud));
                 prop_assert_eq!(index.total_seats_consumed(), full.total_seats_consumed());
                 for person in index.people() {
-                    prop_assert_eq!(index.person_by_id(&person.id).map(|p| &p.id), Some(&person.id));
+                    let id = index.person_id(person).to_string();
+                    prop_assert_eq!(index.person_by_id(&id).map(|p| index.person_id(p).to_string()), Some(id));
                 }
             }
         }
@@ -844,12 +831,12 @@ mod tests {
             InstanceChange::Upsert {
                 key: 1,
                 hostname: "a".into(),
-                users: vec![user(1, "x@example.com")],
+                users: Accounts::from_users(&[user(1, "x@example.com")]).expect("a small table"),
             },
             InstanceChange::Upsert {
                 key: 2,
                 hostname: "b".into(),
-                users: vec![user(2, "X@example.com")],
+                users: Accounts::from_users(&[user(2, "X@example.com")]).expect("a small table"),
             },
         ]);
         assert_eq!(index.total_seats_consumed(), 1);
@@ -857,7 +844,7 @@ mod tests {
         index.apply([InstanceChange::Remove { key: 1 }]);
         let people: Vec<&Person> = index.people().collect();
         assert_eq!(people.len(), 1);
-        assert_eq!(people[0].id, "server:b:2");
+        assert_eq!(index.person_id(people[0]), "server:b:2");
         assert_eq!(people[0].server_accounts[0].rule, MatchRule::Unmatched);
         index.apply([InstanceChange::Remove { key: 2 }]);
         assert_eq!(index.people().count(), 0);
@@ -865,7 +852,7 @@ mod tests {
         index.apply([InstanceChange::Upsert {
             key: 3,
             hostname: "c".into(),
-            users: vec![user(5, "x@example.com")],
+            users: Accounts::from_users(&[user(5, "x@example.com")]).expect("a small table"),
         }]);
         assert_eq!(index.total_seats_consumed(), 1);
         assert_eq!(

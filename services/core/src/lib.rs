@@ -1,5 +1,6 @@
 //! The domain of license-sync, free of I/O so that every rule can be unit-tested on its own.
 //!
+//! - [`accounts`]: an instance's accounts in the compact form the merged view keeps in memory.
 //! - [`model`]: server users, instance identity, cloud members.
 //! - [`email`]: the email normalisation every match uses.
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
@@ -7,6 +8,7 @@
 //! - [`merge`]: the unique-user engine that turns accounts into people (SPEC §3–4).
 //! - [`incremental`]: the same merge kept up to date one instance snapshot at a time.
 
+pub mod accounts;
 pub mod all_users_csv;
 pub mod email;
 pub mod incremental;

@@ -19,18 +19,22 @@
 //! The result does not depend on the order of the inputs' rows beyond the documented ties: people are sorted by a
 //! stable key (login, then person id) and accounts within a person by (hostname, user id).
 
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, hash_map::Entry};
+use std::fmt;
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
+use crate::accounts::{Account, Accounts};
 use crate::email::{InvalidEmail, normalize_email, normalize_text};
-use crate::model::{CloudMember, ServerConsumption, ServerUser};
+use crate::model::{CloudMember, ServerConsumption};
 
-/// The users of one GHES instance, as stored from its latest snapshot.
+/// The accounts of one GHES instance, as stored from its latest snapshot.
 #[derive(Debug, Clone)]
 pub struct InstanceUsers {
     pub hostname: String,
-    pub users: Vec<ServerUser>,
+    pub users: Accounts,
 }
 
 /// Points at one GHES account of the merge input: `instances[instance].users[user]`.
@@ -114,34 +118,154 @@ impl InvalidEmailReason {
     }
 }
 
-/// One GHES account of a person and the rule that put it there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One GHES account of a person and the rule that put it there. 12 bytes: there is one per account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLink {
     pub account: AccountRef,
     pub rule: MatchRule,
-    /// Every cloud member the email matched (indexes into the cloud input, by ascending cloud id) when there was
-    /// more than one; empty otherwise. A boxed slice: one per account, almost always empty.
-    pub tied_candidates: Box<[u32]>,
+    /// The email matched more than one cloud member and a tie rule decided. The candidates are in the merge's
+    /// [`Ties`], kept apart because almost no account has any.
+    pub tied: bool,
 }
 
-/// One person: at most one cloud member plus any number of GHES accounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Every cloud member an account's email matched (indexes into the cloud input, by ascending cloud id), for the
+/// accounts whose [`ServerLink::tied`] is set.
+pub type Ties = HashMap<AccountRef, Box<[u32]>>;
+
+/// A person's accounts: one in most cases, kept inline so that such a person needs no allocation of its own.
+pub type ServerLinks = SmallVec<[ServerLink; 1]>;
+
+/// One person: at most one cloud member plus any number of GHES accounts. Its id is derived from its accounts
+/// ([`person_id`]) rather than stored: there are as many people as accounts, nearly.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Person {
-    /// Stable identifier: `cloud:<cloud id>`, or `server:<hostname>:<user id>` of its first GHES account.
-    pub id: String,
     /// Index into the cloud input.
     pub cloud_member: Option<u32>,
     /// Sorted by (hostname, user id).
-    pub server_accounts: Vec<ServerLink>,
+    pub server_accounts: ServerLinks,
     pub consumes_license: bool,
+}
+
+/// A person's stable identifier: `cloud:<cloud id>`, or `server:<hostname>:<user id>` of its first GHES account.
+/// Displays as that string, and orders as it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonId<'a> {
+    Cloud(i64),
+    Server {
+        hostname: &'a str,
+        user_id: i64,
+    },
+    /// A person with neither (only a freed slot of the incremental index).
+    Empty,
+}
+
+impl fmt::Display for PersonId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PersonId::Cloud(id) => write!(f, "cloud:{id}"),
+            PersonId::Server { hostname, user_id } => write!(f, "server:{hostname}:{user_id}"),
+            PersonId::Empty => f.write_str("empty"),
+        }
+    }
+}
+
+impl Serialize for PersonId<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl PartialEq<str> for PersonId<'_> {
+    fn eq(&self, other: &str) -> bool {
+        match self {
+            PersonId::Cloud(id) => other
+                .strip_prefix("cloud:")
+                .is_some_and(|rest| rest == id.to_string()),
+            PersonId::Server { hostname, user_id } => other
+                .strip_prefix("server:")
+                .and_then(|rest| rest.strip_prefix(hostname))
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|rest| rest == user_id.to_string()),
+            PersonId::Empty => other == "empty",
+        }
+    }
+}
+
+impl PartialEq<&str> for PersonId<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self == *other
+    }
+}
+
+impl PersonId<'_> {
+    /// The order of the id strings (so `cloud:10` sorts before `cloud:9`, as GitHub-style string ids do). Only
+    /// reached when two people's logins tie, so formatting both is cheap enough.
+    pub fn cmp_as_text(&self, other: &PersonId<'_>) -> Ordering {
+        if self == other {
+            return Ordering::Equal;
+        }
+        self.to_string().cmp(&other.to_string())
+    }
+}
+
+/// The id of a person of this merge input.
+pub fn person_id<'a>(
+    person: &Person,
+    instances: &'a [InstanceUsers],
+    cloud: &[CloudMember],
+) -> PersonId<'a> {
+    match (person.cloud_member, person.server_accounts.first()) {
+        (Some(member), _) => PersonId::Cloud(cloud[member as usize].id),
+        (None, Some(first)) => PersonId::Server {
+            hostname: &instances[first.account.instance as usize].hostname,
+            user_id: server_user(instances, first.account).id,
+        },
+        (None, None) => PersonId::Empty,
+    }
+}
+
+/// The login a person is named and sorted by: its cloud member's, or its first account's.
+pub(crate) fn person_login<'a>(
+    person: &Person,
+    instances: &'a [InstanceUsers],
+    cloud: &'a [CloudMember],
+) -> &'a str {
+    match (person.cloud_member, person.server_accounts.first()) {
+        (Some(member), _) => &cloud[member as usize].login,
+        (None, Some(first)) => server_user(instances, first.account).login,
+        (None, None) => "",
+    }
+}
+
+/// GitHub's page order: by login compared case-insensitively (Unicode lower case), then by id.
+pub(crate) fn compare_people(
+    a: &Person,
+    b: &Person,
+    instances: &[InstanceUsers],
+    cloud: &[CloudMember],
+) -> Ordering {
+    compare_logins(
+        person_login(a, instances, cloud),
+        person_login(b, instances, cloud),
+    )
+    .then_with(|| person_id(a, instances, cloud).cmp_as_text(&person_id(b, instances, cloud)))
+}
+
+/// `a.to_lowercase().cmp(&b.to_lowercase())` without allocating for ASCII logins (GitHub's are all ASCII).
+pub(crate) fn compare_logins(a: &str, b: &str) -> Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        a.bytes()
+            .map(|byte| byte.to_ascii_lowercase())
+            .cmp(b.bytes().map(|byte| byte.to_ascii_lowercase()))
+    } else {
+        a.to_lowercase().cmp(&b.to_lowercase())
+    }
 }
 
 impl Person {
     /// True when one of its accounts matched several cloud members and a tie rule decided.
     pub fn ambiguous(&self) -> bool {
-        self.server_accounts
-            .iter()
-            .any(|link| !link.tied_candidates.is_empty())
+        self.server_accounts.iter().any(|link| link.tied)
     }
 
     /// Cloud account (if any) plus GHES accounts: GitHub's `total_user_accounts`.
@@ -200,6 +324,7 @@ pub struct Merged {
     pub consuming: Vec<u32>,
     pub likely_duplicates: Vec<LikelyDuplicate>,
     pub stats: MergeStats,
+    pub ties: Ties,
     /// Where each GHES account ended: `person_of_account[instance][user]` is an index into `people`.
     person_of_account: Vec<Vec<u32>>,
     person_of_cloud_member: Vec<u32>,
@@ -224,8 +349,15 @@ impl Merged {
         self.people.get(index as usize)
     }
 
-    pub fn person_by_id(&self, id: &str) -> Option<&Person> {
-        self.people.iter().find(|person| person.id == id)
+    pub fn person_by_id(
+        &self,
+        id: &str,
+        instances: &[InstanceUsers],
+        cloud: &[CloudMember],
+    ) -> Option<&Person> {
+        self.people
+            .iter()
+            .find(|person| person_id(person, instances, cloud) == id)
     }
 }
 
@@ -336,7 +468,7 @@ impl CloudIndex {
 /// A person being built, before sorting.
 pub(crate) struct Draft {
     pub(crate) cloud_member: Option<u32>,
-    pub(crate) links: Vec<ServerLink>,
+    pub(crate) links: ServerLinks,
 }
 
 /// Merges every instance's accounts with the cloud members into people.
@@ -351,11 +483,12 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
     let mut drafts: Vec<Draft> = (0..cloud.len() as u32)
         .map(|member| Draft {
             cloud_member: Some(member),
-            links: Vec::new(),
+            links: ServerLinks::new(),
         })
         .collect();
     // Unmatched accounts by normalised email → draft index.
     let mut server_only_by_email: HashMap<String, u32> = HashMap::new();
+    let mut ties = Ties::new();
 
     for (instance_index, instance) in instances.iter().enumerate() {
         for (user_index, user) in instance.users.iter().enumerate() {
@@ -364,18 +497,18 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
                 instance: instance_index as u32,
                 user: user_index as u32,
             };
-            let email = match normalize_email(&user.email) {
+            let email = match normalize_email(user.email) {
                 Ok(email) => email,
                 Err(invalid) => {
                     stats.invalid_emails += 1;
                     drafts.push(Draft {
                         cloud_member: None,
-                        links: vec![ServerLink {
+                        links: smallvec::smallvec![ServerLink {
                             account,
                             rule: MatchRule::InvalidEmail {
                                 reason: invalid.into(),
                             },
-                            tied_candidates: Box::default(),
+                            tied: false,
                         }],
                     });
                     continue;
@@ -386,20 +519,22 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
                     MatchRule::Identity { .. } => stats.matched_by_identity += 1,
                     _ => stats.matched_by_verified_email += 1,
                 }
-                if !found.tied_candidates.is_empty() {
+                let tied = !found.tied_candidates.is_empty();
+                if tied {
                     stats.ambiguous_accounts += 1;
+                    ties.insert(account, found.tied_candidates);
                 }
                 drafts[found.winner as usize].links.push(ServerLink {
                     account,
                     rule: found.rule,
-                    tied_candidates: found.tied_candidates,
+                    tied,
                 });
                 continue;
             }
             let link = ServerLink {
                 account,
                 rule: MatchRule::Unmatched,
-                tied_candidates: Box::default(),
+                tied: false,
             };
             match server_only_by_email.entry(email.as_str().to_owned()) {
                 Entry::Occupied(existing) => drafts[*existing.get() as usize].links.push(link),
@@ -407,23 +542,22 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
                     slot.insert(drafts.len() as u32);
                     drafts.push(Draft {
                         cloud_member: None,
-                        links: vec![link],
+                        links: smallvec::smallvec![link],
                     });
                 }
             }
         }
     }
 
-    let mut people: Vec<(String, Person)> = drafts
+    let mut people: Vec<Person> = drafts
         .into_iter()
         .map(|draft| finish_person(draft, instances, cloud))
         .collect();
     stats.merged_by_primary_email = people
         .iter()
-        .map(|(_, person)| person.merged_by_primary_email())
+        .map(|person| person.merged_by_primary_email())
         .sum();
-    people.sort_by(|(key_a, a), (key_b, b)| key_a.cmp(key_b).then_with(|| a.id.cmp(&b.id)));
-    let people: Vec<Person> = people.into_iter().map(|(_, person)| person).collect();
+    people.sort_by(|a, b| compare_people(a, b, instances, cloud));
 
     let mut person_of_account: Vec<Vec<u32>> = instances
         .iter()
@@ -453,21 +587,24 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
         consuming,
         likely_duplicates,
         stats,
+        ties,
         person_of_account,
         person_of_cloud_member,
     }
 }
 
-pub(crate) fn server_user(instances: &[InstanceUsers], account: AccountRef) -> &ServerUser {
-    &instances[account.instance as usize].users[account.user as usize]
+pub(crate) fn server_user(instances: &[InstanceUsers], account: AccountRef) -> Account<'_> {
+    instances[account.instance as usize]
+        .users
+        .at(account.user as usize)
 }
 
-/// Sorts a draft's accounts, names the person, decides whether it consumes; returns (sort key, person).
+/// Sorts a draft's accounts and decides whether the person consumes a license.
 pub(crate) fn finish_person(
     mut draft: Draft,
     instances: &[InstanceUsers],
     cloud: &[CloudMember],
-) -> (String, Person) {
+) -> Person {
     draft.links.sort_by(|a, b| {
         let host_a = &instances[a.account.instance as usize].hostname;
         let host_b = &instances[b.account.instance as usize].hostname;
@@ -489,8 +626,6 @@ pub(crate) fn finish_person(
             }
         }
     }
-    // Most people have one or two accounts: a Vec grown by pushes keeps room for four, 160 bytes each time.
-    draft.links.shrink_to_fit();
     let member = draft.cloud_member.map(|index| &cloud[index as usize]);
     let consumes_license = member.is_some_and(|member| member.consumes_license)
         || draft.links.iter().any(|link| {
@@ -498,28 +633,13 @@ pub(crate) fn finish_person(
                 .consumption()
                 .consumes()
         });
-    let (sort_key, id) = match (member, draft.links.first()) {
-        (Some(member), _) => (member.login.to_lowercase(), format!("cloud:{}", member.id)),
-        (None, Some(first)) => {
-            let user = server_user(instances, first.account);
-            let hostname = &instances[first.account.instance as usize].hostname;
-            (
-                user.login.to_lowercase(),
-                format!("server:{hostname}:{}", user.id),
-            )
-        }
-        // A draft always has a cloud member or an account; keep a total order anyway.
-        (None, None) => (String::new(), String::from("empty")),
-    };
-    (
-        sort_key,
-        Person {
-            id,
-            cloud_member: draft.cloud_member,
-            server_accounts: draft.links,
-            consumes_license,
-        },
-    )
+    // Most people have one account, which stays inline; more go to a heap buffer of exactly their size.
+    draft.links.shrink_to_fit();
+    Person {
+        cloud_member: draft.cloud_member,
+        server_accounts: draft.links,
+        consumes_license,
+    }
 }
 
 pub(crate) fn find_likely_duplicates(
@@ -559,7 +679,7 @@ pub(crate) fn find_likely_duplicates(
     let to_ids = |positions: Vec<u32>| -> Vec<String> {
         let mut ids: Vec<String> = positions
             .into_iter()
-            .map(|position| people[position as usize].id.clone())
+            .map(|position| person_id(&people[position as usize], instances, cloud).to_string())
             .collect();
         ids.sort();
         ids
@@ -621,7 +741,12 @@ pub struct AccountExplanation {
 }
 
 /// Explains one person: which accounts it joins, by which rule, and which of them consume.
-pub fn explain(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMember]) -> Explanation {
+pub fn explain(
+    person: &Person,
+    instances: &[InstanceUsers],
+    cloud: &[CloudMember],
+    ties: &Ties,
+) -> Explanation {
     let member = person.cloud_member.map(|index| &cloud[index as usize]);
     let mut accounts = Vec::with_capacity(person.total_user_accounts());
     if let Some(member) = member {
@@ -678,21 +803,20 @@ pub fn explain(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMembe
                 format!("{}, so it cannot be matched and counts on its own", reason.describe())
             }
         };
-        let tied_with = if link.tied_candidates.is_empty() {
-            Vec::new()
-        } else {
-            link.tied_candidates
+        let tied_with = match ties.get(&link.account).filter(|_| link.tied) {
+            None => Vec::new(),
+            Some(candidates) => candidates
                 .iter()
                 .filter(|&&index| Some(index) != person.cloud_member)
                 .map(|&index| {
                     let other = &cloud[index as usize];
                     format!("{} (id {})", other.login, other.id)
                 })
-                .collect()
+                .collect(),
         };
         accounts.push(AccountExplanation {
             account: format!("{hostname}:{}", user.id),
-            login: user.login.clone(),
+            login: user.login.to_owned(),
             consumes_license: consumption.consumes(),
             consumption: match consumption {
                 ServerConsumption::Active => "active",
@@ -719,7 +843,7 @@ pub fn explain(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMembe
         )
     };
     Explanation {
-        person_id: person.id.clone(),
+        person_id: person_id(person, instances, cloud).to_string(),
         consumes_license: person.consumes_license,
         ambiguous: person.ambiguous(),
         total_user_accounts: person.total_user_accounts(),
@@ -737,10 +861,10 @@ pub fn explain_separation(
 ) -> Vec<String> {
     let (person_a, label_a) = a;
     let (person_b, label_b) = b;
-    if person_a.id == person_b.id {
+    let id_a = person_id(person_a, instances, cloud);
+    if id_a == person_id(person_b, instances, cloud) {
         return vec![format!(
-            "{label_a} and {label_b} are the same person ({}).",
-            person_a.id
+            "{label_a} and {label_b} are the same person ({id_a})."
         )];
     }
     let mut reasons = Vec::new();
@@ -755,7 +879,7 @@ pub fn explain_separation(
         let mut valid = BTreeSet::new();
         let mut invalid = Vec::new();
         for link in &person.server_accounts {
-            match normalize_email(&server_user(instances, link.account).email) {
+            match normalize_email(server_user(instances, link.account).email) {
                 Ok(email) => {
                     valid.insert(email.as_str().to_owned());
                 }
@@ -816,7 +940,7 @@ pub fn explain_separation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ExternalIdentity, UserRole};
+    use crate::model::{ExternalIdentity, ServerUser, UserRole};
 
     fn user(id: i64, login: &str, email: &str) -> ServerUser {
         ServerUser {
@@ -835,8 +959,12 @@ mod tests {
     fn instance(hostname: &str, users: Vec<ServerUser>) -> InstanceUsers {
         InstanceUsers {
             hostname: hostname.to_owned(),
-            users,
+            users: Accounts::from_users(&users).expect("a small table"),
         }
+    }
+
+    fn id(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMember]) -> String {
+        person_id(person, instances, cloud).to_string()
     }
 
     fn member(id: i64, login: &str, verified: &[&str]) -> CloudMember {
@@ -873,7 +1001,7 @@ mod tests {
         assert_eq!(merged.total_seats_consumed(), 1);
         assert_eq!(merged.people.len(), 1);
         let person = &merged.people[0];
-        assert_eq!(person.id, "cloud:42");
+        assert_eq!(id(person, &instances, &cloud), "cloud:42");
         assert_eq!(person.total_user_accounts(), 4);
         assert!(
             person
@@ -892,7 +1020,7 @@ mod tests {
         let merged = merge(&instances, &[]);
         assert_eq!(merged.total_seats_consumed(), 1);
         let person = person_of(&merged, 0, 0);
-        assert_eq!(person.id, "server:ghes-1:1");
+        assert_eq!(id(person, &instances, &[]), "server:ghes-1:1");
         assert_eq!(person.server_accounts.len(), 2);
         assert!(
             person
@@ -1015,15 +1143,15 @@ mod tests {
         });
         let by_verified = member(3, "mona-verified", &["mona@example.com"]);
         let cloud = vec![by_verified, by_identity];
-        let merged = merge(
-            &[instance("h", vec![user(1, "m", "mona@example.com")])],
-            &cloud,
-        );
+        let instances = [instance("h", vec![user(1, "m", "mona@example.com")])];
+        let merged = merge(&instances, &cloud);
         let person = person_of(&merged, 0, 0);
-        assert_eq!(person.id, "cloud:500");
+        assert_eq!(id(person, &instances, &cloud), "cloud:500");
         assert!(person.ambiguous());
         // Candidates are listed by ascending cloud id.
-        assert_eq!(*person.server_accounts[0].tied_candidates, [0, 1]);
+        let link = person.server_accounts[0];
+        assert!(link.tied);
+        assert_eq!(*merged.ties[&link.account], [0, 1]);
     }
 
     #[test]
@@ -1033,21 +1161,15 @@ mod tests {
             member(10, "a", &["shared@example.com"]),
             member(20, "b", &["shared@example.com"]),
         ];
-        let merged = merge(
-            &[instance("h", vec![user(1, "x", "shared@example.com")])],
-            &cloud,
-        );
+        let instances = [instance("h", vec![user(1, "x", "shared@example.com")])];
+        let merged = merge(&instances, &cloud);
         let person = person_of(&merged, 0, 0);
-        assert_eq!(person.id, "cloud:10");
+        assert_eq!(id(person, &instances, &cloud), "cloud:10");
         assert!(person.ambiguous());
         assert_eq!(merged.stats.ambiguous_accounts, 1);
         // Three cloud members, each its own person; the server account joins one of them.
         assert_eq!(merged.total_seats_consumed(), 3);
-        let explanation = explain(
-            person,
-            &[instance("h", vec![user(1, "x", "shared@example.com")])],
-            &cloud,
-        );
+        let explanation = explain(person, &instances, &cloud, &merged.ties);
         assert_eq!(
             explanation.accounts[1].tied_with,
             vec!["b (id 20)", "c (id 30)"]
@@ -1066,12 +1188,11 @@ mod tests {
             emails: vec!["dup@example.com".into()],
             ..Default::default()
         });
-        let merged = merge(
-            &[instance("h", vec![user(1, "x", "dup@example.com")])],
-            &[high, low],
-        );
+        let instances = [instance("h", vec![user(1, "x", "dup@example.com")])];
+        let cloud = [high, low];
+        let merged = merge(&instances, &cloud);
         let person = person_of(&merged, 0, 0);
-        assert_eq!(person.id, "cloud:2");
+        assert_eq!(id(person, &instances, &cloud), "cloud:2");
         assert_eq!(
             person.server_accounts[0].rule,
             MatchRule::Identity {
@@ -1098,11 +1219,12 @@ mod tests {
         dormant.dormant = true;
         let ghost = user(3, "ghost", "ghost@example.com");
         let scim = user(4, "scim-admin", "scim@example.com");
-        let merged = merge(&[instance("h", vec![suspended, dormant, ghost, scim])], &[]);
+        let instances = [instance("h", vec![suspended, dormant, ghost, scim])];
+        let merged = merge(&instances, &[]);
         assert_eq!(merged.people.len(), 4);
         assert_eq!(merged.total_seats_consumed(), 1);
         let consuming = &merged.people[merged.consuming[0] as usize];
-        assert_eq!(consuming.id, "server:h:2");
+        assert_eq!(id(consuming, &instances, &[]), "server:h:2");
     }
 
     #[test]
@@ -1141,25 +1263,27 @@ mod tests {
 
     #[test]
     fn people_are_sorted_by_login_then_id_independent_of_input_order() {
+        let h1 = vec![
+            user(1, "zed", "z@example.com"),
+            user(2, "amy", "a@example.com"),
+        ];
         let a = vec![
-            instance(
-                "h1",
-                vec![
-                    user(1, "zed", "z@example.com"),
-                    user(2, "amy", "a@example.com"),
-                ],
-            ),
+            instance("h1", h1.clone()),
             instance("h2", vec![user(1, "Bob", "b@example.com")]),
         ];
-        let mut b = a.clone();
-        b.reverse();
-        b[1].users.reverse();
-        let ids = |merged: Merged| merged.people.into_iter().map(|p| p.id).collect::<Vec<_>>();
-        assert_eq!(
-            ids(merge(&a, &[])),
-            vec!["server:h1:2", "server:h2:1", "server:h1:1"]
-        );
-        assert_eq!(ids(merge(&b, &[])), ids(merge(&a, &[])));
+        let b = vec![
+            instance("h2", vec![user(1, "Bob", "b@example.com")]),
+            instance("h1", h1.into_iter().rev().collect()),
+        ];
+        let ids = |instances: &[InstanceUsers]| {
+            merge(instances, &[])
+                .people
+                .iter()
+                .map(|p| id(p, instances, &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&a), vec!["server:h1:2", "server:h2:1", "server:h1:1"]);
+        assert_eq!(ids(&b), ids(&a));
     }
 
     #[test]
@@ -1169,7 +1293,7 @@ mod tests {
             instance("a-host", vec![user(9, "x", "x@example.com")]),
         ];
         let merged = merge(&first, &[]);
-        assert_eq!(merged.people[0].id, "server:a-host:9");
+        assert_eq!(id(&merged.people[0], &first, &[]), "server:a-host:9");
     }
 
     #[test]
@@ -1195,7 +1319,7 @@ mod tests {
             instance("ghes-2", vec![user(2, "mona", "mona@example.com")]),
         ];
         let merged = merge(&instances, &[]);
-        let explanation = explain(&merged.people[0], &instances, &[]);
+        let explanation = explain(&merged.people[0], &instances, &[], &merged.ties);
         assert_eq!(explanation.total_user_accounts, 2);
         assert_eq!(explanation.accounts[0].account, "ghes-1:1");
         assert_eq!(explanation.accounts[1].account, "ghes-2:2");

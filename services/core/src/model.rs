@@ -73,18 +73,23 @@ impl ServerConsumption {
 impl ServerUser {
     /// Active or dormant accounts consume a license; suspended and built-in (`ghost`, `scim-admin`) do not.
     pub fn consumption(&self) -> ServerConsumption {
-        if BUILT_IN_LOGINS
-            .iter()
-            .any(|builtin| self.login.eq_ignore_ascii_case(builtin))
-        {
-            ServerConsumption::BuiltIn
-        } else if self.suspended {
-            ServerConsumption::Suspended
-        } else if self.dormant {
-            ServerConsumption::Dormant
-        } else {
-            ServerConsumption::Active
-        }
+        consumption_of(&self.login, self.suspended, self.dormant)
+    }
+}
+
+/// SPEC §3 for one GHES account: built-in logins never consume, then suspension wins over dormancy.
+pub fn consumption_of(login: &str, suspended: bool, dormant: bool) -> ServerConsumption {
+    if BUILT_IN_LOGINS
+        .iter()
+        .any(|builtin| login.eq_ignore_ascii_case(builtin))
+    {
+        ServerConsumption::BuiltIn
+    } else if suspended {
+        ServerConsumption::Suspended
+    } else if dormant {
+        ServerConsumption::Dormant
+    } else {
+        ServerConsumption::Active
     }
 }
 

@@ -44,6 +44,7 @@ use database::{Backend, FreshDatabase};
 use hdrhistogram::Histogram;
 use license_sync_aggregator::admin;
 use license_sync_aggregator::store::{self, Arrival, DynStore, SnapshotCommit};
+use license_sync_core::accounts::Accounts;
 use license_sync_core::all_users_csv::read_all_users_csv;
 use license_sync_core::merge::{InstanceUsers, merge};
 use license_sync_core::model::InstanceIdentity;
@@ -506,7 +507,7 @@ fn in_process_merge(enterprise: &Enterprise) -> Result<(u64, Duration)> {
         .map(|(csv, hostname)| -> Result<InstanceUsers> {
             Ok(InstanceUsers {
                 hostname: hostname.clone(),
-                users: read_all_users_csv(csv.as_bytes())?.users,
+                users: Accounts::from_users(&read_all_users_csv(csv.as_bytes())?.users)?,
             })
         })
         .collect::<Result<_>>()?;

@@ -9,8 +9,9 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use license_sync_core::accounts::Accounts;
 use license_sync_core::merge::InstanceUsers;
-use license_sync_core::model::{CloudMember, ServerUser};
+use license_sync_core::model::CloudMember;
 use license_sync_core::snapshot::Snapshot;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -270,7 +271,7 @@ pub struct MergeChanges {
     pub instances: Vec<InstanceVersion>,
     /// The users of each active instance changed after the generation asked for (every instance when none was),
     /// by instance id.
-    pub changed_users: Vec<(i64, Vec<ServerUser>)>,
+    pub changed_users: Vec<(i64, Accounts)>,
     /// The cloud members, when they changed after the generation asked for (always when none was).
     pub cloud_members: Option<Vec<CloudMember>>,
 }
@@ -278,7 +279,7 @@ pub struct MergeChanges {
 impl MergeChanges {
     /// The whole input, from a load with no `since`.
     fn into_input(self) -> MergeInput {
-        let mut users: std::collections::HashMap<i64, Vec<ServerUser>> =
+        let mut users: std::collections::HashMap<i64, Accounts> =
             self.changed_users.into_iter().collect();
         MergeInput {
             generation: self.generation,

@@ -1,7 +1,8 @@
 //! Row decoding shared by the backends: both store the same columns with the same meaning, so one generic decoder
 //! serves SQLite and PostgreSQL rows.
 
-use license_sync_core::model::{CloudMember, ServerUser, UserRole};
+use license_sync_core::accounts::Accounts;
+use license_sync_core::model::CloudMember;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
@@ -86,33 +87,29 @@ where
     })
 }
 
-/// Columns of `server_users` in the order [`server_user_from_row`] reads them by index.
-pub(super) const SERVER_USER_COLUMNS: &str = "u.instance_id, u.user_id, u.login, u.email, u.role, u.suspended, \
-     u.dormant, u.created_at, u.last_active, u.two_factor_enabled";
+/// Columns of `server_users` in the order [`push_account_from_row`] reads them by index: only what the merged view
+/// keeps in memory (see [`Accounts`]).
+pub(super) const ACCOUNT_COLUMNS: &str = "u.user_id, u.login, u.email, u.suspended, u.dormant";
 
-/// Decodes one stored account and its instance id. Columns by index: this runs once per stored account.
-pub(super) fn server_user_from_row<R>(row: &R) -> Result<(i64, ServerUser), sqlx::Error>
+/// Appends one stored account to an instance's table, borrowing its text from the row. Columns by index: this runs
+/// once per stored account.
+pub(super) fn push_account_from_row<R>(row: &R, accounts: &mut Accounts) -> ServiceResult<()>
 where
     R: Row,
     usize: ColumnIndex<R>,
     for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
 {
-    let role: &str = row.try_get(4)?;
-    let user = ServerUser {
-        id: row.try_get(1)?,
-        login: row.try_get(2)?,
-        email: row.try_get(3)?,
-        role: UserRole::parse(role).unwrap_or_default(),
-        suspended: row.try_get(5)?,
-        dormant: row.try_get(6)?,
-        created_at: row.try_get::<Option<i64>, _>(7)?.map(unix_to_time),
-        last_active: row.try_get::<Option<i64>, _>(8)?.map(unix_to_time),
-        two_factor_enabled: row.try_get(9)?,
-    };
-    Ok((row.try_get(0)?, user))
+    accounts
+        .push(
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+        )
+        .map_err(|error| ServiceError::internal("loading an instance's accounts", error))
 }
 
 pub(super) fn cloud_member_from_row<R>(row: &R) -> ServiceResult<CloudMember>

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use license_sync_core::model::{CloudMember, ServerUser};
+use license_sync_core::accounts::Accounts;
+use license_sync_core::model::CloudMember;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -21,8 +22,8 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::rows::{
-    INSTANCE_COLUMNS, SERVER_USER_COLUMNS, cloud_member_from_row, enterprise_from_row,
-    instance_from_row, instance_version_from_row, server_user_from_row, usage_day_from_row,
+    ACCOUNT_COLUMNS, INSTANCE_COLUMNS, cloud_member_from_row, enterprise_from_row,
+    instance_from_row, instance_version_from_row, push_account_from_row, usage_day_from_row,
 };
 use super::{
     AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
@@ -601,18 +602,19 @@ impl Store for SqliteStore {
         .iter()
         .map(instance_version_from_row)
         .collect::<ServiceResult<Vec<_>>>()?;
-        let mut changed_users: Vec<(i64, Vec<ServerUser>)> = instances
+        let mut changed_users: Vec<(i64, Accounts)> = instances
             .iter()
             .filter(|instance| changed_after(instance.users_generation))
-            .map(|instance| (instance.id, Vec::new()))
+            .map(|instance| (instance.id, Accounts::new()))
             .collect();
         for (instance_id, users) in &mut changed_users {
             let sql =
-                format!("SELECT {SERVER_USER_COLUMNS} FROM server_users u WHERE u.instance_id = ?");
+                format!("SELECT {ACCOUNT_COLUMNS} FROM server_users u WHERE u.instance_id = ?");
             let mut rows = sqlx::query(&sql).bind(*instance_id).fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
-                users.push(server_user_from_row(&row)?.1);
+                push_account_from_row(&row, users)?;
             }
+            users.shrink_to_fit();
         }
 
         let cloud_members = if changed_after(enterprise.try_get("members_generation")?) {
