@@ -10,6 +10,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use license_sync_core::cloud::StrList;
 use license_sync_core::merge::{Person, PersonId, explain, explain_separation};
 use license_sync_core::model::CloudMember;
 use license_sync_core::snapshot::UsageFile;
@@ -191,11 +192,11 @@ struct ConsumedUser<'a> {
     visual_studio_subscription_user: bool,
     license_type: &'static str,
     github_com_profile: Option<String>,
-    github_com_member_roles: &'a [String],
-    github_com_enterprise_roles: &'a [String],
-    github_com_verified_domain_emails: &'a [String],
+    github_com_member_roles: Strings<'a>,
+    github_com_enterprise_roles: Strings<'a>,
+    github_com_verified_domain_emails: Strings<'a>,
     github_com_saml_name_id: Option<&'a str>,
-    github_com_orgs_with_pending_invites: &'a [String],
+    github_com_orgs_with_pending_invites: Strings<'a>,
     github_com_two_factor_auth: Option<bool>,
     enterprise_server_emails: &'a [&'a str],
     /// The name PyGithub's `NamedEnterpriseUser` reads; same content as `enterprise_server_emails`.
@@ -207,6 +208,19 @@ struct ConsumedUser<'a> {
     person_id: PersonId<'a>,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
     ambiguous: bool,
+}
+
+/// A cloud member's list, or an empty one for a person without a cloud account: always a JSON array.
+#[derive(Debug)]
+struct Strings<'a>(Option<StrList<'a>>);
+
+impl Serialize for Strings<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(list) => list.serialize(serializer),
+            None => serializer.collect_seq(std::iter::empty::<&str>()),
+        }
+    }
 }
 
 /// The distinct primary emails of a person's GHES accounts (case-insensitive), as GHES reports them.
@@ -245,10 +259,9 @@ fn consumed_user<'a>(
         .collect();
     // GitHub's own example gives empty strings, not nulls, for a server-only person; clients expect that.
     let text = |value: Option<&'a str>| Some(value.unwrap_or_default());
-    const NONE: &[String] = &[];
     ConsumedUser {
-        github_com_login: member.map(|m| m.login.as_str()).unwrap_or_default(),
-        github_com_name: text(member.and_then(|m| m.name.as_deref())),
+        github_com_login: member.map(|m| m.login).unwrap_or_default(),
+        github_com_name: text(member.and_then(|m| m.name)),
         enterprise_server_user_ids: server_ids,
         github_com_user: member.is_some(),
         enterprise_server_user: Some(!person.server_accounts.is_empty()),
@@ -259,15 +272,11 @@ fn consumed_user<'a>(
                 .map(|m| format!("{}/{}", cloud_web_url.trim_end_matches('/'), m.login))
                 .unwrap_or_default(),
         ),
-        github_com_member_roles: member.map_or(NONE, |m| &m.member_roles),
-        github_com_enterprise_roles: member.map_or(NONE, |m| &m.enterprise_roles),
-        github_com_verified_domain_emails: member.map_or(NONE, |m| &m.verified_emails),
-        github_com_saml_name_id: text(
-            member
-                .and_then(|m| m.identity.as_ref())
-                .and_then(|identity| identity.name_id.as_deref()),
-        ),
-        github_com_orgs_with_pending_invites: member.map_or(NONE, |m| &m.orgs_with_pending_invites),
+        github_com_member_roles: Strings(member.map(|m| m.member_roles)),
+        github_com_enterprise_roles: Strings(member.map(|m| m.enterprise_roles)),
+        github_com_verified_domain_emails: Strings(member.map(|m| m.verified_emails)),
+        github_com_saml_name_id: text(member.and_then(|m| m.saml_name_id)),
+        github_com_orgs_with_pending_invites: Strings(member.map(|m| m.orgs_with_pending_invites)),
         github_com_two_factor_auth: member.and_then(|m| m.two_factor_auth),
         enterprise_server_primary_emails: server_emails,
         enterprise_server_emails: server_emails,

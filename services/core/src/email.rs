@@ -69,6 +69,19 @@ pub fn normalize_email(raw: &str) -> Result<NormalizedEmail, InvalidEmail> {
     Ok(NormalizedEmail(text))
 }
 
+/// A normalised email (or identity attribute) as a map key: the first 128 bits of its SHA-256. Collisions are out of
+/// reach (about 2^64 addresses for an even chance, and SHA-256 resists crafted ones), and 16 bytes cost far less
+/// than a string per address in the indexes the merge keeps.
+pub(crate) type EmailKey = [u8; 16];
+
+pub(crate) fn email_key(normalized: &str) -> EmailKey {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(normalized.as_bytes());
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,10 +15,9 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use sha2::{Digest, Sha256};
-
 use crate::accounts::Accounts;
-use crate::email::normalize_email;
+use crate::cloud::CloudMembers;
+use crate::email::{EmailKey, email_key, normalize_email};
 use crate::merge::{
     AccountRef, CloudIndex, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person,
     PersonId, ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
@@ -44,7 +43,7 @@ pub enum InstanceChange {
 
 /// An enterprise's accounts merged into people, updated in place one instance at a time.
 pub struct PeopleIndex {
-    cloud: Vec<CloudMember>,
+    cloud: CloudMembers,
     cloud_index: CloudIndex,
     /// Instance slots, indexed by [`AccountRef::instance`]. A removed instance leaves an empty slot for reuse.
     instances: Vec<InstanceUsers>,
@@ -81,8 +80,10 @@ struct Touched {
 impl PeopleIndex {
     /// The people of the cloud members alone, with no instance yet.
     pub fn new(cloud: Vec<CloudMember>) -> Self {
+        let cloud_index = CloudIndex::build(&cloud);
+        let cloud = CloudMembers::from_members(&cloud);
         let mut index = PeopleIndex {
-            cloud_index: CloudIndex::build(&cloud),
+            cloud_index,
             instances: Vec::new(),
             instance_keys: Vec::new(),
             slot_of_instance: HashMap::new(),
@@ -193,7 +194,7 @@ impl PeopleIndex {
         self.stats
     }
 
-    pub fn cloud_members(&self) -> &[CloudMember] {
+    pub fn cloud_members(&self) -> &CloudMembers {
         &self.cloud
     }
 
@@ -395,39 +396,39 @@ impl PeopleIndex {
                         tied: false,
                     },
                 ),
-                Ok(email) => match self.cloud_index.find(email.as_str()) {
-                    Some(found) => {
-                        let tied = !found.tied_candidates.is_empty();
-                        if tied {
-                            self.ties.insert(account, found.tied_candidates);
-                        }
-                        (
-                            found.winner,
-                            ServerLink {
+                Ok(email) => {
+                    let key = email_key(email.as_str());
+                    match self.cloud_index.find(&key) {
+                        Some(found) => {
+                            let tied = !found.tied_candidates.is_empty();
+                            if tied {
+                                self.ties.insert(account, found.tied_candidates);
+                            }
+                            let link = ServerLink {
                                 account,
                                 rule: found.rule,
                                 tied,
-                            },
-                        )
+                            };
+                            (found.winner, link)
+                        }
+                        None => {
+                            let owner = match self.person_of_email.get(&key) {
+                                Some(&owner) => owner,
+                                None => {
+                                    let owner = self.allocate_person();
+                                    self.person_of_email.insert(key, owner);
+                                    owner
+                                }
+                            };
+                            let link = ServerLink {
+                                account,
+                                rule: MatchRule::Unmatched,
+                                tied: false,
+                            };
+                            (owner, link)
+                        }
                     }
-                    None => {
-                        let key = email_key(email.as_str());
-                        let owner = match self.person_of_email.get(&key) {
-                            Some(&owner) => owner,
-                            None => {
-                                let owner = self.allocate_person();
-                                self.person_of_email.insert(key, owner);
-                                owner
-                            }
-                        };
-                        let link = ServerLink {
-                            account,
-                            rule: MatchRule::Unmatched,
-                            tied: false,
-                        };
-                        (owner, link)
-                    }
-                },
+                }
             };
             self.mark(touched, owner);
             apply_link_stats(&mut self.stats, &link, Sign::Plus);
@@ -495,18 +496,6 @@ impl PeopleIndex {
             &self.cloud,
         )
     }
-}
-
-/// A normalised email as a map key: the first 128 bits of its SHA-256. Collisions are out of reach (about 2^64
-/// addresses for an even chance, and SHA-256 resists crafted ones), and 16 bytes cost far less than a string per
-/// unmatched address.
-type EmailKey = [u8; 16];
-
-fn email_key(email: &str) -> EmailKey {
-    let digest = Sha256::digest(email.as_bytes());
-    let mut key = [0; 16];
-    key.copy_from_slice(&digest[..16]);
-    key
 }
 
 fn is_live(person: &Person) -> bool {
@@ -578,12 +567,12 @@ mod tests {
     fn observe_person(
         person: &Person,
         instances: &[InstanceUsers],
-        cloud: &[CloudMember],
+        cloud: &CloudMembers,
         ties: &Ties,
     ) -> ObservedPerson {
         ObservedPerson {
             id: person_id(person, instances, cloud).to_string(),
-            cloud_id: person.cloud_member.map(|index| cloud[index as usize].id),
+            cloud_id: person.cloud_member.map(|index| cloud.at(index as usize).id),
             accounts: person
                 .server_accounts
                 .iter()
@@ -597,7 +586,7 @@ mod tests {
                             .filter(|_| link.tied)
                             .into_iter()
                             .flatten()
-                            .map(|&index| cloud[index as usize].id)
+                            .map(|&index| cloud.at(index as usize).id)
                             .collect(),
                     )
                 })
@@ -606,11 +595,8 @@ mod tests {
         }
     }
 
-    fn observe_full(
-        merged: &Merged,
-        instances: &[InstanceUsers],
-        cloud: &[CloudMember],
-    ) -> Observed {
+    fn observe_full(merged: &Merged, instances: &[InstanceUsers]) -> Observed {
+        let cloud = &merged.cloud;
         Observed {
             people: merged
                 .people
@@ -803,7 +789,7 @@ mod tests {
                 }
                 let instances: Vec<InstanceUsers> = current.values().cloned().collect();
                 let full = merge(&instances, &current_cloud);
-                prop_assert_eq!(observe_index(&index), observe_full(&full, &instances, &current_cloud));
+                prop_assert_eq!(observe_index(&index), observe_full(&full, &instances));
                 prop_assert_eq!(index.total_seats_consumed(), full.total_seats_consumed());
                 for person in index.people() {
                     let id = index.person_id(person).to_string();

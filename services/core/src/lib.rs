@@ -1,6 +1,7 @@
 //! The domain of license-sync, free of I/O so that every rule can be unit-tested on its own.
 //!
 //! - [`accounts`]: an instance's accounts in the compact form the merged view keeps in memory.
+//! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory.
 //! - [`model`]: server users, instance identity, cloud members.
 //! - [`email`]: the email normalisation every match uses.
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
@@ -10,6 +11,7 @@
 
 pub mod accounts;
 pub mod all_users_csv;
+pub mod cloud;
 pub mod email;
 pub mod incremental;
 pub mod merge;

@@ -27,7 +27,8 @@ use serde::Serialize;
 use smallvec::SmallVec;
 
 use crate::accounts::{Account, Accounts};
-use crate::email::{InvalidEmail, normalize_email, normalize_text};
+use crate::cloud::CloudMembers;
+use crate::email::{EmailKey, InvalidEmail, email_key, normalize_email, normalize_text};
 use crate::model::{CloudMember, ServerConsumption};
 
 /// The accounts of one GHES instance, as stored from its latest snapshot.
@@ -212,10 +213,10 @@ impl PersonId<'_> {
 pub fn person_id<'a>(
     person: &Person,
     instances: &'a [InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
 ) -> PersonId<'a> {
     match (person.cloud_member, person.server_accounts.first()) {
-        (Some(member), _) => PersonId::Cloud(cloud[member as usize].id),
+        (Some(member), _) => PersonId::Cloud(cloud.at(member as usize).id),
         (None, Some(first)) => PersonId::Server {
             hostname: &instances[first.account.instance as usize].hostname,
             user_id: server_user(instances, first.account).id,
@@ -228,10 +229,10 @@ pub fn person_id<'a>(
 pub(crate) fn person_login<'a>(
     person: &Person,
     instances: &'a [InstanceUsers],
-    cloud: &'a [CloudMember],
+    cloud: &'a CloudMembers,
 ) -> &'a str {
     match (person.cloud_member, person.server_accounts.first()) {
-        (Some(member), _) => &cloud[member as usize].login,
+        (Some(member), _) => cloud.at(member as usize).login,
         (None, Some(first)) => server_user(instances, first.account).login,
         (None, None) => "",
     }
@@ -242,7 +243,7 @@ pub(crate) fn compare_people(
     a: &Person,
     b: &Person,
     instances: &[InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
 ) -> Ordering {
     compare_logins(
         person_login(a, instances, cloud),
@@ -325,6 +326,8 @@ pub struct Merged {
     pub likely_duplicates: Vec<LikelyDuplicate>,
     pub stats: MergeStats,
     pub ties: Ties,
+    /// The cloud members, as [`Person::cloud_member`] indexes them.
+    pub cloud: CloudMembers,
     /// Where each GHES account ended: `person_of_account[instance][user]` is an index into `people`.
     person_of_account: Vec<Vec<u32>>,
     person_of_cloud_member: Vec<u32>,
@@ -349,15 +352,10 @@ impl Merged {
         self.people.get(index as usize)
     }
 
-    pub fn person_by_id(
-        &self,
-        id: &str,
-        instances: &[InstanceUsers],
-        cloud: &[CloudMember],
-    ) -> Option<&Person> {
+    pub fn person_by_id(&self, id: &str, instances: &[InstanceUsers]) -> Option<&Person> {
         self.people
             .iter()
-            .find(|person| person_id(person, instances, cloud) == id)
+            .find(|person| person_id(person, instances, &self.cloud) == id)
     }
 }
 
@@ -368,18 +366,26 @@ pub(crate) struct CloudMatch {
     pub(crate) tied_candidates: Box<[u32]>,
 }
 
-/// Normalised identity attribute → (cloud index, attribute), and normalised verified email → cloud indexes.
+/// One cloud member an email can match: by an identity attribute, or (`None`) by a verified email.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    member: u32,
+    attribute: Option<IdentityAttribute>,
+}
+
+/// Normalised identity attributes and verified emails → the cloud members they belong to. Keys are 128 bits of the
+/// text's SHA-256 ([`EmailKey`]) rather than the text: one entry per address of every member adds up.
 pub(crate) struct CloudIndex {
     /// Cloud id of each member, for the lowest-id tie rule.
     ids: Vec<i64>,
-    identity: HashMap<String, Vec<(u32, IdentityAttribute)>>,
-    verified: HashMap<String, Vec<u32>>,
+    /// Almost every address belongs to one member: that one candidate is kept inline.
+    candidates: HashMap<EmailKey, SmallVec<[Candidate; 1]>>,
 }
 
 impl CloudIndex {
     pub(crate) fn build(cloud: &[CloudMember]) -> Self {
-        let mut identity: HashMap<String, Vec<(u32, IdentityAttribute)>> = HashMap::new();
-        let mut verified: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut candidates: HashMap<EmailKey, SmallVec<[Candidate; 1]>> =
+            HashMap::with_capacity(cloud.len());
         for (index, member) in cloud.iter().enumerate() {
             let index = index as u32;
             if let Some(external) = &member.identity {
@@ -403,26 +409,36 @@ impl CloudIndex {
                     if key.is_empty() {
                         continue;
                     }
-                    let entries = identity.entry(key).or_default();
+                    let entries = candidates.entry(email_key(&key)).or_default();
                     // One entry per member and value: the first attribute in the documented order names the match.
-                    if !entries.iter().any(|(member, _)| *member == index) {
-                        entries.push((index, attribute));
+                    if !entries
+                        .iter()
+                        .any(|entry| entry.member == index && entry.attribute.is_some())
+                    {
+                        entries.push(Candidate {
+                            member: index,
+                            attribute: Some(attribute),
+                        });
                     }
                 }
             }
             for email in &member.verified_emails {
                 if let Ok(email) = normalize_email(email) {
-                    let entries = verified.entry(email.as_str().to_owned()).or_default();
-                    if !entries.contains(&index) {
-                        entries.push(index);
+                    let entries = candidates.entry(email_key(email.as_str())).or_default();
+                    let verified = Candidate {
+                        member: index,
+                        attribute: None,
+                    };
+                    if !entries.contains(&verified) {
+                        entries.push(verified);
                     }
                 }
             }
         }
+        candidates.shrink_to_fit();
         CloudIndex {
             ids: cloud.iter().map(|member| member.id).collect(),
-            identity,
-            verified,
+            candidates,
         }
     }
 
@@ -430,37 +446,39 @@ impl CloudIndex {
         candidates.min_by_key(|&index| (self.ids[index as usize], index))
     }
 
-    pub(crate) fn find(&self, email: &str) -> Option<CloudMatch> {
-        let by_identity = self.identity.get(email);
-        let by_verified = self.verified.get(email);
-        let (winner, rule) = if let Some(entries) = by_identity.filter(|e| !e.is_empty()) {
-            let winner = self.lowest_id(entries.iter().map(|(index, _)| *index))?;
-            let attribute = entries
-                .iter()
-                .find(|(index, _)| *index == winner)
-                .map(|(_, attribute)| *attribute)?;
-            (winner, MatchRule::Identity { attribute })
-        } else {
-            let winner = self.lowest_id(by_verified?.iter().copied())?;
-            (winner, MatchRule::VerifiedEmail)
+    /// The cloud member a normalised email (given by its [`email_key`]) matches, if any.
+    pub(crate) fn find(&self, email: &EmailKey) -> Option<CloudMatch> {
+        let entries = self.candidates.get(email)?;
+        let by_identity = || entries.iter().filter(|entry| entry.attribute.is_some());
+        let (winner, rule) = match self.lowest_id(by_identity().map(|entry| entry.member)) {
+            Some(winner) => {
+                let attribute = by_identity()
+                    .find(|entry| entry.member == winner)
+                    .and_then(|entry| entry.attribute)?;
+                (winner, MatchRule::Identity { attribute })
+            }
+            None => (
+                self.lowest_id(entries.iter().map(|entry| entry.member))?,
+                MatchRule::VerifiedEmail,
+            ),
         };
-        let mut candidates: Vec<u32> = by_identity
-            .into_iter()
-            .flatten()
-            .map(|(index, _)| *index)
-            .chain(by_verified.into_iter().flatten().copied())
-            .collect();
-        candidates.sort_by_key(|&index| (self.ids[index as usize], index));
-        candidates.dedup();
-        let tied_candidates = if candidates.len() > 1 {
-            candidates.into_boxed_slice()
+        let tied_candidates = if entries.len() > 1 {
+            let mut members: Vec<u32> = entries.iter().map(|entry| entry.member).collect();
+            members.sort_by_key(|&index| (self.ids[index as usize], index));
+            members.dedup();
+            members.into_boxed_slice()
         } else {
             Box::default()
         };
         Some(CloudMatch {
             winner,
             rule,
-            tied_candidates,
+            // A member matched both by identity and by a verified email is one candidate, not a tie.
+            tied_candidates: if tied_candidates.len() > 1 {
+                tied_candidates
+            } else {
+                Box::default()
+            },
         })
     }
 }
@@ -472,8 +490,10 @@ pub(crate) struct Draft {
 }
 
 /// Merges every instance's accounts with the cloud members into people.
-pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
-    let index = CloudIndex::build(cloud);
+pub fn merge(instances: &[InstanceUsers], cloud_input: &[CloudMember]) -> Merged {
+    let index = CloudIndex::build(cloud_input);
+    let cloud_table = CloudMembers::from_members(cloud_input);
+    let cloud = &cloud_table;
     let mut stats = MergeStats {
         cloud_members: cloud.len() as u64,
         ..MergeStats::default()
@@ -514,7 +534,7 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
                     continue;
                 }
             };
-            if let Some(found) = index.find(email.as_str()) {
+            if let Some(found) = index.find(&email_key(email.as_str())) {
                 match found.rule {
                     MatchRule::Identity { .. } => stats.matched_by_identity += 1,
                     _ => stats.matched_by_verified_email += 1,
@@ -588,6 +608,7 @@ pub fn merge(instances: &[InstanceUsers], cloud: &[CloudMember]) -> Merged {
         likely_duplicates,
         stats,
         ties,
+        cloud: cloud_table,
         person_of_account,
         person_of_cloud_member,
     }
@@ -603,7 +624,7 @@ pub(crate) fn server_user(instances: &[InstanceUsers], account: AccountRef) -> A
 pub(crate) fn finish_person(
     mut draft: Draft,
     instances: &[InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
 ) -> Person {
     draft.links.sort_by(|a, b| {
         let host_a = &instances[a.account.instance as usize].hostname;
@@ -626,7 +647,7 @@ pub(crate) fn finish_person(
             }
         }
     }
-    let member = draft.cloud_member.map(|index| &cloud[index as usize]);
+    let member = draft.cloud_member.map(|index| cloud.at(index as usize));
     let consumes_license = member.is_some_and(|member| member.consumes_license)
         || draft.links.iter().any(|link| {
             server_user(instances, link.account)
@@ -646,7 +667,7 @@ pub(crate) fn find_likely_duplicates(
     people: &[Person],
     consuming: &[u32],
     instances: &[InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
 ) -> Vec<LikelyDuplicate> {
     // Positions are visited in increasing order, so each list stays sorted; pushing only when the last entry
     // differs keeps one entry per person.
@@ -660,9 +681,9 @@ pub(crate) fn find_likely_duplicates(
     let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
     for &position in consuming {
         let person = &people[position as usize];
-        if let Some(member) = person.cloud_member.map(|index| &cloud[index as usize]) {
+        if let Some(member) = person.cloud_member.map(|index| cloud.at(index as usize)) {
             add(&mut by_login, member.login.to_lowercase(), position);
-            if let Some(name) = member.name.as_deref().map(normalize_text)
+            if let Some(name) = member.name.map(normalize_text)
                 && !name.is_empty()
             {
                 add(&mut by_name, name, position);
@@ -744,15 +765,15 @@ pub struct AccountExplanation {
 pub fn explain(
     person: &Person,
     instances: &[InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
     ties: &Ties,
 ) -> Explanation {
-    let member = person.cloud_member.map(|index| &cloud[index as usize]);
+    let member = person.cloud_member.map(|index| cloud.at(index as usize));
     let mut accounts = Vec::with_capacity(person.total_user_accounts());
     if let Some(member) = member {
         accounts.push(AccountExplanation {
             account: format!("github.com:{}", member.login),
-            login: member.login.clone(),
+            login: member.login.to_owned(),
             consumes_license: member.consumes_license,
             consumption: if member.consumes_license {
                 "cloud_member"
@@ -809,7 +830,7 @@ pub fn explain(
                 .iter()
                 .filter(|&&index| Some(index) != person.cloud_member)
                 .map(|&index| {
-                    let other = &cloud[index as usize];
+                    let other = cloud.at(index as usize);
                     format!("{} (id {})", other.login, other.id)
                 })
                 .collect(),
@@ -857,7 +878,7 @@ pub fn explain_separation(
     a: (&Person, &str),
     b: (&Person, &str),
     instances: &[InstanceUsers],
-    cloud: &[CloudMember],
+    cloud: &CloudMembers,
 ) -> Vec<String> {
     let (person_a, label_a) = a;
     let (person_b, label_b) = b;
@@ -906,7 +927,7 @@ pub fn explain_separation(
     let cloud_emails = |person: &Person| -> BTreeSet<String> {
         person
             .cloud_member
-            .map(|index| &cloud[index as usize])
+            .map(|index| cloud.at(index as usize))
             .into_iter()
             .flat_map(|member| member.verified_emails.iter())
             .filter_map(|email| normalize_email(email).ok())
@@ -964,7 +985,7 @@ mod tests {
     }
 
     fn id(person: &Person, instances: &[InstanceUsers], cloud: &[CloudMember]) -> String {
-        person_id(person, instances, cloud).to_string()
+        person_id(person, instances, &CloudMembers::from_members(cloud)).to_string()
     }
 
     fn member(id: i64, login: &str, verified: &[&str]) -> CloudMember {
@@ -1169,7 +1190,7 @@ mod tests {
         assert_eq!(merged.stats.ambiguous_accounts, 1);
         // Three cloud members, each its own person; the server account joins one of them.
         assert_eq!(merged.total_seats_consumed(), 3);
-        let explanation = explain(person, &instances, &cloud, &merged.ties);
+        let explanation = explain(person, &instances, &merged.cloud, &merged.ties);
         assert_eq!(
             explanation.accounts[1].tied_with,
             vec!["b (id 20)", "c (id 30)"]
@@ -1319,7 +1340,7 @@ mod tests {
             instance("ghes-2", vec![user(2, "mona", "mona@example.com")]),
         ];
         let merged = merge(&instances, &[]);
-        let explanation = explain(&merged.people[0], &instances, &[], &merged.ties);
+        let explanation = explain(&merged.people[0], &instances, &merged.cloud, &merged.ties);
         assert_eq!(explanation.total_user_accounts, 2);
         assert_eq!(explanation.accounts[0].account, "ghes-1:1");
         assert_eq!(explanation.accounts[1].account, "ghes-2:2");
@@ -1339,7 +1360,7 @@ mod tests {
             (person_of(&merged, 0, 0), "ghes-1:1"),
             (person_of(&merged, 1, 0), "ghes-2:2"),
             &instances,
-            &[],
+            &merged.cloud,
         );
         assert!(
             reasons
