@@ -85,9 +85,9 @@ struct PageCache {
     bytes: usize,
 }
 
-/// Bounds the page cache of one enterprise: about 500 pages of 100 users. Clients mostly read the first pages or
+/// Bounds the page cache of one enterprise: about 130 pages of 100 users. Clients mostly read the first pages or
 /// walk them in order, so a small cache serves most requests; it is memory the aggregator must not outgrow.
-const MAX_CACHED_PAGE_BYTES: usize = 32 * 1024 * 1024;
+const MAX_CACHED_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct App {
     pub store: DynStore,

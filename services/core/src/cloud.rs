@@ -7,17 +7,82 @@
 
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 
+use crate::merge::CloudIndex;
 use crate::model::CloudMember;
 
+/// An enterprise's cloud members ready for the merge: their compact table and their match index. Built one member
+/// at a time ([`CloudDirectoryBuilder`]), so that a store can stream members in without holding them all as
+/// [`CloudMember`]s first.
+#[derive(Default)]
+pub struct CloudDirectory {
+    pub(crate) members: CloudMembers,
+    pub(crate) index: CloudIndex,
+}
+
+impl CloudDirectory {
+    pub fn from_members(members: &[CloudMember]) -> Self {
+        let mut builder = CloudDirectory::builder();
+        for member in members {
+            builder.push(member);
+        }
+        builder.finish()
+    }
+
+    pub fn builder() -> CloudDirectoryBuilder {
+        CloudDirectoryBuilder {
+            directory: CloudDirectory::default(),
+        }
+    }
+
+    pub fn members(&self) -> &CloudMembers {
+        &self.members
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+impl std::fmt::Debug for CloudDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudDirectory")
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`CloudDirectory`] member by member, in the order [`crate::merge::Person::cloud_member`] will index.
+pub struct CloudDirectoryBuilder {
+    directory: CloudDirectory,
+}
+
+impl CloudDirectoryBuilder {
+    pub fn push(&mut self, member: &CloudMember) {
+        self.directory.index.push(member);
+        self.directory.members.push(member);
+    }
+
+    pub fn finish(mut self) -> CloudDirectory {
+        self.directory.members.finish();
+        self.directory.index.shrink_to_fit();
+        self.directory
+    }
+}
+
 /// Cloud members in import order; [`crate::merge::Person::cloud_member`] indexes them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudMembers {
     ids: Vec<i64>,
     flags: Vec<u8>,
     /// Lengths of the `verified_emails`, `member_roles` and `enterprise_roles` lists of each member; the rest of its
     /// strings are its `orgs_with_pending_invites`.
     list_lengths: Vec<[u32; 3]>,
-    /// Index into `string_ends` of each member's first string (its login); one more entry closes the last member.
+    /// Index into `string_ends` of each member's first string (its login), then one more entry that closes the
+    /// last member: always one entry more than members.
     first_string: Vec<usize>,
     /// Where each string ends in `text` (the previous string's end is where it starts).
     string_ends: Vec<usize>,
@@ -57,6 +122,19 @@ pub struct StrList<'a> {
     end: usize,
 }
 
+impl Default for CloudMembers {
+    fn default() -> Self {
+        CloudMembers {
+            ids: Vec::new(),
+            flags: Vec::new(),
+            list_lengths: Vec::new(),
+            first_string: vec![0],
+            string_ends: Vec::new(),
+            text: String::new(),
+        }
+    }
+}
+
 impl<'a> StrList<'a> {
     pub fn iter(self) -> impl ExactSizeIterator<Item = &'a str> + 'a {
         let members = self.members;
@@ -84,28 +162,11 @@ impl Serialize for StrList<'_> {
 
 impl CloudMembers {
     pub fn from_members(members: &[CloudMember]) -> Self {
-        let strings: usize = members
-            .iter()
-            .map(|member| {
-                3 + member.verified_emails.len()
-                    + member.member_roles.len()
-                    + member.enterprise_roles.len()
-                    + member.orgs_with_pending_invites.len()
-            })
-            .sum();
-        let mut table = CloudMembers {
-            ids: Vec::with_capacity(members.len()),
-            flags: Vec::with_capacity(members.len()),
-            list_lengths: Vec::with_capacity(members.len()),
-            first_string: Vec::with_capacity(members.len() + 1),
-            string_ends: Vec::with_capacity(strings),
-            text: String::new(),
-        };
+        let mut table = CloudMembers::default();
         for member in members {
             table.push(member);
         }
-        table.first_string.push(table.string_ends.len());
-        table.shrink_to_fit();
+        table.finish();
         table
     }
 
@@ -130,7 +191,6 @@ impl CloudMembers {
             length(&member.member_roles),
             length(&member.enterprise_roles),
         ]);
-        self.first_string.push(self.string_ends.len());
         let singles = [
             Some(member.login.as_str()),
             member.name.as_deref(),
@@ -150,9 +210,12 @@ impl CloudMembers {
             self.text.push_str(text);
             self.string_ends.push(self.text.len());
         }
+        // Closes this member; the next one starts there.
+        self.first_string.push(self.string_ends.len());
     }
 
-    fn shrink_to_fit(&mut self) {
+    /// Gives back the spare capacity once every member is in.
+    fn finish(&mut self) {
         self.ids.shrink_to_fit();
         self.flags.shrink_to_fit();
         self.list_lengths.shrink_to_fit();

@@ -16,14 +16,13 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use crate::accounts::Accounts;
-use crate::cloud::CloudMembers;
+use crate::cloud::{CloudDirectory, CloudMembers};
 use crate::email::{EmailKey, email_key, normalize_email};
 use crate::merge::{
     AccountRef, CloudIndex, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person,
     PersonId, ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
     person_id,
 };
-use crate::model::CloudMember;
 
 /// The caller's stable key for an instance (the store's instance id).
 pub type InstanceKey = i64;
@@ -79,9 +78,11 @@ struct Touched {
 
 impl PeopleIndex {
     /// The people of the cloud members alone, with no instance yet.
-    pub fn new(cloud: Vec<CloudMember>) -> Self {
-        let cloud_index = CloudIndex::build(&cloud);
-        let cloud = CloudMembers::from_members(&cloud);
+    pub fn new(cloud: CloudDirectory) -> Self {
+        let CloudDirectory {
+            members: cloud,
+            index: cloud_index,
+        } = cloud;
         let mut index = PeopleIndex {
             cloud_index,
             instances: Vec::new(),
@@ -114,7 +115,7 @@ impl PeopleIndex {
 
     /// Builds the index of a whole enterprise in one batch.
     pub fn build(
-        cloud: Vec<CloudMember>,
+        cloud: CloudDirectory,
         instances: impl IntoIterator<Item = (InstanceKey, InstanceUsers)>,
     ) -> Self {
         let mut index = PeopleIndex::new(cloud);
@@ -159,7 +160,7 @@ impl PeopleIndex {
     }
 
     /// Replaces the cloud members. Every account may match differently, so the index is rebuilt.
-    pub fn replace_cloud_members(&mut self, cloud: Vec<CloudMember>) {
+    pub fn replace_cloud_members(&mut self, cloud: CloudDirectory) {
         let instances: Vec<(InstanceKey, InstanceUsers)> = self
             .instance_keys
             .iter()
@@ -486,6 +487,12 @@ impl PeopleIndex {
         }
         merged.extend(added);
         self.consuming = merged;
+        // The slab grows by doubling while a large batch (a first build) allocates people: give most of the slack
+        // back, keeping an eighth for the next batches' new people so that small changes do not reallocate.
+        let keep = self.people.len() + self.people.len() / 8;
+        if self.people.capacity() > keep + self.people.len() / 8 {
+            self.people.shrink_to(keep);
+        }
     }
 
     fn compare_people(&self, a: u32, b: u32) -> Ordering {
@@ -542,7 +549,7 @@ mod tests {
 
     use super::*;
     use crate::merge::{Merged, merge};
-    use crate::model::{ExternalIdentity, ServerUser, UserRole};
+    use crate::model::{CloudMember, ExternalIdentity, ServerUser, UserRole};
 
     /// Everything a reader of the merge can observe, independent of slot and instance numbering.
     #[derive(Debug, PartialEq)]
@@ -762,7 +769,7 @@ mod tests {
         ) {
             let mut current_cloud = initial_cloud.clone();
             let mut current: BTreeMap<i64, InstanceUsers> = BTreeMap::new();
-            let mut index = PeopleIndex::new(initial_cloud);
+            let mut index = PeopleIndex::new(CloudDirectory::from_members(&initial_cloud));
             for batch in batches {
                 let mut changes = Vec::new();
                 let mut new_cloud = None;
@@ -785,7 +792,7 @@ mod tests {
                 index.apply(changes);
                 if let Some(cloud) = new_cloud {
                     current_cloud = cloud.clone();
-                    index.replace_cloud_members(cloud);
+                    index.replace_cloud_members(CloudDirectory::from_members(&cloud));
                 }
                 let instances: Vec<InstanceUsers> = current.values().cloned().collect();
                 let full = merge(&instances, &current_cloud);
@@ -812,7 +819,7 @@ mod tests {
             last_active: None,
             two_factor_enabled: None,
         };
-        let mut index = PeopleIndex::new(Vec::new());
+        let mut index = PeopleIndex::new(CloudDirectory::default());
         index.apply([
             InstanceChange::Upsert {
                 key: 1,

@@ -27,7 +27,7 @@ use serde::Serialize;
 use smallvec::SmallVec;
 
 use crate::accounts::{Account, Accounts};
-use crate::cloud::CloudMembers;
+use crate::cloud::{CloudDirectory, CloudMembers};
 use crate::email::{EmailKey, InvalidEmail, email_key, normalize_email, normalize_text};
 use crate::model::{CloudMember, ServerConsumption};
 
@@ -375,6 +375,7 @@ struct Candidate {
 
 /// Normalised identity attributes and verified emails → the cloud members they belong to. Keys are 128 bits of the
 /// text's SHA-256 ([`EmailKey`]) rather than the text: one entry per address of every member adds up.
+#[derive(Default)]
 pub(crate) struct CloudIndex {
     /// Cloud id of each member, for the lowest-id tie rule.
     ids: Vec<i64>,
@@ -383,11 +384,12 @@ pub(crate) struct CloudIndex {
 }
 
 impl CloudIndex {
-    pub(crate) fn build(cloud: &[CloudMember]) -> Self {
-        let mut candidates: HashMap<EmailKey, SmallVec<[Candidate; 1]>> =
-            HashMap::with_capacity(cloud.len());
-        for (index, member) in cloud.iter().enumerate() {
-            let index = index as u32;
+    /// Adds the next member (its index is the number of members pushed before it).
+    pub(crate) fn push(&mut self, member: &CloudMember) {
+        let candidates = &mut self.candidates;
+        let index = self.ids.len() as u32;
+        self.ids.push(member.id);
+        {
             if let Some(external) = &member.identity {
                 let singles = [
                     (&external.name_id, IdentityAttribute::NameId),
@@ -435,11 +437,12 @@ impl CloudIndex {
                 }
             }
         }
-        candidates.shrink_to_fit();
-        CloudIndex {
-            ids: cloud.iter().map(|member| member.id).collect(),
-            candidates,
-        }
+    }
+
+    /// Gives back the spare capacity once every member is in.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.ids.shrink_to_fit();
+        self.candidates.shrink_to_fit();
     }
 
     fn lowest_id(&self, candidates: impl Iterator<Item = u32>) -> Option<u32> {
@@ -491,8 +494,10 @@ pub(crate) struct Draft {
 
 /// Merges every instance's accounts with the cloud members into people.
 pub fn merge(instances: &[InstanceUsers], cloud_input: &[CloudMember]) -> Merged {
-    let index = CloudIndex::build(cloud_input);
-    let cloud_table = CloudMembers::from_members(cloud_input);
+    let CloudDirectory {
+        members: cloud_table,
+        index,
+    } = CloudDirectory::from_members(cloud_input);
     let cloud = &cloud_table;
     let mut stats = MergeStats {
         cloud_members: cloud.len() as u64,

@@ -32,6 +32,7 @@
 
 mod database;
 mod dataset;
+mod memory;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -58,6 +59,11 @@ use time::OffsetDateTime;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
+
+/// The system allocator, counting live bytes for `--memory-breakdown` (an atomic add per allocation; what the load
+/// generator times happens in the aggregator processes).
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
 
 #[derive(Parser, Debug)]
 #[command(name = "license-sync-loadgen", version, about)]
@@ -113,6 +119,10 @@ struct Args {
         requires = "compare_replicas"
     )]
     compare_rounds: usize,
+    /// Instead of the phases: build the merged view of the data in this process and print the heap bytes of its
+    /// parts (accounts, cloud members and their index, people), measured by a counting allocator.
+    #[arg(long, conflicts_with_all = ["replicas", "compare_replicas"])]
+    memory_breakdown: bool,
 }
 
 fn micros(duration: Duration) -> u64 {
@@ -614,6 +624,9 @@ async fn run(args: Args) -> Result<()> {
         users_per_instance,
         total_accounts,
     };
+    if args.memory_breakdown {
+        return memory::breakdown(&enterprise);
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.rest_connections)
         .build()?;

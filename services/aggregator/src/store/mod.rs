@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use license_sync_core::accounts::Accounts;
+use license_sync_core::cloud::CloudDirectory;
 use license_sync_core::merge::InstanceUsers;
 use license_sync_core::model::CloudMember;
 use license_sync_core::snapshot::Snapshot;
@@ -252,7 +253,7 @@ pub struct MergeInput {
     pub generation: i64,
     pub seats_purchased: i64,
     pub instances: Vec<InstanceUsers>,
-    pub cloud_members: Vec<CloudMember>,
+    pub cloud_members: CloudDirectory,
 }
 
 /// An active instance, and the generation that last changed its users (or its hostname).
@@ -273,7 +274,7 @@ pub struct MergeChanges {
     /// by instance id.
     pub changed_users: Vec<(i64, Accounts)>,
     /// The cloud members, when they changed after the generation asked for (always when none was).
-    pub cloud_members: Option<Vec<CloudMember>>,
+    pub cloud_members: Option<CloudDirectory>,
 }
 
 impl MergeChanges {

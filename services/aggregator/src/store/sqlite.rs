@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use license_sync_core::accounts::Accounts;
+use license_sync_core::cloud::CloudDirectory;
 use license_sync_core::model::CloudMember;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -618,17 +619,18 @@ impl Store for SqliteStore {
         }
 
         let cloud_members = if changed_after(enterprise.try_get("members_generation")?) {
-            let rows = sqlx::query(
+            // Streamed into the compact directory: 200k members as full `CloudMember`s would be a transient
+            // several times the size of what the view keeps.
+            let mut rows = sqlx::query(
                 "SELECT attributes_json FROM cloud_members WHERE enterprise_id = ? ORDER BY member_id",
             )
             .bind(enterprise_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            Some(
-                rows.iter()
-                    .map(cloud_member_from_row)
-                    .collect::<ServiceResult<Vec<_>>>()?,
-            )
+            .fetch(&mut *tx);
+            let mut directory = CloudDirectory::builder();
+            while let Some(row) = rows.try_next().await? {
+                directory.push(&cloud_member_from_row(&row)?);
+            }
+            Some(directory.finish())
         } else {
             None
         };
