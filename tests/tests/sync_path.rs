@@ -271,9 +271,12 @@ fn three_agents_merge_into_people_and_report_status() {
         json!(["ghes-a.test:1", "ghes-b.test:10"])
     );
     assert_eq!(mona["github_com_member_roles"], json!(["org1:Owner"]));
+    assert_eq!(mona["github_com_profile"], "https://github.com/monalisa");
     let hubot = user_with_server_id(&consumed, "ghes-b.test:11");
     assert_eq!(hubot["github_com_user"], false);
     assert_eq!(hubot["github_com_login"], "");
+    assert_eq!(hubot["github_com_profile"], "");
+    assert_eq!(hubot["github_com_member_roles"], json!([]));
     assert_eq!(hubot["total_user_accounts"], 2);
     let carol = user_with_server_id(&consumed, "ghes-b.test:12");
     assert_eq!(carol["github_com_login"], "carol-cloud");

@@ -186,12 +186,12 @@ fn link_header(url: &str, per_page: usize, page: usize, last_page: usize) -> Opt
 struct ConsumedUser<'a> {
     github_com_login: &'a str,
     github_com_name: Option<&'a str>,
-    enterprise_server_user_ids: Vec<String>,
+    enterprise_server_user_ids: ServerUserIds<'a>,
     github_com_user: bool,
     enterprise_server_user: Option<bool>,
     visual_studio_subscription_user: bool,
     license_type: &'static str,
-    github_com_profile: Option<String>,
+    github_com_profile: Option<Profile<'a>>,
     github_com_member_roles: Strings<'a>,
     github_com_enterprise_roles: Strings<'a>,
     github_com_verified_domain_emails: Strings<'a>,
@@ -208,6 +208,60 @@ struct ConsumedUser<'a> {
     person_id: PersonId<'a>,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
     ambiguous: bool,
+}
+
+/// `<hostname>:<user id>` of each of a person's GHES accounts, written straight into the page.
+struct ServerUserIds<'a> {
+    view: &'a MergedView,
+    person: &'a Person,
+}
+
+impl std::fmt::Debug for ServerUserIds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerUserIds")
+            .field("person", self.person)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for ServerUserIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let instances = self.view.people.instance_slots();
+        serializer.collect_seq(self.person.server_accounts.iter().map(|link| {
+            let instance = &instances[link.account.instance as usize];
+            AccountId {
+                hostname: &instance.hostname,
+                user_id: instance.users.at(link.account.user as usize).id,
+            }
+        }))
+    }
+}
+
+struct AccountId<'a> {
+    hostname: &'a str,
+    user_id: i64,
+}
+
+impl Serialize for AccountId<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}:{}", self.hostname, self.user_id))
+    }
+}
+
+/// `<cloud web URL>/<login>`, or an empty string for a person without a cloud account (GitHub's example).
+#[derive(Debug)]
+struct Profile<'a> {
+    base_url: &'a str,
+    login: Option<&'a str>,
+}
+
+impl Serialize for Profile<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.login {
+            Some(login) => serializer.collect_str(&format_args!("{}/{login}", self.base_url)),
+            None => serializer.serialize_str(""),
+        }
+    }
 }
 
 /// A cloud member's list, or an empty one for a person without a cloud account: always a JSON array.
@@ -240,38 +294,25 @@ fn consumed_user<'a>(
     view: &'a MergedView,
     person: &'a Person,
     server_emails: &'a [&'a str],
-    cloud_web_url: &str,
+    cloud_web_url: &'a str,
 ) -> ConsumedUser<'a> {
     let member = person
         .cloud_member
         .and_then(|index| view.people.cloud_members().get(index as usize));
-    let server_ids = person
-        .server_accounts
-        .iter()
-        .map(|link| {
-            let instance = &view.people.instance_slots()[link.account.instance as usize];
-            format!(
-                "{}:{}",
-                instance.hostname,
-                instance.users.at(link.account.user as usize).id
-            )
-        })
-        .collect();
     // GitHub's own example gives empty strings, not nulls, for a server-only person; clients expect that.
     let text = |value: Option<&'a str>| Some(value.unwrap_or_default());
     ConsumedUser {
         github_com_login: member.map(|m| m.login).unwrap_or_default(),
         github_com_name: text(member.and_then(|m| m.name)),
-        enterprise_server_user_ids: server_ids,
+        enterprise_server_user_ids: ServerUserIds { view, person },
         github_com_user: member.is_some(),
         enterprise_server_user: Some(!person.server_accounts.is_empty()),
         visual_studio_subscription_user: member.is_some_and(|m| m.visual_studio_subscription_user),
         license_type: "enterprise",
-        github_com_profile: Some(
-            member
-                .map(|m| format!("{}/{}", cloud_web_url.trim_end_matches('/'), m.login))
-                .unwrap_or_default(),
-        ),
+        github_com_profile: Some(Profile {
+            base_url: cloud_web_url.trim_end_matches('/'),
+            login: member.map(|m| m.login),
+        }),
         github_com_member_roles: Strings(member.map(|m| m.member_roles)),
         github_com_enterprise_roles: Strings(member.map(|m| m.enterprise_roles)),
         github_com_verified_domain_emails: Strings(member.map(|m| m.verified_emails)),
@@ -371,13 +412,19 @@ fn consumed_licenses_body(
         total_seats_overage: u64,
         users: Vec<ConsumedUser<'a>>,
     }
-    serde_json::to_vec(&Page {
-        total_seats_consumed: consumed,
-        total_seats_purchased: view.seats_purchased,
-        total_seats_overage: overage(consumed, view.seats_purchased),
-        users,
-    })
-    .map_err(|err| ServiceError::internal("encoding consumed licenses", err))
+    // About 600 bytes per user in practice: sized up front, the body is written without regrowing.
+    let mut body = Vec::with_capacity(256 + users.len() * 768);
+    serde_json::to_writer(
+        &mut body,
+        &Page {
+            total_seats_consumed: consumed,
+            total_seats_purchased: view.seats_purchased,
+            total_seats_overage: overage(consumed, view.seats_purchased),
+            users,
+        },
+    )
+    .map_err(|err| ServiceError::internal("encoding consumed licenses", err))?;
+    Ok(body)
 }
 
 pub fn rfc3339(time: OffsetDateTime) -> String {
