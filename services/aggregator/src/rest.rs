@@ -20,6 +20,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+mod page_json;
+
 use crate::app::{App, MergedView};
 use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -231,7 +233,7 @@ impl Serialize for ServerUserIds<'_> {
             let instance = &instances[link.account.instance as usize];
             AccountId {
                 hostname: &instance.hostname,
-                user_id: instance.users.at(link.account.user as usize).id,
+                user_id: instance.users.id(link.account.user as usize),
             }
         }))
     }
@@ -282,7 +284,7 @@ fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
     let mut emails: Vec<&str> = Vec::new();
     for link in &person.server_accounts {
         let instance = &view.people.instance_slots()[link.account.instance as usize];
-        let email = instance.users.at(link.account.user as usize).email.trim();
+        let email = instance.users.email(link.account.user as usize).trim();
         if !email.is_empty() && !emails.iter().any(|known| known.eq_ignore_ascii_case(email)) {
             emails.push(email);
         }
@@ -405,25 +407,22 @@ fn consumed_licenses_body(
         .map(|(person, emails)| consumed_user(view, person, emails, &app.config.cloud_web_url))
         .collect();
     let consumed = view.people.total_seats_consumed();
-    #[derive(Serialize)]
-    struct Page<'a> {
-        total_seats_consumed: u64,
-        total_seats_purchased: i64,
-        total_seats_overage: u64,
-        users: Vec<ConsumedUser<'a>>,
-    }
     // About 600 bytes per user in practice: sized up front, the body is written without regrowing.
     let mut body = Vec::with_capacity(256 + users.len() * 768);
-    serde_json::to_writer(
-        &mut body,
-        &Page {
-            total_seats_consumed: consumed,
-            total_seats_purchased: view.seats_purchased,
-            total_seats_overage: overage(consumed, view.seats_purchased),
-            users,
-        },
-    )
-    .map_err(|err| ServiceError::internal("encoding consumed licenses", err))?;
+    let totals = format!(
+        "{{\"total_seats_consumed\":{consumed},\"total_seats_purchased\":{},\"total_seats_overage\":{},\"users\":[",
+        view.seats_purchased,
+        overage(consumed, view.seats_purchased)
+    );
+    body.extend_from_slice(totals.as_bytes());
+    for (position, user) in users.iter().enumerate() {
+        if position > 0 {
+            body.push(b',');
+        }
+        page_json::write_consumed_user(&mut body, user)
+            .map_err(|err| ServiceError::internal("encoding consumed licenses", err))?;
+    }
+    body.extend_from_slice(b"]}");
     Ok(body)
 }
 

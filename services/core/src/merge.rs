@@ -219,7 +219,9 @@ pub fn person_id<'a>(
         (Some(member), _) => PersonId::Cloud(cloud.at(member as usize).id),
         (None, Some(first)) => PersonId::Server {
             hostname: &instances[first.account.instance as usize].hostname,
-            user_id: server_user(instances, first.account).id,
+            user_id: instances[first.account.instance as usize]
+                .users
+                .id(first.account.user as usize),
         },
         (None, None) => PersonId::Empty,
     }
@@ -233,7 +235,9 @@ pub(crate) fn person_login<'a>(
 ) -> &'a str {
     match (person.cloud_member, person.server_accounts.first()) {
         (Some(member), _) => cloud.at(member as usize).login,
-        (None, Some(first)) => server_user(instances, first.account).login,
+        (None, Some(first)) => instances[first.account.instance as usize]
+            .users
+            .login(first.account.user as usize),
         (None, None) => "",
     }
 }
@@ -635,9 +639,12 @@ pub(crate) fn finish_person(
         let host_a = &instances[a.account.instance as usize].hostname;
         let host_b = &instances[b.account.instance as usize].hostname;
         host_a.cmp(host_b).then_with(|| {
-            server_user(instances, a.account)
-                .id
-                .cmp(&server_user(instances, b.account).id)
+            let id = |account: AccountRef| {
+                instances[account.instance as usize]
+                    .users
+                    .id(account.user as usize)
+            };
+            id(a.account).cmp(&id(b.account))
         })
     });
     // A group of unmatched accounts shares one email: several are merged by it, a single one is unmatched. The

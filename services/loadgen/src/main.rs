@@ -270,6 +270,30 @@ fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`; `None` off Linux.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'; utime and stime are the
+    // 14th and 15th fields of the line, so the 12th and 13th after it.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: f64 = fields.next()?.parse::<f64>().ok()? + fields.next()?.parse::<f64>().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds used by the aggregator processes together, and by this process.
+fn cpu_split(replicas: &[Running]) -> Option<(f64, f64)> {
+    let servers = replicas
+        .iter()
+        .map(|replica| cpu_seconds(replica.child.id()))
+        .sum::<Option<f64>>()?;
+    Some((servers, cpu_seconds(None)?))
+}
+
 /// Reads `consumed-licenses` until `accept` says yes; returns the elapsed time and the total.
 async fn wait_for_total(
     http: &reqwest::Client,
@@ -736,6 +760,7 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
 
     // 5. REST throughput on random pages, client w on replica w mod N.
     let pages = (total as usize).div_ceil(100).max(1);
+    let cpu_before = cpu_split(&replicas);
     let deadline = Instant::now() + Duration::from_secs(args.rest_seconds);
     let mut clients = Vec::new();
     for worker in 0..args.rest_connections {
@@ -775,6 +800,7 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
         rest.add(&latencies).ok();
         rest_errors += errors;
     }
+    let cpu_after = cpu_split(&replicas);
     let rss = rss_report(&replicas);
     stop_all(replicas).await;
     database.drop_database().await?;
@@ -855,6 +881,18 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
         ms(rest.value_at_quantile(0.99)),
         rest_errors
     );
+    // Both sides share this machine's cores: what each costs per request says what bounds the latency.
+    if let (Some((servers_before, client_before)), Some((servers_after, client_after))) =
+        (cpu_before, cpu_after)
+        && !rest.is_empty()
+    {
+        let per_request = |seconds: f64| seconds / rest.len() as f64 * 1e6;
+        println!(
+            "  … CPU per request: aggregator {:.0} µs, load generator {:.0} µs",
+            per_request(servers_after - servers_before),
+            per_request(client_after - client_before)
+        );
+    }
     if replica_count == 1 {
         println!("  aggregator peak RSS                           {rss}");
     } else {
