@@ -36,8 +36,11 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Rows per multi-row INSERT: 10 columns × 3000 rows stays under SQLite's 32766 bound parameters.
-const USER_ROWS_PER_INSERT: usize = 3000;
+/// Rows per multi-row INSERT. Each connection caches the prepared statement of a full chunk, and SQLite's compiled
+/// form of a multi-row VALUES grows with its rows (megabytes at 3000 rows × 10 columns, held by each of the pool's
+/// connections); past a few hundred rows a bigger statement saves no time. The last, shorter chunk is prepared
+/// without caching, so odd sizes do not fill the cache with one-off statements.
+const USER_ROWS_PER_INSERT: usize = 500;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -462,6 +465,7 @@ impl Store for SqliteStore {
                 "INSERT INTO server_users (instance_id, user_id, login, email, role, suspended, dormant, \
                  created_at, last_active, two_factor_enabled) ",
             );
+            let full_chunk = chunk.len() == USER_ROWS_PER_INSERT;
             insert.push_values(chunk, |mut row, user| {
                 row.push_bind(commit.instance_id)
                     .push_bind(user.id)
@@ -474,7 +478,11 @@ impl Store for SqliteStore {
                     .push_bind(user.last_active.map(OffsetDateTime::unix_timestamp))
                     .push_bind(user.two_factor_enabled);
             });
-            insert.build().execute(&mut *tx).await?;
+            insert
+                .build()
+                .persistent(full_chunk)
+                .execute(&mut *tx)
+                .await?;
         }
 
         let now = commit.now.unix_timestamp();
@@ -564,13 +572,18 @@ impl Store for SqliteStore {
             let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO cloud_members (enterprise_id, member_id, login, attributes_json) ",
             );
+            let full_chunk = chunk.len() == USER_ROWS_PER_INSERT;
             insert.push_values(chunk, |mut row, (id, login, json)| {
                 row.push_bind(enterprise_id)
                     .push_bind(*id)
                     .push_bind(*login)
                     .push_bind(json.as_str());
             });
-            insert.build().execute(&mut *tx).await?;
+            insert
+                .build()
+                .persistent(full_chunk)
+                .execute(&mut *tx)
+                .await?;
         }
         bump_members_generation(&mut tx, enterprise_id).await?;
         tx.commit().await?;
