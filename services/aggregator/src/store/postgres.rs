@@ -40,8 +40,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects with `options` (e.g. a `search_path` for tests) and applies pending migrations.
     pub async fn open_with(options: PgConnectOptions) -> ServiceResult<Self> {
+        Self::open_pool(options, super::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    async fn open_pool(options: PgConnectOptions, max_connections: u32) -> ServiceResult<Self> {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
@@ -61,10 +65,18 @@ impl PostgresStore {
     }
 
     pub async fn open(database_url: &str) -> ServiceResult<Self> {
+        Self::open_with_max_connections(database_url, super::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// Connects with at most `max_connections` connections (`database_max_connections`).
+    pub async fn open_with_max_connections(
+        database_url: &str,
+        max_connections: u32,
+    ) -> ServiceResult<Self> {
         let options = PgConnectOptions::from_str(database_url).map_err(|err| {
             ServiceError::invalid(format!("invalid PostgreSQL database_url: {err}"))
         })?;
-        Self::open_with(options).await
+        Self::open_pool(options, max_connections).await
     }
 }
 
