@@ -76,6 +76,9 @@ struct ViewSlot {
     duplicates: Mutex<Option<(i64, Arc<Vec<LikelyDuplicate>>)>>,
     /// The UTC day this process last recorded the enterprise's usage: each day gets a row even when nothing changes.
     usage_recorded_on: Mutex<Option<time::Date>>,
+    /// A background catch-up from the store is waiting for commits to pause; a commit of this process that
+    /// cannot be applied to the view directly joins it instead of starting another.
+    catch_up: Mutex<bool>,
 }
 
 #[derive(Default)]
@@ -84,6 +87,10 @@ struct PageCache {
     bodies: HashMap<(usize, usize), axum::body::Bytes>,
     bytes: usize,
 }
+
+/// The longest a view's background catch-up waits for the enterprise's commits to pause (unless
+/// `view_check_interval_ms` is longer): under a steady stream of commits the view still catches up this often.
+const CATCH_UP_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bounds the page cache of one enterprise: about 130 pages of 100 users. Clients mostly read the first pages or
 /// walk them in order, so a small cache serves most requests; it is memory the aggregator must not outgrow.
@@ -342,14 +349,18 @@ impl App {
 
     /// Applies a commit of this process to the view without reading its users back from the store. Exact only
     /// when the view is at the generation just before the commit's (every change bumps the generation once), so
-    /// any other case catches up from the store instead.
+    /// any other case joins the view's background catch-up from the store instead.
     async fn apply_commit(&self, enterprise_id: i64, committed: Committed) -> ServiceResult<()> {
         let slot = self.view_slot(enterprise_id)?;
         let refreshing = slot.refresh.lock().await;
         let at = slot.view.read().await.as_ref().map(|view| view.generation);
         if at != Some(committed.generation - 1) {
             drop(refreshing);
-            return self.merged_view(enterprise_id).await.map(drop);
+            let committed_generation = committed.generation;
+            drop(committed);
+            return self
+                .catch_up(enterprise_id, &slot, committed_generation)
+                .await;
         }
         let started = Instant::now();
         let view = apply_to_view(&slot, move |view| {
@@ -372,6 +383,68 @@ impl App {
         self.finish_refresh(enterprise_id, view, refresh)
             .await
             .map(drop)
+    }
+
+    /// Joins the view's background catch-up from the store, or becomes it when none is waiting. The catch-up
+    /// waits until the enterprise's generation (in the store, so commits on every replica count) has not moved for
+    /// `view_check_interval_ms`, or at most [`CATCH_UP_MAX_WAIT`], then loads every change since the view's
+    /// generation at once: a burst of commits is read back once, after the burst, instead of after each commit
+    /// while they still compete for the same CPUs and database. Readers do not depend on it: one that finds the
+    /// view behind the store's generation brings it up to date itself.
+    async fn catch_up(
+        &self,
+        enterprise_id: i64,
+        slot: &ViewSlot,
+        committed_generation: i64,
+    ) -> ServiceResult<()> {
+        {
+            let mut catch_up = slot.catch_up.lock().map_err(|_| {
+                ServiceError::internal("scheduling a view catch-up", "poisoned lock")
+            })?;
+            if *catch_up {
+                return Ok(());
+            }
+            *catch_up = true;
+        }
+        let result = self
+            .wait_for_quiet(enterprise_id, slot, committed_generation)
+            .await;
+        // Commits from here on schedule the next catch-up: this one may read the store before they commit.
+        if let Ok(mut catch_up) = slot.catch_up.lock() {
+            *catch_up = false;
+        }
+        result?;
+        self.merged_view(enterprise_id).await.map(drop)
+    }
+
+    /// Waits until the store's generation of the enterprise stays put for `view_check_interval_ms` (from
+    /// `generation`, the last one known), or for [`CATCH_UP_MAX_WAIT`]; leaves the last check for readers.
+    async fn wait_for_quiet(
+        &self,
+        enterprise_id: i64,
+        slot: &ViewSlot,
+        mut generation: i64,
+    ) -> ServiceResult<()> {
+        let quiet = std::time::Duration::from_millis(self.config.view_check_interval_ms);
+        if quiet.is_zero() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + CATCH_UP_MAX_WAIT.max(quiet);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(quiet.min(deadline - now)).await;
+            let latest = self.store.enterprise_generation(enterprise_id).await?;
+            if let Ok(mut checked) = slot.checked.lock() {
+                *checked = Some((latest, Instant::now()));
+            }
+            if latest == generation {
+                return Ok(());
+            }
+            generation = latest;
+        }
     }
 
     fn view_slot(&self, enterprise_id: i64) -> ServiceResult<Arc<ViewSlot>> {
@@ -702,4 +775,180 @@ pub fn utc_date(time: OffsetDateTime) -> String {
         u8::from(date.month()),
         date.day()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
+    use license_sync_core::snapshot::SnapshotMeta;
+
+    use super::*;
+    use crate::admin;
+
+    /// `view_check_interval_ms` of both replicas: also how long commits must pause before a catch-up.
+    const QUIET_MS: u64 = 1000;
+
+    async fn replica(database_url: &str) -> Arc<App> {
+        let store = crate::store::open(database_url).await.expect("store");
+        App::new(
+            store,
+            AggregatorConfig {
+                database_url: database_url.to_owned(),
+                view_check_interval_ms: QUIET_MS,
+                ..AggregatorConfig::default()
+            },
+        )
+    }
+
+    fn snapshot(instance: &Instance, version: i64, users: i64) -> Snapshot {
+        let base = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        Snapshot {
+            meta: SnapshotMeta {
+                sync_id: Uuid::new_v4(),
+                instance: InstanceIdentity {
+                    server_id: instance.server_id,
+                    hostname: instance.hostname.clone(),
+                    ghes_version: "3.14.2".into(),
+                },
+                generated_at: base + time::Duration::seconds(version),
+                license: None,
+                source_report: SourceReport::default(),
+            },
+            users: (0..users)
+                .map(|id| ServerUser {
+                    id,
+                    login: format!("user{id}"),
+                    // Shared across instances, so the same people are met on several of them.
+                    email: format!("user{id}@example.com"),
+                    role: UserRole::User,
+                    suspended: false,
+                    dormant: false,
+                    created_at: None,
+                    last_active: None,
+                    two_factor_enabled: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The view's generation as it is, without bringing it up to date.
+    async fn view_generation(app: &App, enterprise_id: i64) -> Option<i64> {
+        let slot = app.view_slot(enterprise_id).expect("slot");
+        let view = slot.view.read().await;
+        view.as_ref().map(|view| view.generation)
+    }
+
+    /// What a reader is told: generation, consumed seats and the consuming people in order.
+    async fn answer(app: &App, enterprise_id: i64) -> (i64, u64, Vec<String>) {
+        let view = app.merged_view(enterprise_id).await.expect("view");
+        let people = view
+            .people
+            .consuming()
+            .iter()
+            .map(|slot| {
+                let person = view.people.person(*slot).expect("person");
+                view.people.person_id(person).to_string()
+            })
+            .collect();
+        (view.generation, view.people.total_seats_consumed(), people)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_commits_is_read_back_once_after_it_and_replicas_answer_alike() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+        // Two replicas' worth of state on one database.
+        let (a, b) = (replica(&url).await, replica(&url).await);
+        let enterprise = admin::create_enterprise(&a.store, "acme", "Acme", 100)
+            .await
+            .expect("enterprise");
+        let mut instances = Vec::new();
+        for i in 0..4 {
+            let (instance, _) =
+                admin::add_instance(&a.store, "acme", Uuid::new_v4(), &format!("ghes-{i}.test"))
+                    .await
+                    .expect("instance");
+            instances.push(instance);
+        }
+        let id = enterprise.id;
+        let before = answer(&a, id).await.0;
+        assert_eq!(answer(&b, id).await.0, before);
+
+        // Record every generation each view passes through during the burst.
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (a, b, stop) = (Arc::clone(&a), Arc::clone(&b), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut seen_a, mut seen_b) = (BTreeSet::new(), BTreeSet::new());
+                while !stop.load(Ordering::Relaxed) {
+                    seen_a.extend(view_generation(&a, id).await);
+                    seen_b.extend(view_generation(&b, id).await);
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                (seen_a, seen_b)
+            })
+        };
+        // Commits alternate between the replicas, B first: from the second on, each finds its replica's view
+        // behind by the other's commit, so none can be applied directly and all join one catch-up per replica.
+        for version in 0..4 {
+            for (i, instance) in instances.iter().enumerate() {
+                let app = if i % 2 == 0 { &b } else { &a };
+                app.commit_snapshot(
+                    instance,
+                    snapshot(instance, version, 5 + version + i as i64),
+                    Arrival::Connect,
+                    None,
+                )
+                .await
+                .expect("commit");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let last = a.store.enterprise_generation(id).await.expect("generation");
+        assert_eq!(last, before + 16);
+        // Both views catch up in the background, once commits have paused, without a reader asking.
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while view_generation(&a, id).await != Some(last)
+            || view_generation(&b, id).await != Some(last)
+        {
+            assert!(Instant::now() < deadline, "the views did not catch up");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (seen_a, seen_b) = sampler.await.expect("sampler");
+        // A never applied one of its commits directly and B only its first: one read-back each, at the end.
+        assert!(
+            seen_a.is_subset(&BTreeSet::from([before, last])),
+            "A's view went through {seen_a:?}"
+        );
+        assert!(
+            seen_b.is_subset(&BTreeSet::from([before, before + 1, last])),
+            "B's view went through {seen_b:?}"
+        );
+
+        // Both answer what a view built from scratch answers.
+        let fresh = replica(&url).await;
+        let expected = answer(&fresh, id).await;
+        assert_eq!(expected.0, last);
+        assert_eq!(answer(&a, id).await, expected);
+        assert_eq!(answer(&b, id).await, expected);
+
+        // A reader sees its own process's commit at once, even with a catch-up waiting (the view was behind: a
+        // commit of B came between), and the other replica's within `view_check_interval_ms`.
+        let instance = &instances[0];
+        b.commit_snapshot(instance, snapshot(instance, 10, 40), Arrival::Connect, None)
+            .await
+            .expect("commit");
+        a.commit_snapshot(instance, snapshot(instance, 11, 50), Arrival::Connect, None)
+            .await
+            .expect("commit");
+        let own = answer(&a, id).await;
+        assert_eq!(own.0, last + 2);
+        assert_eq!(own.1, 50);
+        tokio::time::sleep(std::time::Duration::from_millis(QUIET_MS + 100)).await;
+        assert_eq!(answer(&b, id).await, own);
+    }
 }

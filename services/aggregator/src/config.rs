@@ -46,6 +46,9 @@ pub struct AggregatorConfig {
     pub view_check_interval_ms: u64,
     /// How long a REST API token, once checked, is trusted without asking the store again.
     pub api_token_cache_secs: u64,
+    /// Most connections this process opens to PostgreSQL (ignored for SQLite). Replicas share one database, whose
+    /// cores serve all of their connections: more connections than that makes commits wait for each other longer.
+    pub database_max_connections: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -74,6 +77,7 @@ impl Default for AggregatorConfig {
             control_poll_interval_ms: 1000,
             view_check_interval_ms: 200,
             api_token_cache_secs: 10,
+            database_max_connections: crate::store::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -134,6 +138,12 @@ impl AggregatorConfig {
         if self.view_check_interval_ms > 60_000 {
             anyhow::bail!(
                 "view_check_interval_ms must be at most 60000: readers would see other replicas' changes too late"
+            );
+        }
+        if !(1..=1000).contains(&self.database_max_connections) {
+            anyhow::bail!(
+                "database_max_connections must be between 1 and 1000, got {}",
+                self.database_max_connections
             );
         }
         if self.api_token_cache_secs > 300 {
@@ -204,6 +214,7 @@ mod tests {
             "agent_heartbeat_interval_secs = 0\n",
             "agent_heartbeat_interval_secs = 301\n",
             "control_poll_interval_ms = 10\n",
+            "database_max_connections = 0\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");

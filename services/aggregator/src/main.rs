@@ -193,9 +193,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return served;
     }
 
-    let store = store::open(&config.database_url)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let store =
+        store::open_with_max_connections(&config.database_url, config.database_max_connections)
+            .await
+            .map_err(|err| anyhow::anyhow!("{err}"))?;
     match cli.command {
         Command::Serve => unreachable!("handled above"),
         Command::Enterprise(EnterpriseCommand::Create { slug, name, seats }) => {

@@ -55,9 +55,10 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
-    let store = store::open(&config.database_url)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let store =
+        store::open_with_max_connections(&config.database_url, config.database_max_connections)
+            .await
+            .map_err(|err| anyhow::anyhow!("{err}"))?;
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;

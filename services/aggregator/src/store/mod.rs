@@ -488,13 +488,28 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store named by the URL and applies pending migrations.
 pub async fn open(database_url: &str) -> ServiceResult<DynStore> {
+    open_with_max_connections(database_url, DEFAULT_MAX_CONNECTIONS).await
+}
+
+/// The default of `database_max_connections`: the most connections one process opens to PostgreSQL.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
+/// Like [`open`], with at most `max_connections` connections to PostgreSQL (SQLite ignores it).
+pub async fn open_with_max_connections(
+    database_url: &str,
+    max_connections: u32,
+) -> ServiceResult<DynStore> {
     if database_url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open(database_url).await?));
     }
     #[cfg(feature = "postgres")]
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
-        return Ok(Arc::new(PostgresStore::open(database_url).await?));
+        return Ok(Arc::new(
+            PostgresStore::open_with_max_connections(database_url, max_connections).await?,
+        ));
     }
+    #[cfg(not(feature = "postgres"))]
+    let _ = max_connections;
     {
         Err(ServiceError::invalid(
             "unsupported database_url scheme: use sqlite://PATH or postgres://USER@HOST/DATABASE",

@@ -42,8 +42,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects with `options` (e.g. a `search_path` for tests) and applies pending migrations.
     pub async fn open_with(options: PgConnectOptions) -> ServiceResult<Self> {
+        Self::open_pool(options, super::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    async fn open_pool(options: PgConnectOptions, max_connections: u32) -> ServiceResult<Self> {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
@@ -63,10 +67,18 @@ impl PostgresStore {
     }
 
     pub async fn open(database_url: &str) -> ServiceResult<Self> {
+        Self::open_with_max_connections(database_url, super::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// Connects with at most `max_connections` connections (`database_max_connections`).
+    pub async fn open_with_max_connections(
+        database_url: &str,
+        max_connections: u32,
+    ) -> ServiceResult<Self> {
         let options = PgConnectOptions::from_str(database_url).map_err(|err| {
             ServiceError::invalid(format!("invalid PostgreSQL database_url: {err}"))
         })?;
-        Self::open_with(options).await
+        Self::open_pool(options, max_connections).await
     }
 }
 
@@ -112,19 +124,24 @@ async fn bump_generation(
     .await
 }
 
-/// Bumps the generation and stamps an instance's users with it, so that merged views reload that instance.
+/// Bumps the generation and stamps an instance's users with it, so that merged views reload that instance. The
+/// enterprise row's lock, held until COMMIT, keeps generations in commit order: a snapshot commit makes this its last
+/// statement before COMMIT (after the rows), and it is one statement (one round trip), so that the other commits of
+/// the enterprise wait for that lock as briefly as possible.
 async fn bump_users_generation(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     enterprise_id: i64,
     instance_id: i64,
 ) -> Result<i64, sqlx::Error> {
-    let generation = bump_generation(tx, enterprise_id).await?;
-    sqlx::query("UPDATE instances SET users_generation = $1 WHERE id = $2")
-        .bind(generation)
-        .bind(instance_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(generation)
+    sqlx::query_scalar(
+        "WITH bumped AS (UPDATE enterprises SET generation = generation + 1 WHERE id = $1 RETURNING generation) \
+         UPDATE instances SET users_generation = bumped.generation FROM bumped WHERE instances.id = $2 \
+         RETURNING instances.users_generation",
+    )
+    .bind(enterprise_id)
+    .bind(instance_id)
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// Bumps the generation and stamps the cloud members with it, so that merged views reload them.
