@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::body_pool::BodyPool;
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::{Metrics, Rejection};
@@ -107,6 +108,8 @@ pub struct App {
     /// The instance id of each "Sync now" request created by this process, so that a control stream held here
     /// delivers it at once (streams on other replicas find it by polling the database).
     sync_wakeups: tokio::sync::broadcast::Sender<i64>,
+    /// Buffers for `consumed-licenses` pages, reused from one request to the next.
+    pub body_pool: Arc<BodyPool>,
 }
 
 impl App {
@@ -118,6 +121,7 @@ impl App {
             views: Mutex::new(HashMap::new()),
             api_tokens: Mutex::new(HashMap::new()),
             sync_wakeups: tokio::sync::broadcast::channel(256).0,
+            body_pool: Arc::new(BodyPool::default()),
         })
     }
 

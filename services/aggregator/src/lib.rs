@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod body_pool;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -350,7 +350,9 @@ async fn consumed_licenses(
     let body = match app.cached_page(enterprise.id, view.generation, (per_page, page)) {
         Some(body) => body,
         None => {
-            let body = Bytes::from(consumed_licenses_body(&app, &view, per_page, page)?);
+            let body = app
+                .body_pool
+                .into_bytes(consumed_licenses_body(&app, &view, per_page, page)?);
             app.cache_page(
                 enterprise.id,
                 view.generation,
@@ -408,7 +410,7 @@ fn consumed_licenses_body(
         .collect();
     let consumed = view.people.total_seats_consumed();
     // About 600 bytes per user in practice: sized up front, the body is written without regrowing.
-    let mut body = Vec::with_capacity(256 + users.len() * 768);
+    let mut body = app.body_pool.take(256 + users.len() * 768);
     let totals = format!(
         "{{\"total_seats_consumed\":{consumed},\"total_seats_purchased\":{},\"total_seats_overage\":{},\"users\":[",
         view.seats_purchased,
