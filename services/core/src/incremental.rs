@@ -55,7 +55,7 @@ pub struct PeopleIndex {
     consuming_accounts: Vec<u64>,
     /// Person slots. Slot `i < cloud.len()` is cloud member `i`; a free slot has no cloud member and no accounts.
     /// A person stores neither its id nor its sort key: both derive from its first account or cloud member.
-    people: Vec<Person>,
+    people: Slab<Person>,
     free_people: Vec<u32>,
     /// The cloud candidates of the (few) accounts whose email matched several cloud members.
     ties: Ties,
@@ -64,6 +64,63 @@ pub struct PeopleIndex {
     /// Person slots that consume a license, sorted by (login, id) as GitHub pages them.
     consuming: Vec<u32>,
     stats: MergeStats,
+}
+
+/// A growable array in fixed-size chunks. At a million people a `Vec<Person>` is tens of megabytes, and growing it
+/// reallocates: old and new buffers are both resident while it copies, a spike of up to three times its size in the
+/// middle of a sync. Chunks are allocated once at their full size and never move.
+struct Slab<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+const SLAB_CHUNK: usize = 1 << 14;
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, value: T) {
+        if self.len.is_multiple_of(SLAB_CHUNK) {
+            self.chunks.push(Vec::with_capacity(SLAB_CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(value);
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<&T> {
+        self.chunks.get(index / SLAB_CHUNK)?.get(index % SLAB_CHUNK)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+}
+
+impl<T> std::ops::Index<usize> for Slab<T> {
+    type Output = T;
+
+    fn index(&self, index: usize) -> &T {
+        &self.chunks[index / SLAB_CHUNK][index % SLAB_CHUNK]
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for Slab<T> {
+    fn index_mut(&mut self, index: usize) -> &mut T {
+        &mut self.chunks[index / SLAB_CHUNK][index % SLAB_CHUNK]
+    }
 }
 
 /// The people touched by one batch of changes, and what they contributed before it.
@@ -91,7 +148,7 @@ impl PeopleIndex {
             free_instance_slots: Vec::new(),
             person_of_account: Vec::new(),
             consuming_accounts: Vec::new(),
-            people: Vec::with_capacity(cloud.len()),
+            people: Slab::default(),
             free_people: Vec::new(),
             ties: Ties::new(),
             person_of_email: HashMap::new(),
@@ -487,12 +544,6 @@ impl PeopleIndex {
         }
         merged.extend(added);
         self.consuming = merged;
-        // The slab grows by doubling while a large batch (a first build) allocates people: give most of the slack
-        // back, keeping an eighth for the next batches' new people so that small changes do not reallocate.
-        let keep = self.people.len() + self.people.len() / 8;
-        if self.people.capacity() > keep + self.people.len() / 8 {
-            self.people.shrink_to(keep);
-        }
     }
 
     fn compare_people(&self, a: u32, b: u32) -> Ordering {
@@ -804,6 +855,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_slab_indexes_across_chunks() {
+        let mut slab = Slab::default();
+        let count = 2 * SLAB_CHUNK + 5;
+        for value in 0..count {
+            slab.push(value);
+        }
+        assert_eq!(slab.len(), count);
+        assert_eq!(slab[SLAB_CHUNK - 1], SLAB_CHUNK - 1);
+        assert_eq!(slab[SLAB_CHUNK], SLAB_CHUNK);
+        slab[2 * SLAB_CHUNK + 4] = 7;
+        assert_eq!(slab.get(2 * SLAB_CHUNK + 4), Some(&7));
+        assert_eq!(slab.get(count), None);
+        assert_eq!(slab.iter().count(), count);
+        assert_eq!(slab.chunks.len(), 3);
     }
 
     #[test]

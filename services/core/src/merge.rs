@@ -675,12 +675,15 @@ pub(crate) fn finish_person(
     }
 }
 
-pub(crate) fn find_likely_duplicates(
-    people: &[Person],
+pub(crate) fn find_likely_duplicates<People>(
+    people: &People,
     consuming: &[u32],
     instances: &[InstanceUsers],
     cloud: &CloudMembers,
-) -> Vec<LikelyDuplicate> {
+) -> Vec<LikelyDuplicate>
+where
+    People: std::ops::Index<usize, Output = Person> + ?Sized,
+{
     // Positions are visited in increasing order, so each list stays sorted; pushing only when the last entry
     // differs keeps one entry per person.
     fn add(map: &mut HashMap<String, Vec<u32>>, key: String, position: u32) {
