@@ -49,7 +49,8 @@ struct Committed {
     generation: i64,
     instance_id: i64,
     hostname: String,
-    users: Accounts,
+    /// The snapshot's rows, converted to the view's compact form only when they are applied (off the ack path).
+    users: Vec<license_sync_core::model::ServerUser>,
 }
 
 /// How a view refresh went, for its log line and metrics.
@@ -220,20 +221,15 @@ impl App {
         );
         if let Some(generation) = applied_generation {
             self.note_change(instance.enterprise_id);
-            // The view keeps accounts in compact columns; the full rows can go as soon as they are converted.
-            let committed = Accounts::from_users(&snapshot.users)
-                .inspect_err(|error| {
-                    tracing::warn!(%error, "the view will read this snapshot back from the store")
-                })
-                .ok()
-                .map(|users| Committed {
+            self.warm_view(
+                instance.enterprise_id,
+                Some(Committed {
                     generation,
                     instance_id: instance.id,
                     hostname: snapshot.meta.instance.hostname,
-                    users,
-                });
-            drop(snapshot.users);
-            self.warm_view(instance.enterprise_id, committed);
+                    users: snapshot.users,
+                }),
+            );
         }
         Ok(receipt)
     }
@@ -358,21 +354,32 @@ impl App {
         let slot = self.view_slot(enterprise_id)?;
         let refreshing = slot.refresh.lock().await;
         let at = slot.view.read().await.as_ref().map(|view| view.generation);
-        if at != Some(committed.generation - 1) {
+        let started = Instant::now();
+        // The view keeps accounts in compact columns; the full rows go as soon as they are converted.
+        let users = (at == Some(committed.generation - 1))
+            .then(|| {
+                Accounts::from_users(&committed.users)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "the view will read this snapshot back from the store")
+                    })
+                    .ok()
+            })
+            .flatten();
+        let Some(users) = users else {
             drop(refreshing);
             let committed_generation = committed.generation;
             drop(committed);
             return self
                 .catch_up(enterprise_id, &slot, committed_generation)
                 .await;
-        }
-        let started = Instant::now();
+        };
+        drop(committed.users);
         let view = apply_to_view(&slot, move |view| {
             if let Some(view) = view.as_mut() {
                 view.people.apply([InstanceChange::Upsert {
                     key: committed.instance_id,
                     hostname: committed.hostname,
-                    users: committed.users,
+                    users,
                 }]);
                 view.generation = committed.generation;
             }
