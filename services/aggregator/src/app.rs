@@ -94,10 +94,6 @@ struct PageCache {
 /// `view_check_interval_ms` is longer): under a steady stream of commits the view still catches up this often.
 const CATCH_UP_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Bounds the page cache of one enterprise: about 130 pages of 100 users. Clients mostly read the first pages or
-/// walk them in order, so a small cache serves most requests; it is memory the aggregator must not outgrow.
-const MAX_CACHED_PAGE_BYTES: usize = 8 * 1024 * 1024;
-
 pub struct App {
     pub store: DynStore,
     pub config: Arc<AggregatorConfig>,
@@ -521,7 +517,13 @@ impl App {
         if generation < pages.generation {
             return;
         }
-        if pages.generation != generation || pages.bytes + body.len() > MAX_CACHED_PAGE_BYTES {
+        // `page_cache_mib` bounds it (8 MiB by default: about 130 pages of 100 users). Clients mostly read the first
+        // pages or walk them in order, so a small cache serves most requests, and it is memory per enterprise.
+        let max_bytes = self.config.page_cache_mib as usize * 1024 * 1024;
+        if body.len() > max_bytes {
+            return;
+        }
+        if pages.generation != generation || pages.bytes + body.len() > max_bytes {
             // A newer generation makes every cached page wrong; a full cache starts again rather than track use.
             pages.generation = generation;
             pages.bodies.clear();

@@ -49,6 +49,9 @@ pub struct AggregatorConfig {
     /// Most connections this process opens to PostgreSQL (ignored for SQLite). Replicas share one database, whose
     /// cores serve all of their connections: more connections than that makes commits wait for each other longer.
     pub database_max_connections: u32,
+    /// Most memory each enterprise's cache of serialised `consumed-licenses` pages may hold, in MiB (0 disables
+    /// it). Pages of the current generation are served from it; a page of 100 users is 60–80 KB.
+    pub page_cache_mib: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -78,6 +81,7 @@ impl Default for AggregatorConfig {
             view_check_interval_ms: 200,
             api_token_cache_secs: 10,
             database_max_connections: crate::store::DEFAULT_MAX_CONNECTIONS,
+            page_cache_mib: 8,
         }
     }
 }
@@ -144,6 +148,12 @@ impl AggregatorConfig {
             anyhow::bail!(
                 "database_max_connections must be between 1 and 1000, got {}",
                 self.database_max_connections
+            );
+        }
+        if self.page_cache_mib > 4096 {
+            anyhow::bail!(
+                "page_cache_mib must be at most 4096 (it is per enterprise), got {}",
+                self.page_cache_mib
             );
         }
         if self.api_token_cache_secs > 300 {
@@ -215,6 +225,7 @@ mod tests {
             "agent_heartbeat_interval_secs = 301\n",
             "control_poll_interval_ms = 10\n",
             "database_max_connections = 0\n",
+            "page_cache_mib = 5000\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
