@@ -1,7 +1,9 @@
 //! Row decoding shared by the backends: both store the same columns with the same meaning, so one generic decoder
 //! serves SQLite and PostgreSQL rows.
 
+use futures::{Stream, TryStreamExt};
 use license_sync_core::accounts::Accounts;
+use license_sync_core::cloud::CloudDirectory;
 use license_sync_core::model::CloudMember;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
@@ -110,6 +112,42 @@ where
             row.try_get(4)?,
         )
         .map_err(|error| ServiceError::internal("loading an instance's accounts", error))
+}
+
+/// Streams an instance's stored accounts (rows of [`ACCOUNT_COLUMNS`]) into the view's compact table.
+pub(super) async fn collect_accounts<R>(
+    mut rows: impl Stream<Item = Result<R, sqlx::Error>> + Unpin,
+) -> ServiceResult<Accounts>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut accounts = Accounts::new();
+    while let Some(row) = rows.try_next().await? {
+        push_account_from_row(&row, &mut accounts)?;
+    }
+    accounts.shrink_to_fit();
+    Ok(accounts)
+}
+
+/// Streams stored cloud members (rows with `attributes_json`) into the view's compact directory: 200k members as
+/// full `CloudMember`s would be a transient several times the size of what the view keeps.
+pub(super) async fn collect_cloud_directory<R>(
+    mut rows: impl Stream<Item = Result<R, sqlx::Error>> + Unpin,
+) -> ServiceResult<CloudDirectory>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut directory = CloudDirectory::builder();
+    while let Some(row) = rows.try_next().await? {
+        directory.push(&cloud_member_from_row(&row)?);
+    }
+    Ok(directory.finish())
 }
 
 pub(super) fn cloud_member_from_row<R>(row: &R) -> ServiceResult<CloudMember>

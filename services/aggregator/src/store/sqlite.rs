@@ -9,9 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::TryStreamExt;
 use license_sync_core::accounts::Accounts;
-use license_sync_core::cloud::CloudDirectory;
 use license_sync_core::model::CloudMember;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -23,8 +21,8 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::rows::{
-    ACCOUNT_COLUMNS, INSTANCE_COLUMNS, cloud_member_from_row, enterprise_from_row,
-    instance_from_row, instance_version_from_row, push_account_from_row, usage_day_from_row,
+    ACCOUNT_COLUMNS, INSTANCE_COLUMNS, collect_accounts, collect_cloud_directory,
+    enterprise_from_row, instance_from_row, instance_version_from_row, usage_day_from_row,
 };
 use super::{
     AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, Enterprise,
@@ -627,26 +625,16 @@ impl Store for SqliteStore {
         for (instance_id, users) in &mut changed_users {
             let sql =
                 format!("SELECT {ACCOUNT_COLUMNS} FROM server_users u WHERE u.instance_id = ?");
-            let mut rows = sqlx::query(&sql).bind(*instance_id).fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                push_account_from_row(&row, users)?;
-            }
-            users.shrink_to_fit();
+            *users = collect_accounts(sqlx::query(&sql).bind(*instance_id).fetch(&mut *tx)).await?;
         }
 
         let cloud_members = if changed_after(enterprise.try_get("members_generation")?) {
-            // Streamed into the compact directory: 200k members as full `CloudMember`s would be a transient
-            // several times the size of what the view keeps.
-            let mut rows = sqlx::query(
+            let rows = sqlx::query(
                 "SELECT attributes_json FROM cloud_members WHERE enterprise_id = ? ORDER BY member_id",
             )
             .bind(enterprise_id)
             .fetch(&mut *tx);
-            let mut directory = CloudDirectory::builder();
-            while let Some(row) = rows.try_next().await? {
-                directory.push(&cloud_member_from_row(&row)?);
-            }
-            Some(directory.finish())
+            Some(collect_cloud_directory(rows).await?)
         } else {
             None
         };
