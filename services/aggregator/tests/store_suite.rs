@@ -1318,7 +1318,7 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
         [b.id],
         "the retired instance is gone from the active list"
     );
-    assert_eq!(later.cloud_members.map(|m| m.len()), Some(1));
+    assert_eq!(later.cloud_members.map(|m| m.members().len()), Some(1));
 
     // Enrolling again under a new hostname changes what the view shows for that instance's users.
     store

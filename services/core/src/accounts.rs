@@ -179,8 +179,9 @@ impl Accounts {
         self.ids.iter().position(|&known| known == id)
     }
 
-    /// Heap bytes held, for capacity planning and the memory test.
-    pub fn heap_bytes(&self) -> usize {
+    /// Heap bytes held, for the size test below.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
         self.ids.capacity() * 8
             + self.text.capacity()
             + self.ends.capacity() * 4

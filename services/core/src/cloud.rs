@@ -37,14 +37,6 @@ impl CloudDirectory {
     pub fn members(&self) -> &CloudMembers {
         &self.members
     }
-
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
-    }
 }
 
 impl std::fmt::Debug for CloudDirectory {
@@ -300,15 +292,6 @@ impl CloudMembers {
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = CloudMemberRef<'_>> + '_ {
         (0..self.len()).map(|index| self.at(index))
-    }
-
-    /// Heap bytes held, for capacity planning and the memory test.
-    pub fn heap_bytes(&self) -> usize {
-        self.ids.capacity() * 8
-            + self.flags.capacity()
-            + self.list_lengths.capacity() * 12
-            + (self.first_string.capacity() + self.string_ends.capacity()) * size_of::<usize>()
-            + self.text.capacity()
     }
 }
 
