@@ -81,7 +81,7 @@ pub async fn issue_enrollment_token(
         .await?;
     tracing::info!(
         enterprise = %enterprise.slug,
-        expires_at = %crate::rest::rfc3339(expires_at),
+        expires_at = %crate::time_format::rfc3339(expires_at),
         "enrollment token created"
     );
     Ok(IssuedEnrollmentToken { token, expires_at })

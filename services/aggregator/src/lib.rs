@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod rest;
 pub mod server;
 pub mod store;
+pub mod time_format;
 pub mod tokens;

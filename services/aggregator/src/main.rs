@@ -265,7 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "enrollment token for {} (shown once; only its hash is stored), single use, valid until {}; \
                  the agent exchanges it with `license-sync-agent enroll`:",
                 enterprise.slug,
-                license_sync_aggregator::rest::rfc3339(issued.expires_at)
+                license_sync_aggregator::time_format::rfc3339(issued.expires_at)
             );
             print_line(&issued.token)?;
         }

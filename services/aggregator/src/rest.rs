@@ -17,7 +17,7 @@ use license_sync_core::snapshot::UsageFile;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+
 use uuid::Uuid;
 
 mod page_json;
@@ -27,6 +27,7 @@ use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
 use crate::store::{Arrival, Enterprise, Instance, SyncRequest};
+use crate::time_format::rfc3339;
 
 pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
@@ -426,10 +427,6 @@ fn consumed_licenses_body(
     }
     body.extend_from_slice(b"]}");
     Ok(body)
-}
-
-pub fn rfc3339(time: OffsetDateTime) -> String {
-    time.format(&Rfc3339).unwrap_or_default()
 }
 
 fn instance_status(

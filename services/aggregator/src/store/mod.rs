@@ -553,18 +553,7 @@ pub(crate) fn no_agent(server_id: Uuid) -> ServiceError {
     )
 }
 
-pub(crate) fn unix_to_time(seconds: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-pub(crate) fn unix_ms_to_time(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-pub(crate) fn time_to_unix_ms(time: OffsetDateTime) -> i64 {
-    (time.unix_timestamp_nanos() / 1_000_000) as i64
-}
+pub(crate) use crate::time_format::{time_to_unix_ms, unix_ms_to_time, unix_to_time};
 
 /// The refusals both backends give, worded once so that they say the same thing.
 pub(crate) mod refusal {
@@ -572,11 +561,7 @@ pub(crate) mod refusal {
     use uuid::Uuid;
 
     use crate::error::{ErrorKind, ServiceError};
-
-    pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
-        time.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| time.unix_timestamp().to_string())
-    }
+    use crate::time_format::rfc3339;
 
     pub(crate) fn sync_id_reused(sync_id: &str) -> ServiceError {
         ServiceError::new(
