@@ -284,7 +284,9 @@ fn a_disabled_agent_never_sends() {
     assert_eq!(output.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&output.stderr).contains("disabled"));
 
-    // Several schedule periods pass: nothing is scheduled, nothing is sent.
+    // Several schedule periods pass: nothing is scheduled, nothing is sent. This window stays a fixed sleep: a
+    // disabled scheduler has no timer whose passing could be observed (it only waits for a settings change), and
+    // the shortest interval is one second, so only real time shows that no period fires.
     std::thread::sleep(Duration::from_millis(2_500));
     let status = agent.status().expect("status");
     assert!(status["next_sync"].is_null(), "{status}");
@@ -662,12 +664,23 @@ fn a_revoked_credential_is_reported_and_causes_no_retry_storm() {
     assert_eq!(agent.snapshot_files("failed").len(), 1);
     assert!(agent.snapshot_files("pending").is_empty());
 
-    // No retry storm: with retries configured at 50–200 ms, the aggregator sees at most a couple of attempts in
-    // the next three seconds (a control-stream reconnect that learns of the refusal, at most).
+    // No retry storm: with retries configured at 50–200 ms, the aggregator sees at most a couple of attempts after
+    // the refusal (a control-stream reconnect that learns of it, at most). Instead of a long window, wait for the
+    // sign that the control stream has learnt of the refusal and parked until a new enrollment (its next attempt is
+    // `AUTH_RETRY`, 15 minutes, away), then watch one more second: a loop retrying every 50–200 ms would connect 5+
+    // times in it. Connections made while waiting count too.
     let before = proxy.connections();
-    std::thread::sleep(Duration::from_secs(3));
+    agent
+        .wait_status(WAIT, |status| {
+            status["connection"]["next_attempt_at"]
+                .as_str()
+                .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok())
+                .is_some_and(|at| at > OffsetDateTime::now_utc() + time::Duration::minutes(10))
+        })
+        .expect("the control stream waits for a new enrollment");
+    std::thread::sleep(Duration::from_secs(1));
     let during = proxy.connections() - before;
-    assert!(during <= 2, "{during} connections in 3 s after the refusal");
+    assert!(during <= 2, "{during} connections after the refusal");
     let log = agent.log();
     assert_eq!(
         log.matches("the snapshot cannot be delivered").count(),
