@@ -16,6 +16,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use time::OffsetDateTime;
 
+use crate::sidecar::jobs::TriggerKind;
+
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -71,17 +73,6 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
-}
-
-/// The `trigger` label of a job started by `kind` ([`crate::sidecar::jobs::Trigger::kind`]): the schedule, the
-/// local API's Sync now (CLI `sync-now`), or the aggregator's Sync now over the control stream.
-pub fn trigger_label(kind: &str) -> &'static str {
-    match kind {
-        "schedule" => "schedule",
-        "local" => "sync_now",
-        "cloud" => "cloud",
-        _ => "other",
-    }
 }
 
 /// The `result` label of a failed attempt: its error kind, if it is a known one.
@@ -197,10 +188,14 @@ impl AgentMetrics {
         for reason in SkipReason::KINDS {
             rows_skipped.get_or_create(&ReasonLabels { reason }).get();
         }
-        for trigger in ["schedule", "sync_now", "cloud"] {
+        for kind in [
+            TriggerKind::Schedule,
+            TriggerKind::Local,
+            TriggerKind::Cloud,
+        ] {
             sync_attempts
                 .get_or_create(&AttemptLabels {
-                    trigger,
+                    trigger: kind.metric_label(),
                     result: "success",
                 })
                 .get();
@@ -218,11 +213,11 @@ impl AgentMetrics {
         }
     }
 
-    /// A job started by `trigger_kind` ended with `result` (`success`, `duplicate` or a [`failure_label`]).
-    pub fn job_finished(&self, trigger_kind: &str, result: &'static str) {
+    /// A job started by `trigger` ended with `result` (`success`, `duplicate` or a [`failure_label`]).
+    pub fn job_finished(&self, trigger: TriggerKind, result: &'static str) {
         self.sync_attempts
             .get_or_create(&AttemptLabels {
-                trigger: trigger_label(trigger_kind),
+                trigger: trigger.metric_label(),
                 result,
             })
             .inc();
@@ -265,9 +260,9 @@ mod tests {
 
     #[test]
     fn labels_are_bounded() {
-        assert_eq!(trigger_label("local"), "sync_now");
-        assert_eq!(trigger_label("schedule"), "schedule");
-        assert_eq!(trigger_label("cloud"), "cloud");
+        assert_eq!(TriggerKind::Local.metric_label(), "sync_now");
+        assert_eq!(TriggerKind::Schedule.metric_label(), "schedule");
+        assert_eq!(TriggerKind::Cloud.metric_label(), "cloud");
         assert_eq!(
             failure_label("aggregator_unavailable"),
             "aggregator_unavailable"
@@ -281,8 +276,8 @@ mod tests {
     #[test]
     fn the_exposition_has_the_documented_names() {
         let metrics = AgentMetrics::new();
-        metrics.job_finished("schedule", "success");
-        metrics.job_finished("local", failure_label("source_unavailable"));
+        metrics.job_finished(TriggerKind::Schedule, "success");
+        metrics.job_finished(TriggerKind::Local, failure_label("source_unavailable"));
         metrics.source_read(Duration::from_millis(70));
         metrics.row_skipped(&SkipReason::MissingLogin);
         metrics.succeeded(OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid"));

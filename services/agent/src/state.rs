@@ -98,8 +98,7 @@ struct CredentialFile {
 /// The outcome of the last delivery attempt that ended (committed, or refused for good).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastResult {
-    /// `committed` or `failed`.
-    pub result: String,
+    pub result: DeliveryResult,
     pub sync_id: Uuid,
     #[serde(default)]
     pub job_id: Option<Uuid>,
@@ -114,6 +113,16 @@ pub struct LastResult {
     pub duplicate: Option<bool>,
     #[serde(default)]
     pub error: Option<ErrorReport>,
+}
+
+/// How a delivery ended, in `last_result.json` and the status (`committed` or `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryResult {
+    /// The aggregator committed the snapshot (or had already applied it).
+    Committed,
+    /// The aggregator refused it for good; it moved to `failed/`.
+    Failed,
 }
 
 /// An error as the status and the job list report it: a stable kind and a message that says what to do.
