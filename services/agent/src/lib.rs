@@ -15,7 +15,7 @@
 //! - [`connection`]: enrollment, the connection check, and which instance credential is used.
 //! - [`state`]: the state directory (credential, settings, pending and failed snapshots) and its fsync policy.
 //! - [`schedule`]: the schedule's time arithmetic (anchor, interval, jitter) behind a [`schedule::Clock`].
-//! - [`retry`]: exponential backoff with full jitter.
+//! - [`retry`]: the one exponential backoff (full jitter for retries, ±20% for the GHES report polling).
 //! - [`sidecar`]: the running agent: jobs, scheduler, delivery loop, control stream and the local HTTP API.
 //! - [`local_api`]: the CLI's client of that local API.
 //! - [`metrics`]: the Prometheus metrics the local API serves at `/metrics`.

@@ -23,7 +23,7 @@ use crate::client::{ChannelKind, authorization, connect_channel, status_error};
 use crate::config::Secret;
 use crate::connection::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
-use crate::retry::FullJitter;
+use crate::retry::Backoff;
 use crate::state::ErrorReport;
 
 /// Wait after the aggregator refused the credential: retrying sooner cannot help, a new enrollment can (and ends
@@ -52,7 +52,7 @@ enum SessionEnd {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = FullJitter::new(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
     let mut shutdown = sidecar.shutdown.subscribe();
     let mut credentials = sidecar.credential_generation.subscribe();
 

@@ -18,7 +18,7 @@ use super::{DeliveryState, Sidecar, wait_until};
 use crate::client::{AggregatorClient, UploadReceipt};
 use crate::connection::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
-use crate::retry::FullJitter;
+use crate::retry::Backoff;
 use crate::state::{DeliveryResult, ErrorReport, FailedReason, LastResult, PendingEntry};
 
 /// How often to look for a credential again while there is none (an enrollment from the CLI writes it directly).
@@ -34,7 +34,7 @@ enum Attempt {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = FullJitter::new(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
     let mut next_attempt: Option<Instant> = None;
     let mut settings = sidecar.settings.subscribe();
     let mut shutdown = sidecar.shutdown.subscribe();
