@@ -8,6 +8,7 @@
 //! - [`snapshot`]: turning what was read into a [`license_sync_core::snapshot::Snapshot`].
 //! - [`client`]: streaming a snapshot to the aggregator over gRPC.
 //! - [`export`]: writing the usage file for manual upload.
+//! - [`fsutil`]: the one atomic, durable file writer (temporary file, fsync, rename, directory fsync).
 //! - [`error`]: the one error type, with its exit code, HTTP status and gRPC code.
 //!
 //! The long-running sidecar (`run`) adds:
@@ -26,6 +27,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod export;
+pub mod fsutil;
 pub mod local_api;
 pub mod metrics;
 pub mod retry;
