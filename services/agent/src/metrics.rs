@@ -21,43 +21,10 @@ use crate::sidecar::jobs::TriggerKind;
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Failure kinds that may label a sync attempt: every [`crate::AgentError::kind`] and the sidecar's own. Anything
-/// else is `other`, so that the label stays bounded whatever a future error reports.
-const FAILURE_KINDS: [&str; 32] = [
-    "config",
-    "source_file",
-    "source_credentials",
-    "source_unavailable",
-    "report_timeout",
-    "source_unexpected",
-    "report",
-    "invalid_snapshot",
-    "aggregator_unavailable",
-    "aggregator_timeout",
-    "aggregator_credentials",
-    "aggregator_permission",
-    "snapshot_rejected",
-    "stale_snapshot",
-    "sync_id_conflict",
-    "snapshot_too_large",
-    "aggregator_failed",
-    "protocol",
-    "output",
-    "state",
-    "state_locked",
-    "not_enrolled",
-    "sync_disabled",
-    "not_connected",
-    "shutting_down",
-    "enrollment_refused",
-    "local_api",
-    "local_api_unreachable",
-    "internal",
-    // The sidecar's own failures (see `sidecar::delivery`).
-    "snapshot_missing",
-    "damaged_snapshot",
-    "unknown",
-];
+/// Failure kinds of the sidecar's own that may label a sync attempt, besides every [`crate::AgentError::kind`]
+/// (see `sidecar::delivery`). Anything else is `other`, so that the label stays bounded whatever a future error
+/// reports.
+const SIDECAR_FAILURE_KINDS: [&str; 3] = ["snapshot_missing", "damaged_snapshot", "unknown"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -77,8 +44,9 @@ struct VersionLabels {
 
 /// The `result` label of a failed attempt: its error kind, if it is a known one.
 pub fn failure_label(kind: &str) -> &'static str {
-    FAILURE_KINDS
+    crate::AgentError::KINDS
         .iter()
+        .chain(&SIDECAR_FAILURE_KINDS)
         .find(|known| **known == kind)
         .copied()
         .unwrap_or("other")
