@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
+use subtle::ConstantTimeEq as _;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -768,11 +769,10 @@ impl Sidecar {
     }
 }
 
+/// Compares without an early exit on the first differing byte, so that the time taken does not reveal how much of
+/// a guessed token is right (a length mismatch fails at once: the length is not the secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// A running agent; [`RunningAgent::shutdown`] stops it gracefully.
