@@ -1,10 +1,8 @@
 //! The gRPC client against a tiny in-process `SnapshotIngest` server that records what it receives.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt as _;
 use license_sync_agent::AgentError;
 use license_sync_agent::client::AggregatorClient;
