@@ -19,12 +19,12 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::jobs::Trigger;
 use super::{ControlState, Sidecar, wait_until};
-use crate::client::{ChannelKind, authorization, connect_channel, status_error};
 use crate::config::Secret;
-use crate::connection::ResolvedCredential;
+use crate::enrollment_client::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
 use crate::retry::Backoff;
 use crate::state::ErrorReport;
+use crate::upload_client::{ChannelKind, authorization, connect_channel, status_error};
 
 /// Wait after the aggregator refused the credential: retrying sooner cannot help, a new enrollment can (and ends
 /// the wait at once).

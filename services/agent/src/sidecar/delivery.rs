@@ -15,11 +15,11 @@ use tracing::Instrument as _;
 
 use super::jobs::{JobReceipt, JobState};
 use super::{DeliveryState, Sidecar, wait_until};
-use crate::client::{AggregatorClient, UploadReceipt};
-use crate::connection::ResolvedCredential;
+use crate::enrollment_client::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
 use crate::retry::Backoff;
 use crate::state::{DeliveryResult, ErrorReport, FailedReason, LastResult, PendingEntry};
+use crate::upload_client::{UploadClient, UploadReceipt};
 
 /// How often to look for a credential again while there is none (an enrollment from the CLI writes it directly).
 const CREDENTIAL_POLL: Duration = Duration::from_secs(2);
@@ -298,7 +298,7 @@ async fn attempt(
         Err(error) => return Attempt::Done(Err(error.into())),
     };
     let upload = async move {
-        let mut client = AggregatorClient::connect_with(&aggregator, &credential.secret)
+        let mut client = UploadClient::connect_with(&aggregator, &credential.secret)
             .instrument(tracing::info_span!("agent.aggregator_connect"))
             .await?;
         client.upload(Arc::new(snapshot)).await

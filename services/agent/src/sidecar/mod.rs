@@ -2,8 +2,8 @@
 //!
 //! Four tasks share one [`Sidecar`]:
 //!
-//! - the **local API** ([`api`]): status, settings, connection, Sync now, jobs, health;
-//! - the **scheduler** ([`scheduler`]): starts a job at every slot of the schedule while license sync is enabled;
+//! - the **local API** ([`local_api_server`]): status, settings, connection, Sync now, jobs, health;
+//! - the **scheduler** ([`schedule_runner`]): starts a job at every slot of the schedule while license sync is enabled;
 //! - the **delivery loop** ([`delivery`]): sends the snapshots of `pending/`, oldest first, with backoff; it is the
 //!   only sender, so a snapshot is never sent twice at the same time;
 //! - the **control stream** ([`control`]): holds `AgentControl.OpenSession` open, heartbeats, and starts jobs when
@@ -12,11 +12,11 @@
 //! A job ([`jobs`]) reads the source, builds the snapshot and writes it durably to `pending/`; from there the
 //! delivery loop owns it until the aggregator's receipt. Delivery invariants: see ARCHITECTURE.md.
 
-pub mod api;
 mod control;
 mod delivery;
 pub mod jobs;
-mod scheduler;
+pub mod local_api_server;
+mod schedule_runner;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::commands::prepare_snapshot;
 use crate::config::{AgentConfig, ConfigError, ConfigProblem, SidecarConfig};
-use crate::connection::{
+use crate::enrollment_client::{
     CredentialSource, ResolvedCredential, check_connection, resolve_credential,
 };
 use crate::error::{AgentError, error_chain};
@@ -657,8 +657,8 @@ impl Sidecar {
     pub async fn enroll(
         &self,
         token: &crate::config::Secret,
-    ) -> Result<crate::connection::Enrollment, AgentError> {
-        let enrollment = crate::connection::enroll(&self.config, &self.state, token).await?;
+    ) -> Result<crate::enrollment_client::Enrollment, AgentError> {
+        let enrollment = crate::enrollment_client::enroll(&self.config, &self.state, token).await?;
         self.credential_generation
             .send_modify(|generation| *generation += 1);
         Ok(enrollment)
@@ -903,7 +903,7 @@ pub async fn start_with_clock(
     tasks.push((
         "api",
         tokio::spawn(async move {
-            let router = api::router(api_sidecar);
+            let router = local_api_server::router(api_sidecar);
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = api_shutdown.wait_for(|stopping| *stopping).await;
@@ -915,7 +915,10 @@ pub async fn start_with_clock(
         }),
     ));
     tasks.push(("delivery", tokio::spawn(delivery::run(sidecar.clone()))));
-    tasks.push(("scheduler", tokio::spawn(scheduler::run(sidecar.clone()))));
+    tasks.push((
+        "scheduler",
+        tokio::spawn(schedule_runner::run(sidecar.clone())),
+    ));
     tasks.push(("control", tokio::spawn(control::run(sidecar.clone()))));
 
     let status = sidecar.status();

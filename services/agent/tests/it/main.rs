@@ -3,8 +3,8 @@
 mod common;
 
 mod cli;
-mod client;
 mod config;
 mod export;
 mod sidecar;
 mod source;
+mod upload_client;
