@@ -85,11 +85,8 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(&path)
-                .expect("metadata")
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
+            let metadata = std::fs::metadata(&path).expect("metadata");
+            assert_eq!(metadata.permissions().mode() & 0o777, 0o600, "private");
         }
     }
 
