@@ -637,8 +637,9 @@ async fn a_disabled_agent_sends_nothing_even_pending_snapshots() {
     let attempts = fake.state().upload_attempts;
     // Several schedule ticks (1 s) pass: nothing is sent, nothing is scheduled, the snapshot stays.
     // Real time on purpose, not tokio's paused clock: the agent, its local API and the fake aggregator talk over real
-    // loopback sockets in this runtime, and a paused clock auto-advances whenever the runtime waits for that I/O,
-    // which would fire the HTTP and gRPC timeouts (and the fake's upload delay) spuriously.
+    // loopback sockets in this runtime. A paused clock auto-advances whenever the runtime waits for that I/O, which
+    // fires HTTP and gRPC timeouts (and the fake's upload delay) spuriously; advancing it by hand in steps instead
+    // compresses the timers but not the I/O they start, so a send that takes longer than a step would go unseen.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(fake.state().upload_attempts, attempts);
     assert!(fake.state().applied.is_empty());
