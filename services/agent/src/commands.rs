@@ -12,9 +12,8 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 use uuid::Uuid;
 
-use crate::client::AggregatorClient;
 use crate::config::{AgentConfig, Secret, SourceConfig};
-use crate::connection::{Enrollment, resolve_credential};
+use crate::enrollment_client::{Enrollment, resolve_credential};
 use crate::error::AgentError;
 use crate::export::write_usage_file;
 use crate::snapshot::{
@@ -22,6 +21,7 @@ use crate::snapshot::{
 };
 use crate::source::{SourceData, read_source};
 use crate::state::StateDir;
+use crate::upload_client::UploadClient;
 
 /// Reads the source and builds a snapshot that passes the aggregator's validation: the spans `agent.source_fetch`
 /// and `agent.snapshot_build`, children of the caller's span. Records the sync id and user count on the caller's
@@ -203,7 +203,7 @@ async fn sync_in_span(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
         None => None,
     };
     let credential = resolve_credential(config, state.as_ref())?;
-    let mut client = AggregatorClient::connect_with(aggregator, &credential.secret)
+    let mut client = UploadClient::connect_with(aggregator, &credential.secret)
         .instrument(tracing::info_span!("agent.aggregator_connect"))
         .await?;
     let built = prepare_snapshot(config).await?;
@@ -236,5 +236,5 @@ async fn sync_in_span(config: &AgentConfig) -> Result<SyncSummary, AgentError> {
 pub async fn enroll(config: &AgentConfig, token: &Secret) -> Result<Enrollment, AgentError> {
     let agent = config.sidecar()?;
     let state = StateDir::open(&agent.state_dir)?;
-    crate::connection::enroll(config, &state, token).await
+    crate::enrollment_client::enroll(config, &state, token).await
 }

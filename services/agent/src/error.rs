@@ -2,8 +2,8 @@
 //!
 //! Each variant says what went wrong and what to do about it; the underlying cause stays in
 //! [`std::error::Error::source`] so that the CLI can print the whole chain. The same variant maps to a process exit
-//! code (CLI), an HTTP status (the agent's local API, later) and a gRPC code, so that every surface reports a failure
-//! the same way:
+//! code (CLI), an HTTP status (the agent's local API), a gRPC code, a retryable flag and a kind (also the metrics
+//! label), all from one `match` ([`AgentError::class`]), so that every surface reports a failure the same way:
 //!
 //! | variant                    | exit | HTTP | gRPC               | retryable |
 //! |----------------------------|------|------|--------------------|-----------|
@@ -232,139 +232,127 @@ fn state_hint(error: &std::io::Error) -> String {
     }
 }
 
+/// What a failure means on every surface: one row of the table above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorClass {
+    /// A stable, low-cardinality name of the variant: the `kind` of the local API's errors and of structured logs,
+    /// and the `result` label of the sync metrics (see [`crate::metrics::failure_label`]).
+    pub kind: &'static str,
+    /// The CLI's process exit code.
+    pub exit_code: u8,
+    /// The local HTTP API's status.
+    pub http_status: StatusCode,
+    /// The gRPC code, when the failure is reported over gRPC.
+    pub grpc_code: tonic::Code,
+    /// Whether trying the same operation again later may succeed without anyone changing anything.
+    pub retryable: bool,
+}
+
 impl AgentError {
-    /// The process exit code of the CLI (see the table in the module docs).
-    pub fn exit_code(&self) -> u8 {
+    /// Every kind ([`ErrorClass::kind`]), in the order of the variants: the metrics accept these as labels.
+    pub const KINDS: [&'static str; 29] = [
+        "config",
+        "source_file",
+        "source_credentials",
+        "source_unavailable",
+        "report_timeout",
+        "source_unexpected",
+        "report",
+        "invalid_snapshot",
+        "aggregator_unavailable",
+        "aggregator_timeout",
+        "aggregator_credentials",
+        "aggregator_permission",
+        "snapshot_rejected",
+        "stale_snapshot",
+        "sync_id_conflict",
+        "snapshot_too_large",
+        "aggregator_failed",
+        "protocol",
+        "output",
+        "state",
+        "state_locked",
+        "not_enrolled",
+        "sync_disabled",
+        "not_connected",
+        "shutting_down",
+        "enrollment_refused",
+        "local_api",
+        "local_api_unreachable",
+        "internal",
+    ];
+
+    /// The one table: kind, exit code, HTTP status, gRPC code and retryable, per variant (see the module docs).
+    pub fn class(&self) -> ErrorClass {
         use AgentError::*;
-        match self {
-            Internal(_) | ShuttingDown => 1,
-            Config(_) | StateLocked { .. } | NotEnrolled | SyncDisabled | NotConnected { .. } => 2,
-            SourceFile { .. }
-            | SourceCredentials { .. }
-            | SourceUnavailable { .. }
-            | ReportTimeout { .. }
-            | SourceUnexpected { .. }
-            | Report(_)
-            | InvalidSnapshot(_) => 3,
-            AggregatorUnavailable { .. } | AggregatorTimeout { .. } | AggregatorFailed { .. } => 4,
-            AggregatorCredentials { .. }
-            | AggregatorPermission { .. }
-            | SnapshotRejected { .. }
-            | StaleSnapshot { .. }
-            | SyncIdConflict { .. }
-            | SnapshotTooLarge { .. }
-            | EnrollmentRefused { .. }
-            | Protocol(_) => 5,
-            Output { .. } | State { .. } => 6,
-            LocalApi { .. } | LocalApiUnreachable { .. } => 7,
+        use tonic::Code;
+        const RETRY: bool = true;
+        const FINAL: bool = false;
+        #[rustfmt::skip]
+        let (kind, exit_code, http, grpc_code, retryable) = match self {
+            Config(_) =>                     ("config",                  2, 422, Code::InvalidArgument,     FINAL),
+            SourceFile { .. } =>             ("source_file",             3, 500, Code::FailedPrecondition,  FINAL),
+            SourceCredentials { .. } =>      ("source_credentials",      3, 502, Code::Unauthenticated,     FINAL),
+            SourceUnavailable { .. } =>      ("source_unavailable",      3, 502, Code::Unavailable,         RETRY),
+            ReportTimeout { .. } =>          ("report_timeout",          3, 504, Code::DeadlineExceeded,    RETRY),
+            SourceUnexpected { .. } =>       ("source_unexpected",       3, 502, Code::Internal,            FINAL),
+            Report(_) =>                     ("report",                  3, 502, Code::FailedPrecondition,  FINAL),
+            InvalidSnapshot(_) =>            ("invalid_snapshot",        3, 422, Code::FailedPrecondition,  FINAL),
+            AggregatorUnavailable { .. } =>  ("aggregator_unavailable",  4, 503, Code::Unavailable,         RETRY),
+            AggregatorTimeout { .. } =>      ("aggregator_timeout",      4, 504, Code::DeadlineExceeded,    RETRY),
+            AggregatorCredentials { .. } =>  ("aggregator_credentials",  5, 502, Code::Unauthenticated,     FINAL),
+            AggregatorPermission { .. } =>   ("aggregator_permission",   5, 502, Code::PermissionDenied,    FINAL),
+            SnapshotRejected { .. } =>       ("snapshot_rejected",       5, 422, Code::InvalidArgument,     FINAL),
+            StaleSnapshot { .. } =>          ("stale_snapshot",          5, 409, Code::FailedPrecondition,  FINAL),
+            SyncIdConflict { .. } =>         ("sync_id_conflict",        5, 409, Code::AlreadyExists,       FINAL),
+            SnapshotTooLarge { .. } =>       ("snapshot_too_large",      5, 413, Code::ResourceExhausted,   FINAL),
+            AggregatorFailed { .. } =>       ("aggregator_failed",       4, 502, Code::Unknown,             RETRY),
+            Protocol(_) =>                   ("protocol",                5, 502, Code::Internal,            FINAL),
+            Output { .. } =>                 ("output",                  6, 500, Code::Internal,            FINAL),
+            State { .. } =>                  ("state",                   6, 500, Code::Internal,            FINAL),
+            StateLocked { .. } =>            ("state_locked",            2, 409, Code::FailedPrecondition,  FINAL),
+            NotEnrolled =>                   ("not_enrolled",            2, 409, Code::FailedPrecondition,  FINAL),
+            SyncDisabled =>                  ("sync_disabled",           2, 409, Code::FailedPrecondition,  FINAL),
+            NotConnected { .. } =>           ("not_connected",           2, 409, Code::FailedPrecondition,  FINAL),
+            ShuttingDown =>                  ("shutting_down",           1, 503, Code::Unavailable,         FINAL),
+            EnrollmentRefused { .. } =>      ("enrollment_refused",      5, 422, Code::InvalidArgument,     FINAL),
+            LocalApi { .. } =>               ("local_api",               7, 502, Code::Unknown,             FINAL),
+            LocalApiUnreachable { .. } =>    ("local_api_unreachable",   7, 503, Code::Unavailable,         FINAL),
+            Internal(_) =>                   ("internal",                1, 500, Code::Internal,            FINAL),
+        };
+        ErrorClass {
+            kind,
+            exit_code,
+            // Every status in the table is a valid one (the test below checks each row).
+            http_status: StatusCode::from_u16(http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            grpc_code,
+            retryable,
         }
+    }
+
+    /// The process exit code of the CLI.
+    pub fn exit_code(&self) -> u8 {
+        self.class().exit_code
     }
 
     /// The status of the agent's local HTTP API for this failure.
     pub fn http_status(&self) -> StatusCode {
-        use AgentError::*;
-        match self {
-            Config(_) | InvalidSnapshot(_) | SnapshotRejected { .. } | EnrollmentRefused { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            SourceFile { .. } | Output { .. } | State { .. } | Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            StateLocked { .. } | NotEnrolled | SyncDisabled | NotConnected { .. } => {
-                StatusCode::CONFLICT
-            }
-            LocalApi { .. } => StatusCode::BAD_GATEWAY,
-            LocalApiUnreachable { .. } | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            SourceCredentials { .. }
-            | SourceUnavailable { .. }
-            | SourceUnexpected { .. }
-            | Report(_)
-            | AggregatorCredentials { .. }
-            | AggregatorPermission { .. }
-            | AggregatorFailed { .. }
-            | Protocol(_) => StatusCode::BAD_GATEWAY,
-            ReportTimeout { .. } | AggregatorTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            AggregatorUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            StaleSnapshot { .. } | SyncIdConflict { .. } => StatusCode::CONFLICT,
-            SnapshotTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        }
+        self.class().http_status
     }
 
-    /// The gRPC code for this failure, when the agent reports it over gRPC.
+    /// The gRPC code for this failure.
     pub fn grpc_code(&self) -> tonic::Code {
-        use AgentError::*;
-        use tonic::Code;
-        match self {
-            Config(_) | SnapshotRejected { .. } | EnrollmentRefused { .. } => Code::InvalidArgument,
-            SourceFile { .. }
-            | Report(_)
-            | InvalidSnapshot(_)
-            | StaleSnapshot { .. }
-            | StateLocked { .. }
-            | NotEnrolled
-            | SyncDisabled
-            | NotConnected { .. } => Code::FailedPrecondition,
-            LocalApi { .. } => Code::Unknown,
-            LocalApiUnreachable { .. } | ShuttingDown => Code::Unavailable,
-            SourceCredentials { .. } | AggregatorCredentials { .. } => Code::Unauthenticated,
-            AggregatorPermission { .. } => Code::PermissionDenied,
-            SourceUnavailable { .. } | AggregatorUnavailable { .. } => Code::Unavailable,
-            ReportTimeout { .. } | AggregatorTimeout { .. } => Code::DeadlineExceeded,
-            SyncIdConflict { .. } => Code::AlreadyExists,
-            SnapshotTooLarge { .. } => Code::ResourceExhausted,
-            AggregatorFailed { .. } => Code::Unknown,
-            SourceUnexpected { .. } | Protocol(_) | Output { .. } | State { .. } | Internal(_) => {
-                Code::Internal
-            }
-        }
+        self.class().grpc_code
     }
 
     /// Whether trying the same operation again later may succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            AgentError::SourceUnavailable { .. }
-                | AgentError::ReportTimeout { .. }
-                | AgentError::AggregatorUnavailable { .. }
-                | AgentError::AggregatorTimeout { .. }
-                | AgentError::AggregatorFailed { .. }
-        )
+        self.class().retryable
     }
 
-    /// A stable, low-cardinality name of the variant, for metrics labels and structured logs.
+    /// A stable, low-cardinality name of the variant, for the local API, metrics labels and structured logs.
     pub fn kind(&self) -> &'static str {
-        use AgentError::*;
-        match self {
-            Config(_) => "config",
-            SourceFile { .. } => "source_file",
-            SourceCredentials { .. } => "source_credentials",
-            SourceUnavailable { .. } => "source_unavailable",
-            ReportTimeout { .. } => "report_timeout",
-            SourceUnexpected { .. } => "source_unexpected",
-            Report(_) => "report",
-            InvalidSnapshot(_) => "invalid_snapshot",
-            AggregatorUnavailable { .. } => "aggregator_unavailable",
-            AggregatorTimeout { .. } => "aggregator_timeout",
-            AggregatorCredentials { .. } => "aggregator_credentials",
-            AggregatorPermission { .. } => "aggregator_permission",
-            SnapshotRejected { .. } => "snapshot_rejected",
-            StaleSnapshot { .. } => "stale_snapshot",
-            SyncIdConflict { .. } => "sync_id_conflict",
-            SnapshotTooLarge { .. } => "snapshot_too_large",
-            AggregatorFailed { .. } => "aggregator_failed",
-            Protocol(_) => "protocol",
-            Output { .. } => "output",
-            State { .. } => "state",
-            StateLocked { .. } => "state_locked",
-            NotEnrolled => "not_enrolled",
-            SyncDisabled => "sync_disabled",
-            NotConnected { .. } => "not_connected",
-            ShuttingDown => "shutting_down",
-            EnrollmentRefused { .. } => "enrollment_refused",
-            LocalApi { .. } => "local_api",
-            LocalApiUnreachable { .. } => "local_api_unreachable",
-            Internal(_) => "internal",
-        }
+        self.class().kind
     }
 }
 
@@ -386,7 +374,182 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    /// One value of every variant, in the order of the variants (and of the table in the module docs).
+    fn one_of_each() -> Vec<AgentError> {
+        let io = || std::io::Error::other("x");
+        let text = || String::from("x");
+        vec![
+            AgentError::Config(ConfigError::Invalid(Vec::new())),
+            AgentError::SourceFile {
+                path: "x".into(),
+                source: io(),
+            },
+            AgentError::SourceCredentials {
+                url: text(),
+                status: 401,
+            },
+            AgentError::SourceUnavailable {
+                url: text(),
+                attempts: 1,
+                reason: text(),
+            },
+            AgentError::ReportTimeout {
+                url: text(),
+                deadline_secs: 1,
+                polls: 1,
+            },
+            AgentError::SourceUnexpected {
+                url: text(),
+                status: 404,
+                detail: text(),
+            },
+            AgentError::Report(ReportError::Empty),
+            AgentError::InvalidSnapshot(SnapshotError::EmptyHostname),
+            AgentError::AggregatorUnavailable {
+                endpoint: text(),
+                reason: text(),
+            },
+            AgentError::AggregatorTimeout {
+                endpoint: text(),
+                reason: text(),
+            },
+            AgentError::AggregatorCredentials { message: text() },
+            AgentError::AggregatorPermission { message: text() },
+            AgentError::SnapshotRejected { message: text() },
+            AgentError::StaleSnapshot { message: text() },
+            AgentError::SyncIdConflict { message: text() },
+            AgentError::SnapshotTooLarge { message: text() },
+            AgentError::AggregatorFailed {
+                code: tonic::Code::Aborted,
+                message: text(),
+            },
+            AgentError::Protocol(text()),
+            AgentError::Output {
+                path: "x".into(),
+                source: io(),
+            },
+            AgentError::State {
+                action: "x",
+                path: "x".into(),
+                source: io(),
+            },
+            AgentError::StateLocked { path: "x".into() },
+            AgentError::NotEnrolled,
+            AgentError::SyncDisabled,
+            AgentError::NotConnected { reason: text() },
+            AgentError::ShuttingDown,
+            AgentError::EnrollmentRefused {
+                reason: "x",
+                message: text(),
+            },
+            AgentError::LocalApi {
+                url: text(),
+                status: 500,
+                message: text(),
+            },
+            AgentError::LocalApiUnreachable {
+                url: text(),
+                reason: text(),
+            },
+            AgentError::Internal(text()),
+        ]
+    }
+
+    /// The position of a variant. Exhaustive on purpose: a new variant does not compile until it is listed here,
+    /// and the test below then wants a value of it in [`one_of_each`].
+    fn position(error: &AgentError) -> usize {
+        use AgentError::*;
+        match error {
+            Config(_) => 0,
+            SourceFile { .. } => 1,
+            SourceCredentials { .. } => 2,
+            SourceUnavailable { .. } => 3,
+            ReportTimeout { .. } => 4,
+            SourceUnexpected { .. } => 5,
+            Report(_) => 6,
+            InvalidSnapshot(_) => 7,
+            AggregatorUnavailable { .. } => 8,
+            AggregatorTimeout { .. } => 9,
+            AggregatorCredentials { .. } => 10,
+            AggregatorPermission { .. } => 11,
+            SnapshotRejected { .. } => 12,
+            StaleSnapshot { .. } => 13,
+            SyncIdConflict { .. } => 14,
+            SnapshotTooLarge { .. } => 15,
+            AggregatorFailed { .. } => 16,
+            Protocol(_) => 17,
+            Output { .. } => 18,
+            State { .. } => 19,
+            StateLocked { .. } => 20,
+            NotEnrolled => 21,
+            SyncDisabled => 22,
+            NotConnected { .. } => 23,
+            ShuttingDown => 24,
+            EnrollmentRefused { .. } => 25,
+            LocalApi { .. } => 26,
+            LocalApiUnreachable { .. } => 27,
+            Internal(_) => 28,
+        }
+    }
+
+    #[test]
+    fn every_variant_has_its_own_kind_and_the_docs_table_is_the_code() {
+        let samples = one_of_each();
+        let positions: Vec<usize> = samples.iter().map(position).collect();
+        assert_eq!(positions, (0..AgentError::KINDS.len()).collect::<Vec<_>>());
+
+        let kinds: Vec<&str> = samples.iter().map(AgentError::kind).collect();
+        assert_eq!(kinds, AgentError::KINDS);
+        assert_eq!(
+            kinds.iter().collect::<BTreeSet<_>>().len(),
+            kinds.len(),
+            "two variants share a kind"
+        );
+        for kind in &kinds {
+            assert_eq!(
+                crate::metrics::failure_label(kind),
+                *kind,
+                "not a metrics label"
+            );
+        }
+
+        // The table in the module docs, row by row: variant, exit, HTTP, gRPC, retryable.
+        let documented: Vec<String> = include_str!("error.rs")
+            .lines()
+            .filter(|line| line.starts_with("//! | `"))
+            .map(|line| {
+                line.trim_start_matches("//!")
+                    .split('|')
+                    .map(|cell| cell.trim().trim_matches('`'))
+                    .filter(|cell| !cell.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let coded: Vec<String> = samples
+            .iter()
+            .map(|error| {
+                let class = error.class();
+                let debug = format!("{error:?}");
+                let variant: String = debug
+                    .chars()
+                    .take_while(char::is_ascii_alphanumeric)
+                    .collect();
+                format!(
+                    "{variant} {} {} {:?} {}",
+                    class.exit_code,
+                    class.http_status.as_u16(),
+                    class.grpc_code,
+                    if class.retryable { "yes" } else { "no" }
+                )
+            })
+            .collect();
+        assert_eq!(coded, documented);
+    }
 
     #[test]
     fn every_surface_agrees_on_retryable_aggregator_failures() {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use license_sync_agent::config::Secret;
-use license_sync_agent::local_api::{LocalApi, owner_token};
+use license_sync_agent::local_api_client::{LocalApiClient, owner_token};
 use license_sync_agent::{AgentConfig, AgentError, commands, sidecar};
 use reqwest::Method;
 use serde::Serialize;
@@ -241,8 +241,8 @@ async fn run(command: Command) -> Result<(), AgentError> {
     }
 }
 
-fn local_api(args: &ApiArgs) -> Result<LocalApi, AgentError> {
-    LocalApi::new(&args.api, owner_token(args.owner_token_file.as_deref())?)
+fn local_api(args: &ApiArgs) -> Result<LocalApiClient, AgentError> {
+    LocalApiClient::new(&args.api, owner_token(args.owner_token_file.as_deref())?)
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -16,46 +16,15 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use time::OffsetDateTime;
 
+use crate::sidecar::jobs::TriggerKind;
+
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Failure kinds that may label a sync attempt: every [`crate::AgentError::kind`] and the sidecar's own. Anything
-/// else is `other`, so that the label stays bounded whatever a future error reports.
-const FAILURE_KINDS: [&str; 32] = [
-    "config",
-    "source_file",
-    "source_credentials",
-    "source_unavailable",
-    "report_timeout",
-    "source_unexpected",
-    "report",
-    "invalid_snapshot",
-    "aggregator_unavailable",
-    "aggregator_timeout",
-    "aggregator_credentials",
-    "aggregator_permission",
-    "snapshot_rejected",
-    "stale_snapshot",
-    "sync_id_conflict",
-    "snapshot_too_large",
-    "aggregator_failed",
-    "protocol",
-    "output",
-    "state",
-    "state_locked",
-    "not_enrolled",
-    "sync_disabled",
-    "not_connected",
-    "shutting_down",
-    "enrollment_refused",
-    "local_api",
-    "local_api_unreachable",
-    "internal",
-    // The sidecar's own failures (see `sidecar::delivery`).
-    "snapshot_missing",
-    "damaged_snapshot",
-    "unknown",
-];
+/// Failure kinds of the sidecar's own that may label a sync attempt, besides every [`crate::AgentError::kind`]
+/// (see `sidecar::delivery`). Anything else is `other`, so that the label stays bounded whatever a future error
+/// reports.
+const SIDECAR_FAILURE_KINDS: [&str; 3] = ["snapshot_missing", "damaged_snapshot", "unknown"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -73,21 +42,11 @@ struct VersionLabels {
     version: &'static str,
 }
 
-/// The `trigger` label of a job started by `kind` ([`crate::sidecar::jobs::Trigger::kind`]): the schedule, the
-/// local API's Sync now (CLI `sync-now`), or the aggregator's Sync now over the control stream.
-pub fn trigger_label(kind: &str) -> &'static str {
-    match kind {
-        "schedule" => "schedule",
-        "local" => "sync_now",
-        "cloud" => "cloud",
-        _ => "other",
-    }
-}
-
 /// The `result` label of a failed attempt: its error kind, if it is a known one.
 pub fn failure_label(kind: &str) -> &'static str {
-    FAILURE_KINDS
+    crate::AgentError::KINDS
         .iter()
+        .chain(&SIDECAR_FAILURE_KINDS)
         .find(|known| **known == kind)
         .copied()
         .unwrap_or("other")
@@ -197,10 +156,14 @@ impl AgentMetrics {
         for reason in SkipReason::KINDS {
             rows_skipped.get_or_create(&ReasonLabels { reason }).get();
         }
-        for trigger in ["schedule", "sync_now", "cloud"] {
+        for kind in [
+            TriggerKind::Schedule,
+            TriggerKind::Local,
+            TriggerKind::Cloud,
+        ] {
             sync_attempts
                 .get_or_create(&AttemptLabels {
-                    trigger,
+                    trigger: kind.metric_label(),
                     result: "success",
                 })
                 .get();
@@ -218,11 +181,11 @@ impl AgentMetrics {
         }
     }
 
-    /// A job started by `trigger_kind` ended with `result` (`success`, `duplicate` or a [`failure_label`]).
-    pub fn job_finished(&self, trigger_kind: &str, result: &'static str) {
+    /// A job started by `trigger` ended with `result` (`success`, `duplicate` or a [`failure_label`]).
+    pub fn job_finished(&self, trigger: TriggerKind, result: &'static str) {
         self.sync_attempts
             .get_or_create(&AttemptLabels {
-                trigger: trigger_label(trigger_kind),
+                trigger: trigger.metric_label(),
                 result,
             })
             .inc();
@@ -265,9 +228,9 @@ mod tests {
 
     #[test]
     fn labels_are_bounded() {
-        assert_eq!(trigger_label("local"), "sync_now");
-        assert_eq!(trigger_label("schedule"), "schedule");
-        assert_eq!(trigger_label("cloud"), "cloud");
+        assert_eq!(TriggerKind::Local.metric_label(), "sync_now");
+        assert_eq!(TriggerKind::Schedule.metric_label(), "schedule");
+        assert_eq!(TriggerKind::Cloud.metric_label(), "cloud");
         assert_eq!(
             failure_label("aggregator_unavailable"),
             "aggregator_unavailable"
@@ -281,8 +244,8 @@ mod tests {
     #[test]
     fn the_exposition_has_the_documented_names() {
         let metrics = AgentMetrics::new();
-        metrics.job_finished("schedule", "success");
-        metrics.job_finished("local", failure_label("source_unavailable"));
+        metrics.job_finished(TriggerKind::Schedule, "success");
+        metrics.job_finished(TriggerKind::Local, failure_label("source_unavailable"));
         metrics.source_read(Duration::from_millis(70));
         metrics.row_skipped(&SkipReason::MissingLogin);
         metrics.succeeded(OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid"));

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use license_sync_core::all_users_csv::{ParsedReport, read_all_users_csv};
 use license_sync_core::model::InstanceLicense;
-use rand::Rng as _;
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -17,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::{AgentConfig, GhesSourceConfig, Secret, SourceConfig};
 use crate::error::{AgentError, error_chain};
+use crate::retry::{Backoff, POLL_JITTER};
 
 /// Path of the site-admin report, relative to the instance's base URL.
 pub const REPORT_PATH: &str = "stafftools/reports/all_users.csv";
@@ -142,35 +142,6 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-/// Exponential backoff with ±20% jitter, so that many agents do not poll in step.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            next: initial,
-            max: max.max(initial),
-        }
-    }
-
-    /// The next delay: the current base with jitter; the base then doubles up to the maximum.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = self.next.saturating_mul(2).min(self.max);
-        base.mul_f64(rand::rng().random_range(0.8..=1.2))
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
-
 /// A client of one GHES instance's site-admin endpoints.
 #[derive(Debug, Clone)]
 pub struct GhesClient {
@@ -267,8 +238,8 @@ impl GhesClient {
         let url = self.url(REPORT_PATH)?;
         let shown_url = url.to_string();
         let deadline = Instant::now() + self.report_deadline;
-        let mut poll_backoff = Backoff::new(self.poll_initial, self.poll_max);
-        let mut retry_backoff = Backoff::new(self.poll_initial, self.poll_max);
+        let mut poll_backoff = Backoff::new(self.poll_initial, self.poll_max, POLL_JITTER);
+        let mut retry_backoff = Backoff::new(self.poll_initial, self.poll_max, POLL_JITTER);
         let mut polls = 0u32;
         let mut failures = 0u32;
         loop {
@@ -617,20 +588,5 @@ mod tests {
         let broken: GhesLicense =
             serde_json::from_value(serde_json::json!({ "seats": 1 })).expect("JSON");
         assert!(broken.into_license().is_err());
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_with_bounded_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let delays: Vec<Duration> = (0..5).map(|_| backoff.next_delay()).collect();
-        for (delay, base) in delays.iter().zip([100u64, 200, 350, 350, 350]) {
-            let base = Duration::from_millis(base);
-            assert!(
-                *delay >= base.mul_f64(0.79) && *delay <= base.mul_f64(1.21),
-                "{delay:?} vs {base:?}"
-            );
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(121));
     }
 }

@@ -13,8 +13,8 @@
 //!                                 the newest [`MAX_FAILED`] are kept
 //! ```
 //!
-//! **Durability (fsync policy).** Every file is written to a temporary file in the same directory (mode 0600),
-//! fsynced, renamed over its final name, and the directory is fsynced: after a crash a file is either the old or
+//! **Durability (fsync policy).** Every file is written by [`crate::fsutil::write_atomically`]: a temporary file in
+//! the same directory (mode 0600), fsynced, renamed over its final name, and the directory is fsynced: after a crash a file is either the old or
 //! the new version, never half of one. A pending snapshot is durable before the first byte of it is sent. Removing
 //! a pending snapshot after the aggregator's receipt is also followed by a directory fsync; if that removal is lost
 //! in a crash, the snapshot is sent again and the aggregator's sync-id idempotency answers `duplicate` without
@@ -26,7 +26,7 @@
 //! changed. Only `last_result.json` is best effort (the in-memory status stays right).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write as _};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +40,7 @@ use uuid::Uuid;
 
 use crate::config::Secret;
 use crate::error::AgentError;
+use crate::fsutil;
 
 /// Failed snapshots kept in `failed/` for inspection; older ones are deleted (they may be large and hold emails).
 pub const MAX_FAILED: usize = 20;
@@ -51,7 +52,6 @@ const LAST_RESULT_FILE: &str = "last_result.json";
 const LOCK_FILE: &str = "lock";
 const PENDING_DIR: &str = "pending";
 const FAILED_DIR: &str = "failed";
-const TEMP_SUFFIX: &str = ".tmp";
 const REASON_SUFFIX: &str = ".reason.json";
 
 const NAME_TIME: &[BorrowedFormatItem<'static>] =
@@ -98,8 +98,7 @@ struct CredentialFile {
 /// The outcome of the last delivery attempt that ended (committed, or refused for good).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastResult {
-    /// `committed` or `failed`.
-    pub result: String,
+    pub result: DeliveryResult,
     pub sync_id: Uuid,
     #[serde(default)]
     pub job_id: Option<Uuid>,
@@ -114,6 +113,16 @@ pub struct LastResult {
     pub duplicate: Option<bool>,
     #[serde(default)]
     pub error: Option<ErrorReport>,
+}
+
+/// How a delivery ended, in `last_result.json` and the status (`committed` or `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryResult {
+    /// The aggregator committed the snapshot (or had already applied it).
+    Committed,
+    /// The aggregator refused it for good; it moved to `failed/`.
+    Failed,
 }
 
 /// An error as the status and the job list report it: a stable kind and a message that says what to do.
@@ -245,7 +254,7 @@ impl StateDir {
             self.failed_dir(),
         ] {
             for name in list_names(&dir, "list the state directory")? {
-                if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+                if fsutil::is_temporary(&name) {
                     let path = dir.join(&name);
                     std::fs::remove_file(&path).map_err(|source| AgentError::State {
                         action: "remove the interrupted write",
@@ -416,7 +425,7 @@ impl StateDir {
                 });
             }
         }
-        sync_dir(&self.pending_dir()).map_err(|source| AgentError::State {
+        fsutil::sync_dir(&self.pending_dir()).map_err(|source| AgentError::State {
             action: "sync the pending directory",
             path: self.pending_dir(),
             source,
@@ -443,7 +452,7 @@ impl StateDir {
             source,
         })?;
         for dir in [self.pending_dir(), failed_dir.clone()] {
-            sync_dir(&dir).map_err(|source| AgentError::State {
+            fsutil::sync_dir(&dir).map_err(|source| AgentError::State {
                 action: "sync the state directory",
                 path: dir.clone(),
                 source,
@@ -576,54 +585,19 @@ fn write_json<T: Serialize>(
     })
 }
 
-/// Temporary file (0600) → write → fsync → rename → fsync of the directory. On failure the temporary file is
-/// removed and the previous file, if any, is untouched.
+/// [`fsutil::write_atomically`] with the state directory's error: what the agent was doing, and at which path.
 pub fn write_atomic(
     path: &Path,
     action: &'static str,
-    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), AgentError> {
-    let state_error = |source| AgentError::State {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .ok_or_else(|| {
-            state_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the path has no file name",
-            ))
-        })?;
-    let temp = dir.join(format!(".{file_name}{TEMP_SUFFIX}"));
-    let result = (|| {
-        match std::fs::remove_file(&temp) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
-        }
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        set_private_mode(&mut options);
-        let mut writer = BufWriter::new(options.open(&temp)?);
-        write(&mut writer)?;
-        let file = writer.into_inner().map_err(|error| error.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temp, path)?;
-        sync_dir(&dir)
-    })();
-    result.map_err(|source| {
-        // Best effort: a temporary file that stays is removed at the next start.
-        let _ = std::fs::remove_file(&temp);
-        state_error(source)
-    })
+    fsutil::write_atomically(path, write)
+        .map(|_| ())
+        .map_err(|source| AgentError::State {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn set_private_mode(options: &mut OpenOptions) {
@@ -645,16 +619,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         builder.mode(0o700);
     }
     builder.create(dir)
-}
-
-/// Makes renames and removals in `dir` durable. Directories cannot be opened for fsync on every platform;
-/// elsewhere it is skipped.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 fn warn_if_readable_by_others(path: &Path) {

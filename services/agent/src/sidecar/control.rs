@@ -18,13 +18,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::jobs::Trigger;
-use super::{Sidecar, wait_until};
-use crate::client::{ChannelKind, authorization, connect_channel, status_error};
+use super::{ControlState, Sidecar, wait_until};
 use crate::config::Secret;
-use crate::connection::ResolvedCredential;
+use crate::enrollment_client::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
-use crate::retry::FullJitter;
+use crate::retry::Backoff;
 use crate::state::ErrorReport;
+use crate::upload_client::{ChannelKind, authorization, connect_channel, status_error};
 
 /// Wait after the aggregator refused the credential: retrying sooner cannot help, a new enrollment can (and ends
 /// the wait at once).
@@ -52,7 +52,7 @@ enum SessionEnd {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = FullJitter::new(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
     let mut shutdown = sidecar.shutdown.subscribe();
     let mut credentials = sidecar.credential_generation.subscribe();
 
@@ -66,9 +66,9 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             Ok(credential) => credential,
             Err(error) => {
                 let state = if matches!(error, AgentError::NotEnrolled) {
-                    "not_enrolled"
+                    ControlState::NotEnrolled
                 } else {
-                    "disconnected"
+                    ControlState::Disconnected
                 };
                 set_control(&sidecar, state, None, Some(ErrorReport::from(&error)));
                 if wait_for_new_credential(&sidecar, None, config.retry_max().max(CREDENTIAL_POLL))
@@ -80,7 +80,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                 continue;
             }
         };
-        set_control(&sidecar, "connecting", Some(&credential), None);
+        set_control(&sidecar, ControlState::Connecting, Some(&credential), None);
         let end = session(&sidecar, &credential, &mut shutdown, &mut credentials).await;
         match end {
             SessionEnd::Shutdown => return,
@@ -96,7 +96,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     backoff.reset();
                 }
                 if matches!(error, AgentError::AggregatorCredentials { .. }) {
-                    let first = sidecar.inner().control.state != "credential_refused";
+                    let first = sidecar.inner().control.state != ControlState::CredentialRefused;
                     sidecar.credential_refused(&error);
                     let retry_at = sidecar.now() + AUTH_RETRY;
                     sidecar.inner().control.next_attempt_at = Some(retry_at);
@@ -125,7 +125,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     );
                     set_control(
                         &sidecar,
-                        "disconnected",
+                        ControlState::Disconnected,
                         Some(&credential),
                         Some(ErrorReport::from(&error)),
                     );
@@ -169,7 +169,7 @@ async fn wait_for_new_credential(
 
 fn set_control(
     sidecar: &Sidecar,
-    state: &'static str,
+    state: ControlState,
     credential: Option<&ResolvedCredential>,
     error: Option<ErrorReport>,
 ) {
@@ -177,7 +177,7 @@ fn set_control(
     let mut inner = sidecar.inner();
     let control = &mut inner.control;
     // Keep "credential refused" visible while reconnecting with the same credential.
-    if control.state == "credential_refused" && state == "connecting" {
+    if control.state == ControlState::CredentialRefused && state == ControlState::Connecting {
         return;
     }
     if control.state != state {
@@ -192,7 +192,7 @@ fn set_control(
             control.enterprise = credential.enterprise.clone();
         }
     }
-    if state != "connected" {
+    if state != ControlState::Connected {
         control.heartbeat_interval_secs = None;
     }
 }
@@ -298,7 +298,7 @@ async fn session(
         let mut inner = sidecar.inner();
         inner.counters.control_sessions += 1;
         let control = &mut inner.control;
-        control.state = "connected";
+        control.state = ControlState::Connected;
         control.since = Some(now);
         control.error = None;
         control.next_attempt_at = None;

@@ -14,12 +14,12 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::jobs::{JobReceipt, JobState};
-use super::{Sidecar, wait_until};
-use crate::client::{AggregatorClient, UploadReceipt};
-use crate::connection::ResolvedCredential;
+use super::{DeliveryState, Sidecar, wait_until};
+use crate::enrollment_client::ResolvedCredential;
 use crate::error::{AgentError, error_chain};
-use crate::retry::FullJitter;
-use crate::state::{ErrorReport, FailedReason, LastResult, PendingEntry};
+use crate::retry::Backoff;
+use crate::state::{DeliveryResult, ErrorReport, FailedReason, LastResult, PendingEntry};
+use crate::upload_client::{UploadClient, UploadReceipt};
 
 /// How often to look for a credential again while there is none (an enrollment from the CLI writes it directly).
 const CREDENTIAL_POLL: Duration = Duration::from_secs(2);
@@ -34,7 +34,7 @@ enum Attempt {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = FullJitter::new(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
     let mut next_attempt: Option<Instant> = None;
     let mut settings = sidecar.settings.subscribe();
     let mut shutdown = sidecar.shutdown.subscribe();
@@ -45,7 +45,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             return;
         }
         if !sidecar.enabled() {
-            set_state(&sidecar, "paused", None);
+            set_state(&sidecar, DeliveryState::Paused, None);
             tokio::select! {
                 _ = wait_until(&mut settings, |settings| settings.license_sync_enabled) => {}
                 _ = wait_until(&mut shutdown, |stopping| *stopping) => return,
@@ -91,7 +91,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             }
         }
         let Some(entry) = pending.into_iter().next() else {
-            set_state(&sidecar, "idle", None);
+            set_state(&sidecar, DeliveryState::Idle, None);
             backoff.reset();
             next_attempt = None;
             tokio::select! {
@@ -105,7 +105,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
         if let Some(at) = next_attempt
             && at > Instant::now()
         {
-            set_state(&sidecar, "waiting_retry", None);
+            set_state(&sidecar, DeliveryState::WaitingRetry, None);
             tokio::select! {
                 _ = tokio::time::sleep_until(at) => {}
                 // A new credential deserves an attempt at once.
@@ -119,7 +119,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
         let credential = match sidecar.credential() {
             Ok(credential) => credential,
             Err(error) => {
-                set_state(&sidecar, "waiting_credential", None);
+                set_state(&sidecar, DeliveryState::WaitingCredential, None);
                 sidecar.inner().delivery.last_error = Some(ErrorReport::from(&error));
                 tokio::select! {
                     _ = tokio::time::sleep(CREDENTIAL_POLL) => {}
@@ -147,7 +147,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
 
         let sync_id = snapshot.meta.sync_id;
         let job_id = sidecar.inner().jobs.id_for_sync(sync_id);
-        set_state(&sidecar, "sending", Some(sync_id));
+        set_state(&sidecar, DeliveryState::Sending, Some(sync_id));
         if let Some(id) = job_id {
             sidecar.update_job(id, |job| {
                 job.attempts += 1;
@@ -226,7 +226,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     });
                 }
                 let result = LastResult {
-                    result: "committed".into(),
+                    result: DeliveryResult::Committed,
                     sync_id,
                     job_id,
                     at: sidecar.now(),
@@ -298,7 +298,7 @@ async fn attempt(
         Err(error) => return Attempt::Done(Err(error.into())),
     };
     let upload = async move {
-        let mut client = AggregatorClient::connect_with(&aggregator, &credential.secret)
+        let mut client = UploadClient::connect_with(&aggregator, &credential.secret)
             .instrument(tracing::info_span!("agent.aggregator_connect"))
             .await?;
         client.upload(Arc::new(snapshot)).await
@@ -370,7 +370,7 @@ async fn give_up(
     sidecar.refresh_failed();
     if let Some((sync_id, generated_at)) = snapshot {
         let result = LastResult {
-            result: "failed".into(),
+            result: DeliveryResult::Failed,
             sync_id,
             job_id,
             at: sidecar.now(),
@@ -397,7 +397,7 @@ async fn record_result(sidecar: &Arc<Sidecar>, result: LastResult) {
     }
 }
 
-fn set_state(sidecar: &Sidecar, state: &'static str, sync_id: Option<uuid::Uuid>) {
+fn set_state(sidecar: &Sidecar, state: DeliveryState, sync_id: Option<uuid::Uuid>) {
     let mut inner = sidecar.inner();
     inner.delivery.state = state;
     inner.delivery.sync_id = sync_id;

@@ -52,12 +52,53 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> TriggerKind {
         match self {
-            Trigger::Local => "local",
-            Trigger::Schedule { .. } => "schedule",
-            Trigger::Cloud { .. } => "cloud",
+            Trigger::Local => TriggerKind::Local,
+            Trigger::Schedule { .. } => TriggerKind::Schedule,
+            Trigger::Cloud { .. } => TriggerKind::Cloud,
         }
+    }
+}
+
+/// Who started a job, without the details: what the job list shows (`trigger`) and what labels its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "&'static str")]
+pub enum TriggerKind {
+    Local,
+    Schedule,
+    Cloud,
+}
+
+impl TriggerKind {
+    pub const ALL: [TriggerKind; 3] = [
+        TriggerKind::Local,
+        TriggerKind::Schedule,
+        TriggerKind::Cloud,
+    ];
+
+    /// The word the job list shows: `local`, `schedule` or `cloud`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::Local => "local",
+            TriggerKind::Schedule => "schedule",
+            TriggerKind::Cloud => "cloud",
+        }
+    }
+
+    /// The `trigger` label of the metrics: the local Sync now (CLI `sync-now`) is `sync_now`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            TriggerKind::Local => "sync_now",
+            TriggerKind::Schedule => "schedule",
+            TriggerKind::Cloud => "cloud",
+        }
+    }
+}
+
+impl From<TriggerKind> for &'static str {
+    fn from(kind: TriggerKind) -> Self {
+        kind.as_str()
     }
 }
 
@@ -75,8 +116,8 @@ pub struct JobReceipt {
 pub struct Job {
     pub id: Uuid,
     pub state: JobState,
-    /// `local`, `schedule` or `cloud`: who started it.
-    pub trigger: &'static str,
+    /// Who started it.
+    pub trigger: TriggerKind,
     /// The schedule slot, for scheduled jobs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<u64>,
@@ -259,6 +300,14 @@ impl JobRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn triggers_show_as_their_words() {
+        for kind in TriggerKind::ALL {
+            assert_eq!(serde_json::to_value(kind).expect("JSON"), kind.as_str());
+        }
+        assert_eq!(TriggerKind::Local.metric_label(), "sync_now");
+    }
 
     #[test]
     fn requests_while_a_job_is_active_join_it() {

@@ -2,8 +2,8 @@
 //!
 //! Four tasks share one [`Sidecar`]:
 //!
-//! - the **local API** ([`api`]): status, settings, connection, Sync now, jobs, health;
-//! - the **scheduler** ([`scheduler`]): starts a job at every slot of the schedule while license sync is enabled;
+//! - the **local API** ([`local_api_server`]): status, settings, connection, Sync now, jobs, health;
+//! - the **scheduler** ([`schedule_runner`]): starts a job at every slot of the schedule while license sync is enabled;
 //! - the **delivery loop** ([`delivery`]): sends the snapshots of `pending/`, oldest first, with backoff; it is the
 //!   only sender, so a snapshot is never sent twice at the same time;
 //! - the **control stream** ([`control`]): holds `AgentControl.OpenSession` open, heartbeats, and starts jobs when
@@ -12,11 +12,11 @@
 //! A job ([`jobs`]) reads the source, builds the snapshot and writes it durably to `pending/`; from there the
 //! delivery loop owns it until the aggregator's receipt. Delivery invariants: see ARCHITECTURE.md.
 
-pub mod api;
 mod control;
 mod delivery;
 pub mod jobs;
-mod scheduler;
+pub mod local_api_server;
+mod schedule_runner;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
+use subtle::ConstantTimeEq as _;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -33,14 +34,14 @@ use uuid::Uuid;
 
 use crate::commands::prepare_snapshot;
 use crate::config::{AgentConfig, ConfigError, ConfigProblem, SidecarConfig};
-use crate::connection::{
+use crate::enrollment_client::{
     CredentialSource, ResolvedCredential, check_connection, resolve_credential,
 };
 use crate::error::{AgentError, error_chain};
 use crate::metrics::{AgentMetrics, ScrapeState, failure_label};
 use crate::schedule::{Clock, SystemClock};
-use crate::state::{ErrorReport, FailedReason, LastResult, Settings, StateDir};
-use jobs::{Job, JobRegistry, JobState, JobTicket, Trigger};
+use crate::state::{DeliveryResult, ErrorReport, FailedReason, LastResult, Settings, StateDir};
+use jobs::{Job, JobRegistry, JobState, JobTicket, Trigger, TriggerKind};
 
 /// Failed snapshots listed in the status (all of them stay in `failed/`, up to `state::MAX_FAILED`).
 const STATUS_FAILURES: usize = 5;
@@ -81,11 +82,99 @@ struct Inner {
     sync_spans: HashMap<Uuid, tracing::Span>,
 }
 
+/// Where the control stream is, as the status shows it (`connection.state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(into = "&'static str")]
+pub enum ControlState {
+    #[default]
+    Starting,
+    /// No instance credential (enrolled or configured).
+    NotEnrolled,
+    Connecting,
+    /// The session is open and the aggregator said `welcome`.
+    Connected,
+    /// The session ended or could not be opened; a reconnect is due (`next_attempt_at`).
+    Disconnected,
+    /// The aggregator refused the credential: shown until a new one works ("credential refused, re-enroll").
+    CredentialRefused,
+}
+
+impl ControlState {
+    pub const ALL: [ControlState; 6] = [
+        ControlState::Starting,
+        ControlState::NotEnrolled,
+        ControlState::Connecting,
+        ControlState::Connected,
+        ControlState::Disconnected,
+        ControlState::CredentialRefused,
+    ];
+
+    /// The word the local API and the CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlState::Starting => "starting",
+            ControlState::NotEnrolled => "not_enrolled",
+            ControlState::Connecting => "connecting",
+            ControlState::Connected => "connected",
+            ControlState::Disconnected => "disconnected",
+            ControlState::CredentialRefused => "credential_refused",
+        }
+    }
+}
+
+impl From<ControlState> for &'static str {
+    fn from(state: ControlState) -> Self {
+        state.as_str()
+    }
+}
+
+/// What the delivery loop is doing, as the status shows it (`delivery.state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(into = "&'static str")]
+pub enum DeliveryState {
+    /// Nothing pending.
+    #[default]
+    Idle,
+    Sending,
+    /// A failed attempt is retried at `next_attempt_at`.
+    WaitingRetry,
+    /// License sync is disabled: nothing is sent, pending snapshots stay.
+    Paused,
+    /// No instance credential to send with.
+    WaitingCredential,
+}
+
+impl DeliveryState {
+    pub const ALL: [DeliveryState; 5] = [
+        DeliveryState::Idle,
+        DeliveryState::Sending,
+        DeliveryState::WaitingRetry,
+        DeliveryState::Paused,
+        DeliveryState::WaitingCredential,
+    ];
+
+    /// The word the local API and the CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Idle => "idle",
+            DeliveryState::Sending => "sending",
+            DeliveryState::WaitingRetry => "waiting_retry",
+            DeliveryState::Paused => "paused",
+            DeliveryState::WaitingCredential => "waiting_credential",
+        }
+    }
+}
+
+impl From<DeliveryState> for &'static str {
+    fn from(state: DeliveryState) -> Self {
+        state.as_str()
+    }
+}
+
 /// The control stream as the status shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ControlStatus {
-    /// `starting`, `not_enrolled`, `connecting`, `connected`, `disconnected` or `credential_refused`.
-    pub state: &'static str,
+    pub state: ControlState,
     #[serde(with = "time::serde::rfc3339::option")]
     pub since: Option<OffsetDateTime>,
     pub credential_source: Option<CredentialSource>,
@@ -99,8 +188,7 @@ pub struct ControlStatus {
 /// The delivery loop as the status shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeliveryStatus {
-    /// `idle`, `sending`, `waiting_retry`, `paused` (license sync disabled) or `waiting_credential`.
-    pub state: &'static str,
+    pub state: DeliveryState,
     pub sync_id: Option<Uuid>,
     /// Failed attempts since the last delivery.
     pub failed_attempts: u32,
@@ -216,14 +304,11 @@ impl Sidecar {
             state,
             inner: Mutex::new(Inner {
                 control: ControlStatus {
-                    state: "starting",
+                    state: ControlState::Starting,
                     since: Some(now),
                     ..ControlStatus::default()
                 },
-                delivery: DeliveryStatus {
-                    state: "idle",
-                    ..DeliveryStatus::default()
-                },
+                delivery: DeliveryStatus::default(),
                 ..Inner::default()
             }),
             settings: watch::Sender::new(settings),
@@ -281,9 +366,9 @@ impl Sidecar {
             let (ticket, run) = inner.jobs.start_or_join(trigger, now);
             if run {
                 match kind {
-                    "local" => inner.counters.jobs_started.local += 1,
-                    "schedule" => inner.counters.jobs_started.schedule += 1,
-                    _ => inner.counters.jobs_started.cloud += 1,
+                    TriggerKind::Local => inner.counters.jobs_started.local += 1,
+                    TriggerKind::Schedule => inner.counters.jobs_started.schedule += 1,
+                    TriggerKind::Cloud => inner.counters.jobs_started.cloud += 1,
                 }
             } else {
                 inner.counters.jobs_joined += 1;
@@ -291,14 +376,14 @@ impl Sidecar {
             (ticket, run)
         };
         if run {
-            tracing::info!(job_id = %ticket.job.id, trigger = kind, "starting a sync job");
+            tracing::info!(job_id = %ticket.job.id, trigger = kind.as_str(), "starting a sync job");
             let sidecar = self.clone();
             let id = ticket.job.id;
             // Each job is the root span of its sync's trace; the delivery loop's attempts join it.
             let span = tracing::info_span!(
                 parent: None,
                 "agent.sync",
-                trigger = kind,
+                trigger = kind.as_str(),
                 job_id = %id,
                 server_id = %self.config.instance.server_id,
                 hostname = %self.config.instance.hostname,
@@ -312,7 +397,7 @@ impl Sidecar {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
         } else {
-            tracing::info!(job_id = %ticket.job.id, trigger = kind, "joined the sync job already running");
+            tracing::info!(job_id = %ticket.job.id, trigger = kind.as_str(), "joined the sync job already running");
             // Lets the delivery loop look at the job's snapshot again (e.g. notice that it was removed by hand).
             self.delivery_wake.notify_one();
         }
@@ -572,8 +657,8 @@ impl Sidecar {
     pub async fn enroll(
         &self,
         token: &crate::config::Secret,
-    ) -> Result<crate::connection::Enrollment, AgentError> {
-        let enrollment = crate::connection::enroll(&self.config, &self.state, token).await?;
+    ) -> Result<crate::enrollment_client::Enrollment, AgentError> {
+        let enrollment = crate::enrollment_client::enroll(&self.config, &self.state, token).await?;
         self.credential_generation
             .send_modify(|generation| *generation += 1);
         Ok(enrollment)
@@ -598,7 +683,7 @@ impl Sidecar {
             started_at: self.started_at,
             license_sync_enabled: settings.license_sync_enabled,
             enabled_at: settings.enabled_at,
-            connected: inner.control.state == "connected",
+            connected: inner.control.state == ControlState::Connected,
             connection: inner.control.clone(),
             last_sync: inner.last_result.clone(),
             next_sync: if settings.license_sync_enabled {
@@ -631,7 +716,7 @@ impl Sidecar {
                     .map(|next| next.at),
                 pending: inner.pending,
                 sync_enabled: settings.license_sync_enabled,
-                connected: inner.control.state == "connected",
+                connected: inner.control.state == ControlState::Connected,
             }
         };
         self.metrics.render(state)
@@ -653,10 +738,10 @@ impl Sidecar {
     fn credential_refused(&self, error: &AgentError) {
         let now = self.now();
         let mut inner = self.inner();
-        if inner.control.state != "credential_refused" {
+        if inner.control.state != ControlState::CredentialRefused {
             inner.control.since = Some(now);
         }
-        inner.control.state = "credential_refused";
+        inner.control.state = ControlState::CredentialRefused;
         inner.control.error = Some(ErrorReport::from(error));
     }
 
@@ -684,11 +769,10 @@ impl Sidecar {
     }
 }
 
+/// Compares without an early exit on the first differing byte, so that the time taken does not reveal how much of
+/// a guessed token is right (a length mismatch fails at once: the length is not the secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// A running agent; [`RunningAgent::shutdown`] stops it gracefully.
@@ -801,7 +885,10 @@ pub async fn start_with_clock(
     ));
     {
         let pending = sidecar.state.list_pending()?.len() as u64;
-        if let Some(result) = last_result.as_ref().filter(|r| r.result == "committed") {
+        if let Some(result) = last_result
+            .as_ref()
+            .filter(|r| r.result == DeliveryResult::Committed)
+        {
             sidecar.metrics.succeeded(result.at);
         }
         let mut inner = sidecar.inner();
@@ -816,7 +903,7 @@ pub async fn start_with_clock(
     tasks.push((
         "api",
         tokio::spawn(async move {
-            let router = api::router(api_sidecar);
+            let router = local_api_server::router(api_sidecar);
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = api_shutdown.wait_for(|stopping| *stopping).await;
@@ -828,7 +915,10 @@ pub async fn start_with_clock(
         }),
     ));
     tasks.push(("delivery", tokio::spawn(delivery::run(sidecar.clone()))));
-    tasks.push(("scheduler", tokio::spawn(scheduler::run(sidecar.clone()))));
+    tasks.push((
+        "scheduler",
+        tokio::spawn(schedule_runner::run(sidecar.clone())),
+    ));
     tasks.push(("control", tokio::spawn(control::run(sidecar.clone()))));
 
     let status = sidecar.status();
@@ -856,6 +946,21 @@ async fn wait_until<T>(receiver: &mut watch::Receiver<T>, ready: impl FnMut(&T) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_show_as_their_words() {
+        for state in ControlState::ALL {
+            assert_eq!(serde_json::to_value(state).expect("JSON"), state.as_str());
+        }
+        for state in DeliveryState::ALL {
+            assert_eq!(serde_json::to_value(state).expect("JSON"), state.as_str());
+        }
+        assert_eq!(
+            ControlState::CredentialRefused.as_str(),
+            "credential_refused"
+        );
+        assert_eq!(DeliveryState::WaitingRetry.as_str(), "waiting_retry");
+    }
 
     #[test]
     fn owner_tokens_compare_exactly() {

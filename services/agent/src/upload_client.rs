@@ -44,14 +44,14 @@ pub struct UploadReceipt {
 
 /// A connected client of the aggregator's `SnapshotIngest` service.
 #[derive(Debug, Clone)]
-pub struct AggregatorClient {
+pub struct UploadClient {
     client: SnapshotIngestClient<Channel>,
     authorization: AsciiMetadataValue,
     endpoint: String,
     batch_size: usize,
 }
 
-impl AggregatorClient {
+impl UploadClient {
     /// Connects to `aggregator.endpoint` (TLS for `https`, with `aggregator.ca_cert` as an extra root) with the
     /// credential configured in `[aggregator]`.
     pub async fn connect(config: &AggregatorConfig) -> Result<Self, AgentError> {
@@ -85,7 +85,7 @@ impl AggregatorClient {
         let limit = batch_size
             .saturating_mul(BYTES_PER_USER)
             .max(MIN_MESSAGE_BYTES);
-        AggregatorClient {
+        UploadClient {
             client: SnapshotIngestClient::new(channel)
                 .max_encoding_message_size(limit)
                 .max_decoding_message_size(MIN_MESSAGE_BYTES),

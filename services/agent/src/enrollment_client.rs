@@ -14,10 +14,10 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::client::{ChannelKind, authorization, connect_channel, status_error};
 use crate::config::{AgentConfig, ConfigError, ConfigProblem, Secret};
 use crate::error::AgentError;
 use crate::state::{EnrolledCredential, StateDir};
+use crate::upload_client::{ChannelKind, authorization, connect_channel, status_error};
 
 /// Deadline of an enrollment or a connection check: they are small calls, and an owner is waiting for them.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);

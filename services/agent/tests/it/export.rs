@@ -1,8 +1,6 @@
 //! `export`: the usage file for manual upload.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use license_sync_agent::AgentError;
 use license_sync_agent::commands;
 use license_sync_core::snapshot::UsageFile;

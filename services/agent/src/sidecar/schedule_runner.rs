@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use super::jobs::{JobState, Trigger};
 use super::{NextSync, Sidecar, wait_until};
 use crate::error::{AgentError, error_chain};
-use crate::retry::FullJitter;
+use crate::retry::Backoff;
 use crate::schedule::{Schedule, wait_for};
 use crate::state::ScheduleRecord;
 
@@ -32,7 +32,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
         }
     };
     // A retry of a slot whose job failed for a passing reason: (slot, when, backoff).
-    let mut retry: Option<(u64, OffsetDateTime, FullJitter)> = None;
+    let mut retry: Option<(u64, OffsetDateTime, Backoff)> = None;
 
     loop {
         if sidecar.shutting_down() {
@@ -102,7 +102,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             }
             SlotOutcome::Retry => {
                 let mut backoff = retry.take().map_or_else(
-                    || FullJitter::new(config.retry_initial(), config.retry_max()),
+                    || Backoff::full_jitter(config.retry_initial(), config.retry_max()),
                     |(_, _, backoff)| backoff,
                 );
                 let at = sidecar.now() + backoff.next_delay();

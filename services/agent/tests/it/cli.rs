@@ -1,11 +1,9 @@
 //! The `license-sync-agent` binary: JSON lines on stdout, errors and logs on stderr, exit codes.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 
 fn agent(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_license-sync-agent"))

@@ -3,14 +3,12 @@
 //! again on the same port, made slow, or made to refuse, so that each delivery rule is checked exactly. The same
 //! behaviours are tested against the real aggregator in `tests/tests/sidecar.rs` (end to end).
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt as _;
 use license_sync_agent::config::{AggregatorConfig, Secret, SidecarConfig};
 use license_sync_agent::sidecar::{self, RunningAgent};
@@ -638,6 +636,10 @@ async fn a_disabled_agent_sends_nothing_even_pending_snapshots() {
     fake.state().upload_delay = Duration::ZERO;
     let attempts = fake.state().upload_attempts;
     // Several schedule ticks (1 s) pass: nothing is sent, nothing is scheduled, the snapshot stays.
+    // Real time on purpose, not tokio's paused clock: the agent, its local API and the fake aggregator talk over real
+    // loopback sockets in this runtime. A paused clock auto-advances whenever the runtime waits for that I/O, which
+    // fires HTTP and gRPC timeouts (and the fake's upload delay) spuriously; advancing it by hand in steps instead
+    // compresses the timers but not the I/O they start, so a send that takes longer than a step would go unseen.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(fake.state().upload_attempts, attempts);
     assert!(fake.state().applied.is_empty());
@@ -886,6 +888,8 @@ async fn a_revoked_credential_stops_retries_and_says_to_re_enroll() {
         (fake.upload_attempts, fake.control_opens)
     };
     let before = attempts();
+    // Real time, for the reason given in `a_disabled_agent_sends_nothing_even_pending_snapshots`: 2 s is 10 retry
+    // windows (`retry_max_ms` = 200), enough for a retry storm to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = attempts();
     assert_eq!(after.0, before.0);

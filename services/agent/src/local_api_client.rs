@@ -15,13 +15,13 @@ pub const OWNER_TOKEN_ENV: &str = "LICENSE_SYNC_AGENT_OWNER_TOKEN";
 
 /// A client of `http://…` (the agent's `agent.listen`).
 #[derive(Debug, Clone)]
-pub struct LocalApi {
+pub struct LocalApiClient {
     base: Url,
     http: reqwest::Client,
     owner_token: Option<Secret>,
 }
 
-impl LocalApi {
+impl LocalApiClient {
     pub fn new(base: &str, owner_token: Option<Secret>) -> Result<Self, AgentError> {
         let mut base = Url::parse(base.trim()).map_err(|error| {
             AgentError::Config(ConfigError::Invalid(vec![ConfigProblem {
@@ -36,7 +36,7 @@ impl LocalApi {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|error| AgentError::Internal(error_chain(&error)))?;
-        Ok(LocalApi {
+        Ok(LocalApiClient {
             base,
             http,
             owner_token,

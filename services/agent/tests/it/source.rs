@@ -1,10 +1,8 @@
 //! The GHES and file sources against the in-process GHES simulator.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use license_sync_agent::AgentError;
 use license_sync_agent::config::Secret;
 use license_sync_agent::source::{GhesClient, read_source};

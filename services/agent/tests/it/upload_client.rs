@@ -1,14 +1,12 @@
 //! The gRPC client against a tiny in-process `SnapshotIngest` server that records what it receives.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt as _;
 use license_sync_agent::AgentError;
-use license_sync_agent::client::AggregatorClient;
 use license_sync_agent::commands;
+use license_sync_agent::upload_client::UploadClient;
 use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
 use license_sync_core::snapshot::{Snapshot, SnapshotDigest, SnapshotMeta};
 use license_sync_proto::convert;
@@ -190,7 +188,7 @@ fn snapshot(users: usize) -> Snapshot {
 #[tokio::test]
 async fn streams_header_batches_and_trailer_with_digest_and_credential() {
     let server = start_server(None).await;
-    let mut client = AggregatorClient::connect(&aggregator_config(&server.endpoint, 10))
+    let mut client = UploadClient::connect(&aggregator_config(&server.endpoint, 10))
         .await
         .expect("connect");
     let snapshot = Arc::new(snapshot(25));
@@ -223,7 +221,7 @@ async fn streams_header_batches_and_trailer_with_digest_and_credential() {
 #[tokio::test]
 async fn an_empty_snapshot_is_a_header_and_a_trailer() {
     let server = start_server(None).await;
-    let mut client = AggregatorClient::connect(&aggregator_config(&server.endpoint, 1000))
+    let mut client = UploadClient::connect(&aggregator_config(&server.endpoint, 1000))
         .await
         .expect("connect");
     let receipt = client.upload(Arc::new(snapshot(0))).await.expect("upload");
@@ -261,7 +259,7 @@ async fn refusals_map_to_errors_that_say_what_to_do() {
     for (status, kind, text) in cases {
         let code = status.code();
         let server = start_server(Some(status)).await;
-        let mut client = AggregatorClient::connect(&aggregator_config(&server.endpoint, 10))
+        let mut client = UploadClient::connect(&aggregator_config(&server.endpoint, 10))
             .await
             .expect("connect");
         let error = client
@@ -282,10 +280,9 @@ async fn an_unreachable_aggregator_is_a_retryable_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("addr").port()
     };
-    let error =
-        AggregatorClient::connect(&aggregator_config(&format!("http://127.0.0.1:{port}"), 10))
-            .await
-            .expect_err("nothing listens");
+    let error = UploadClient::connect(&aggregator_config(&format!("http://127.0.0.1:{port}"), 10))
+        .await
+        .expect_err("nothing listens");
     assert!(
         matches!(error, AgentError::AggregatorUnavailable { .. }),
         "{error:?}"
@@ -357,15 +354,13 @@ async fn https_endpoints_trust_the_configured_ca() {
     let server = start_server_with(None, true).await;
     let mut config = aggregator_config(&server.endpoint, 10);
     config.ca_cert = Some(tls_fixture("ca.pem"));
-    let mut client = AggregatorClient::connect(&config)
-        .await
-        .expect("TLS connect");
+    let mut client = UploadClient::connect(&config).await.expect("TLS connect");
     let receipt = client.upload(Arc::new(snapshot(3))).await.expect("upload");
     assert_eq!(receipt.users_accepted, 3);
 
     // Without the private CA, the server's certificate is not trusted.
     config.ca_cert = None;
-    let error = AggregatorClient::connect(&config)
+    let error = UploadClient::connect(&config)
         .await
         .expect_err("unknown issuer");
     assert!(
