@@ -199,7 +199,7 @@ impl GhesClient {
         let token = config.token()?;
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("license-sync-agent/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.request_timeout().min(Duration::from_secs(10)));
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)));
         if let Some(path) = &config.ca_cert {
             let pem = std::fs::read(path).map_err(|source| {
                 AgentError::Config(crate::config::ConfigError::Unreadable {
@@ -245,10 +245,10 @@ impl GhesClient {
             base,
             username: config.username.clone(),
             token,
-            request_timeout: config.request_timeout(),
-            report_deadline: config.report_deadline(),
-            poll_initial: config.poll_initial(),
-            poll_max: config.poll_max(),
+            request_timeout: config.request_timeout,
+            report_deadline: config.report_deadline,
+            poll_initial: config.poll_initial,
+            poll_max: config.poll_max,
             max_attempts: config.max_attempts,
         })
     }

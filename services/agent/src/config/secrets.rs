@@ -133,7 +133,7 @@ mod tests {
             credential_file: None,
             ca_cert: None,
             batch_size: 10,
-            timeout_secs: 1,
+            timeout: std::time::Duration::from_secs(1),
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("verysecret"), "{debug}");

@@ -1,4 +1,8 @@
 //! The typed configuration: one struct per section, with serde's defaults and the lenient field parsers.
+//!
+//! Durations are `std::time::Duration` fields read from the documented integer keys: `*_secs` keys hold whole
+//! seconds, `*_ms` keys milliseconds (serde_with's `DurationSeconds`/`DurationMilliSeconds`). Strings such as
+//! `"15m"` are refused as before: the key already names its unit, and one spelling per key keeps configs greppable.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,6 +11,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde::{Deserialize, Deserializer};
+use serde_with::{DeserializeAs, DurationMilliSeconds, DurationSeconds};
 use uuid::Uuid;
 
 use super::{ConfigError, Secret};
@@ -43,21 +48,41 @@ pub struct SidecarConfig {
     #[serde(default)]
     pub owner_token_file: Option<PathBuf>,
     /// Time between scheduled syncs (default: one week).
-    #[serde(default = "defaults::sync_interval_secs")]
-    pub sync_interval_secs: u64,
+    #[serde(
+        rename = "sync_interval_secs",
+        default = "defaults::sync_interval",
+        with = "secs"
+    )]
+    pub sync_interval: Duration,
     /// Upper bound of the random delay added to each scheduled time, so that a fleet does not sync at once. Must be
     /// below `sync_interval_secs`.
-    #[serde(default = "defaults::sync_jitter_secs")]
-    pub sync_jitter_secs: u64,
+    #[serde(
+        rename = "sync_jitter_secs",
+        default = "defaults::sync_jitter",
+        with = "secs"
+    )]
+    pub sync_jitter: Duration,
     /// First delay before re-sending a snapshot that could not be delivered; doubles per attempt (full jitter).
-    #[serde(default = "defaults::retry_initial_ms")]
-    pub retry_initial_ms: u64,
+    #[serde(
+        rename = "retry_initial_ms",
+        default = "defaults::retry_initial",
+        with = "millis"
+    )]
+    pub retry_initial: Duration,
     /// Cap of the delivery retry delay (and of the control stream's reconnect delay).
-    #[serde(default = "defaults::retry_max_ms")]
-    pub retry_max_ms: u64,
+    #[serde(
+        rename = "retry_max_ms",
+        default = "defaults::retry_max",
+        with = "millis"
+    )]
+    pub retry_max: Duration,
     /// How long a SIGTERM waits for an in-flight upload before abandoning it (the snapshot stays pending).
-    #[serde(default = "defaults::shutdown_grace_secs")]
-    pub shutdown_grace_secs: u64,
+    #[serde(
+        rename = "shutdown_grace_secs",
+        default = "defaults::shutdown_grace",
+        with = "secs"
+    )]
+    pub shutdown_grace: Duration,
 }
 
 /// Who the GHES instance is.
@@ -76,6 +101,8 @@ pub struct InstanceConfig {
 /// Where the users come from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// Built once per process and never moved in a hot path: boxing the GHES variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum SourceConfig {
     /// A local copy of `all_users.csv` (air-gapped use, tests).
     File(FileSourceConfig),
@@ -104,15 +131,31 @@ pub struct GhesSourceConfig {
     /// Extra PEM root(s) to trust, for instances with a private CA.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
-    #[serde(default = "defaults::request_timeout_secs")]
-    pub request_timeout_secs: u64,
+    #[serde(
+        rename = "request_timeout_secs",
+        default = "defaults::request_timeout",
+        with = "secs"
+    )]
+    pub request_timeout: Duration,
     /// How long to wait for GHES to build the report (polling its 202 answers), retries included.
-    #[serde(default = "defaults::report_deadline_secs")]
-    pub report_deadline_secs: u64,
-    #[serde(default = "defaults::poll_initial_ms")]
-    pub poll_initial_ms: u64,
-    #[serde(default = "defaults::poll_max_ms")]
-    pub poll_max_ms: u64,
+    #[serde(
+        rename = "report_deadline_secs",
+        default = "defaults::report_deadline",
+        with = "secs"
+    )]
+    pub report_deadline: Duration,
+    #[serde(
+        rename = "poll_initial_ms",
+        default = "defaults::poll_initial",
+        with = "millis"
+    )]
+    pub poll_initial: Duration,
+    #[serde(
+        rename = "poll_max_ms",
+        default = "defaults::poll_max",
+        with = "millis"
+    )]
+    pub poll_max: Duration,
     /// Consecutive failed requests (connection errors, timeouts, 5xx) before giving up.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
@@ -138,22 +181,42 @@ pub struct AggregatorConfig {
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// Deadline of one whole upload.
-    #[serde(default = "defaults::timeout_secs")]
-    pub timeout_secs: u64,
+    #[serde(rename = "timeout_secs", default = "defaults::timeout", with = "secs")]
+    pub timeout: Duration,
+}
+
+/// `*_secs` keys: whole seconds. Only deserialized: the configuration is never written back.
+mod secs {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        input: D,
+    ) -> Result<super::Duration, D::Error> {
+        <super::DurationSeconds<u64> as super::DeserializeAs<'de, _>>::deserialize_as(input)
+    }
+}
+
+/// `*_ms` keys: whole milliseconds.
+mod millis {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        input: D,
+    ) -> Result<super::Duration, D::Error> {
+        <super::DurationMilliSeconds<u64> as super::DeserializeAs<'de, _>>::deserialize_as(input)
+    }
 }
 
 mod defaults {
-    pub fn request_timeout_secs() -> u64 {
-        30
+    use std::time::Duration;
+
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(30)
     }
-    pub fn report_deadline_secs() -> u64 {
-        600
+    pub fn report_deadline() -> Duration {
+        Duration::from_secs(600)
     }
-    pub fn poll_initial_ms() -> u64 {
-        1_000
+    pub fn poll_initial() -> Duration {
+        Duration::from_millis(1_000)
     }
-    pub fn poll_max_ms() -> u64 {
-        30_000
+    pub fn poll_max() -> Duration {
+        Duration::from_millis(30_000)
     }
     pub fn max_attempts() -> u32 {
         5
@@ -164,26 +227,26 @@ mod defaults {
     pub fn batch_size() -> usize {
         1_000
     }
-    pub fn timeout_secs() -> u64 {
-        300
+    pub fn timeout() -> Duration {
+        Duration::from_secs(300)
     }
     pub fn listen() -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], 8091))
     }
-    pub fn sync_interval_secs() -> u64 {
-        7 * 24 * 3600
+    pub fn sync_interval() -> Duration {
+        Duration::from_secs(7 * 24 * 3600)
     }
-    pub fn sync_jitter_secs() -> u64 {
-        3600
+    pub fn sync_jitter() -> Duration {
+        Duration::from_secs(3600)
     }
-    pub fn retry_initial_ms() -> u64 {
-        1_000
+    pub fn retry_initial() -> Duration {
+        Duration::from_millis(1_000)
     }
-    pub fn retry_max_ms() -> u64 {
-        300_000
+    pub fn retry_max() -> Duration {
+        Duration::from_millis(300_000)
     }
-    pub fn shutdown_grace_secs() -> u64 {
-        20
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(20)
     }
 }
 
@@ -209,52 +272,6 @@ impl AgentConfig {
                  `owner_token_file` (see config/agent.example.toml)",
             )
         })
-    }
-}
-
-impl GhesSourceConfig {
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs)
-    }
-
-    pub fn report_deadline(&self) -> Duration {
-        Duration::from_secs(self.report_deadline_secs)
-    }
-
-    pub fn poll_initial(&self) -> Duration {
-        Duration::from_millis(self.poll_initial_ms)
-    }
-
-    pub fn poll_max(&self) -> Duration {
-        Duration::from_millis(self.poll_max_ms)
-    }
-}
-
-impl SidecarConfig {
-    pub fn sync_interval(&self) -> Duration {
-        Duration::from_secs(self.sync_interval_secs)
-    }
-
-    pub fn sync_jitter(&self) -> Duration {
-        Duration::from_secs(self.sync_jitter_secs)
-    }
-
-    pub fn retry_initial(&self) -> Duration {
-        Duration::from_millis(self.retry_initial_ms)
-    }
-
-    pub fn retry_max(&self) -> Duration {
-        Duration::from_millis(self.retry_max_ms)
-    }
-
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
-    }
-}
-
-impl AggregatorConfig {
-    pub fn timeout(&self) -> Duration {
-        Duration::from_secs(self.timeout_secs)
     }
 }
 

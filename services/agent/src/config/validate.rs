@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use reqwest::Url;
 
@@ -126,6 +127,24 @@ impl Problems {
                 key,
                 format!("= {:?} cannot be read: {error}", path.display()),
             ),
+        }
+    }
+
+    /// A backoff whose cap is below its first delay could never grow. Both keys are `*_ms` keys.
+    fn check_backoff(
+        &mut self,
+        (initial_key, initial): (&str, Duration),
+        (max_key, max): (&str, Duration),
+    ) {
+        if max < initial {
+            self.add(
+                max_key,
+                format!(
+                    "= {} is below `{initial_key}` = {}: the backoff must be able to grow",
+                    max.as_millis(),
+                    initial.as_millis()
+                ),
+            );
         }
     }
 
@@ -258,25 +277,26 @@ impl GhesSourceConfig {
         if let Some(path) = &self.ca_cert {
             problems.check_file("source.ca_cert", path);
         }
-        for (key, value) in [
-            ("source.request_timeout_secs", self.request_timeout_secs),
-            ("source.report_deadline_secs", self.report_deadline_secs),
-            ("source.poll_initial_ms", self.poll_initial_ms),
-            ("source.max_attempts", u64::from(self.max_attempts)),
+        for (key, is_zero) in [
+            (
+                "source.request_timeout_secs",
+                self.request_timeout.is_zero(),
+            ),
+            (
+                "source.report_deadline_secs",
+                self.report_deadline.is_zero(),
+            ),
+            ("source.poll_initial_ms", self.poll_initial.is_zero()),
+            ("source.max_attempts", self.max_attempts == 0),
         ] {
-            if value == 0 {
+            if is_zero {
                 problems.add(key, "must be greater than 0");
             }
         }
-        if self.poll_max_ms < self.poll_initial_ms {
-            problems.add(
-                "source.poll_max_ms",
-                format!(
-                    "= {} is below `source.poll_initial_ms` = {}: the backoff must be able to grow",
-                    self.poll_max_ms, self.poll_initial_ms
-                ),
-            );
-        }
+        problems.check_backoff(
+            ("source.poll_initial_ms", self.poll_initial),
+            ("source.poll_max_ms", self.poll_max),
+        );
     }
 }
 
@@ -321,32 +341,28 @@ impl SidecarConfig {
                 ),
             );
         }
-        if self.sync_interval_secs == 0 {
+        if self.sync_interval.is_zero() {
             problems.add(
                 "agent.sync_interval_secs",
                 "must be greater than 0 (604800 is weekly)",
             );
-        } else if self.sync_jitter_secs >= self.sync_interval_secs {
+        } else if self.sync_jitter >= self.sync_interval {
             problems.add(
                 "agent.sync_jitter_secs",
                 format!(
                     "= {} must be below `agent.sync_interval_secs` = {}, so that scheduled syncs keep their order",
-                    self.sync_jitter_secs, self.sync_interval_secs
+                    self.sync_jitter.as_secs(),
+                    self.sync_interval.as_secs()
                 ),
             );
         }
-        if self.retry_initial_ms == 0 {
+        if self.retry_initial.is_zero() {
             problems.add("agent.retry_initial_ms", "must be greater than 0");
         }
-        if self.retry_max_ms < self.retry_initial_ms {
-            problems.add(
-                "agent.retry_max_ms",
-                format!(
-                    "= {} is below `agent.retry_initial_ms` = {}: the backoff must be able to grow",
-                    self.retry_max_ms, self.retry_initial_ms
-                ),
-            );
-        }
+        problems.check_backoff(
+            ("agent.retry_initial_ms", self.retry_initial),
+            ("agent.retry_max_ms", self.retry_max),
+        );
     }
 }
 
@@ -380,7 +396,7 @@ impl AggregatorConfig {
                 ),
             );
         }
-        if self.timeout_secs == 0 {
+        if self.timeout.is_zero() {
             problems.add("aggregator.timeout_secs", "must be greater than 0");
         }
     }

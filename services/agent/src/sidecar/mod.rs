@@ -607,8 +607,8 @@ impl Sidecar {
                 None
             },
             schedule: ScheduleView {
-                interval_secs: self.settings_config.sync_interval_secs,
-                jitter_secs: self.settings_config.sync_jitter_secs,
+                interval_secs: self.settings_config.sync_interval.as_secs(),
+                jitter_secs: self.settings_config.sync_jitter.as_secs(),
             },
             pending_deliveries: inner.pending,
             delivery: inner.delivery.clone(),
@@ -711,7 +711,7 @@ impl RunningAgent {
     /// Stops the API and the scheduler, lets an in-flight upload finish within `shutdown_grace_secs` (else it is
     /// abandoned and its snapshot stays pending), and waits for the tasks.
     pub async fn shutdown(self) {
-        let grace = self.sidecar.settings_config.shutdown_grace();
+        let grace = self.sidecar.settings_config.shutdown_grace;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down");
         self.sidecar.shutdown.send_replace(true);
         let job = self
