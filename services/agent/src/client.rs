@@ -161,7 +161,7 @@ pub enum ChannelKind {
 
 /// The `authorization` metadata value for an instance credential.
 pub fn authorization(credential: &Secret) -> Result<AsciiMetadataValue, AgentError> {
-    MetadataValue::try_from(format!("Bearer {}", credential.expose())).map_err(|_| {
+    MetadataValue::try_from(format!("Bearer {}", credential.expose_secret())).map_err(|_| {
         invalid_config(
             "aggregator.credential",
             "contains characters that cannot be sent in a header: check the credential (or enroll again)",

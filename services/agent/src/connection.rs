@@ -101,7 +101,7 @@ pub async fn enroll(
     token: &Secret,
 ) -> Result<Enrollment, AgentError> {
     let aggregator = config.aggregator()?;
-    let token_text = token.expose().trim();
+    let token_text = token.expose_secret().trim();
     if token_text.is_empty() {
         return Err(AgentError::EnrollmentRefused {
             reason: "the enrollment token is empty: pass the `lse_…` token an owner created on the aggregator",

@@ -335,7 +335,7 @@ impl GhesClient {
         let request = self
             .http
             .get(url.clone())
-            .basic_auth(&self.username, Some(self.token.expose()))
+            .basic_auth(&self.username, Some(self.token.expose_secret()))
             .header(reqwest::header::ACCEPT, "text/csv")
             .send();
         let response = match tokio::time::timeout(self.request_timeout, request).await {
@@ -426,7 +426,7 @@ impl GhesClient {
         let response = self
             .http
             .get(url.clone())
-            .basic_auth(&self.username, Some(self.token.expose()))
+            .basic_auth(&self.username, Some(self.token.expose_secret()))
             .header(reqwest::header::ACCEPT, "application/vnd.github+json")
             .timeout(self.request_timeout)
             .send()

@@ -59,7 +59,7 @@ fn a_complete_file_loads_and_relative_paths_follow_the_file() {
         let token_file = ghes.token_file.as_ref().expect("token_file");
         assert!(token_file.is_absolute(), "{token_file:?}");
         assert!(token_file.ends_with("conf/token"), "{token_file:?}");
-        assert_eq!(ghes.token().expect("token").expose(), "t0ken");
+        assert_eq!(ghes.token().expect("token").expose_secret(), "t0ken");
         assert_eq!(ghes.poll_initial, Duration::from_millis(500));
         assert_eq!(ghes.poll_max, Duration::from_millis(30_000));
         assert_eq!(ghes.request_timeout, Duration::from_secs(30));
@@ -67,7 +67,7 @@ fn a_complete_file_loads_and_relative_paths_follow_the_file() {
         let aggregator = config.aggregator().expect("aggregator");
         assert_eq!(aggregator.batch_size, 1000);
         assert_eq!(
-            aggregator.credential().expect("credential").expose(),
+            aggregator.credential().expect("credential").expose_secret(),
             "lsi_abc"
         );
         // Secrets never show in Debug.
@@ -115,7 +115,7 @@ fn environment_variables_override_the_file() {
         );
         assert_eq!(aggregator.batch_size, 250);
         assert_eq!(
-            aggregator.credential().expect("credential").expose(),
+            aggregator.credential().expect("credential").expose_secret(),
             "lsi_from_env"
         );
         assert_eq!(config.instance.ghes_version.as_deref(), Some("3.14"));
@@ -437,7 +437,7 @@ fn the_agent_section_has_production_defaults_and_resolves_paths() {
         assert_eq!(agent.retry_max, Duration::from_millis(300_000));
         assert_eq!(agent.shutdown_grace, Duration::from_secs(20));
         assert_eq!(
-            agent.owner_token().expect("owner token").expose(),
+            agent.owner_token().expect("owner token").expose_secret(),
             "owner-token-0123456789abcdef"
         );
         // With a state directory the [aggregator] credential is optional (enrollment provides it).

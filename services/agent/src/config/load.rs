@@ -316,7 +316,10 @@ mod tests {
             panic!("ghes source expected");
         };
         assert_eq!(ghes.username, "42");
-        assert_eq!(ghes.token.as_ref().map(Secret::expose), Some("123456"));
+        assert_eq!(
+            ghes.token.as_ref().map(Secret::expose_secret),
+            Some("123456")
+        );
         assert_eq!(ghes.max_attempts, 5);
         assert!(ghes.read_license);
     }

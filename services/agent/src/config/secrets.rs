@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use super::types::lenient_string;
@@ -10,20 +11,32 @@ use super::{
     AggregatorConfig, ConfigError, GhesSourceConfig, MIN_OWNER_TOKEN_CHARS, SidecarConfig,
 };
 
-/// A secret (token or credential). Its `Debug` prints `***` so that a logged config never leaks it, and it has no
-/// `Display` or `Serialize`: the only way to the value is [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret (token or credential), held in a [`secrecy::SecretString`] (zeroed on drop). Its `Debug` prints `***`
+/// so that a logged config never leaks it, and it has neither `Display` nor `Serialize`, so `{}` or a JSON dump does
+/// not compile: the only way to the value is [`Secret::expose_secret`], easy to find in review.
+#[derive(Clone)]
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(SecretString::from(value.into()))
     }
 
-    pub fn expose(&self) -> &str {
-        &self.0
+    /// The value itself, for the one place that sends it (a header, a request, the credential file).
+    pub fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
     }
 }
+
+/// Equal values, for telling a rotated credential from the refused one; not for checking a caller's token (the
+/// local API compares those in constant time).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose_secret() == other.expose_secret()
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -33,7 +46,7 @@ impl fmt::Debug for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        lenient_string(deserializer).map(Secret)
+        lenient_string(deserializer).map(Secret::new)
     }
 }
 
@@ -59,7 +72,7 @@ impl SidecarConfig {
             "agent.owner_token_file",
             "the owner token file",
         )?;
-        if token.expose().chars().count() < MIN_OWNER_TOKEN_CHARS {
+        if token.expose_secret().chars().count() < MIN_OWNER_TOKEN_CHARS {
             return Err(ConfigError::one(
                 "agent.owner_token_file",
                 format!(
@@ -95,7 +108,7 @@ fn read_secret(
     what: &'static str,
 ) -> Result<Secret, ConfigError> {
     let secret = match (inline, file) {
-        (Some(secret), None) => secret.expose().trim().to_owned(),
+        (Some(secret), None) => secret.expose_secret().trim().to_owned(),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Unreadable {
                 what,
@@ -115,7 +128,7 @@ fn read_secret(
     if secret.is_empty() {
         return Err(ConfigError::one(file_key, "holds an empty secret"));
     }
-    Ok(Secret(secret))
+    Ok(Secret::new(secret))
 }
 
 #[cfg(test)]
@@ -138,5 +151,33 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("verysecret"), "{debug}");
         assert!(debug.contains("***"));
+    }
+
+    #[test]
+    fn a_whole_config_in_debug_shows_no_secret() {
+        use figment::Figment;
+        use figment::providers::Serialized;
+
+        let figment = Figment::from(Serialized::defaults(serde_json::json!({
+            "instance": { "server_id": "6f1c8a38-5b2e-4a4f-9d44-8d4a4f1b6c01", "hostname": "ghes" },
+            "source": {
+                "kind": "ghes", "url": "https://ghes.example.com", "username": "site-admin",
+                "token": "ghp_ghes_token_value",
+            },
+            "aggregator": { "endpoint": "http://127.0.0.1:50051", "credential": "lsi_credential_value" },
+            "agent": { "state_dir": "state", "owner_token": "owner_token_value_0123456789" },
+        })));
+        let config = crate::config::AgentConfig::from_figment(&figment).expect("extract");
+        let debug = format!("{config:?}");
+        for secret in [
+            "ghp_ghes_token_value",
+            "lsi_credential_value",
+            "owner_token_value_0123456789",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked: {debug}");
+        }
+        assert_eq!(debug.matches("\"***\"").count(), 3, "{debug}");
+        let alternate = format!("{config:#?}");
+        assert!(!alternate.contains("value"), "{alternate}");
     }
 }

@@ -177,7 +177,7 @@ impl Problems {
                 ),
             ),
             (Some(secret), None) => {
-                if secret.expose().trim().is_empty() {
+                if secret.expose_secret().trim().is_empty() {
                     self.add(&inline_key, format!("is empty: set it to {what}"));
                 }
             }
@@ -330,8 +330,8 @@ impl SidecarConfig {
             true,
         );
         if let Some(token) = &self.owner_token
-            && !token.expose().trim().is_empty()
-            && token.expose().trim().chars().count() < MIN_OWNER_TOKEN_CHARS
+            && !token.expose_secret().trim().is_empty()
+            && token.expose_secret().trim().chars().count() < MIN_OWNER_TOKEN_CHARS
         {
             problems.add(
                 "agent.owner_token",

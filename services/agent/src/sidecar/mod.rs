@@ -678,7 +678,7 @@ impl Sidecar {
     pub fn is_owner(&self, presented: &str) -> Result<bool, AgentError> {
         let expected = self.settings_config.owner_token()?;
         Ok(constant_time_eq(
-            expected.expose().as_bytes(),
+            expected.expose_secret().as_bytes(),
             presented.as_bytes(),
         ))
     }
