@@ -101,7 +101,7 @@ pub async fn enroll(
     token: &Secret,
 ) -> Result<Enrollment, AgentError> {
     let aggregator = config.aggregator()?;
-    let token_text = token.expose().trim();
+    let token_text = token.expose_secret().trim();
     if token_text.is_empty() {
         return Err(AgentError::EnrollmentRefused {
             reason: "the enrollment token is empty: pass the `lse_…` token an owner created on the aggregator",
@@ -115,7 +115,7 @@ pub async fn enroll(
         hostname: config.instance.hostname.trim().to_owned(),
         ghes_version: config.instance.ghes_version.clone().unwrap_or_default(),
     });
-    request.set_timeout(CALL_TIMEOUT.min(aggregator.timeout()));
+    request.set_timeout(CALL_TIMEOUT.min(aggregator.timeout));
     let response = EnrollmentClient::new(channel)
         .enroll(request)
         .await
@@ -204,7 +204,7 @@ pub async fn check_connection(
     request
         .metadata_mut()
         .insert("authorization", authorization(credential)?);
-    request.set_timeout(CALL_TIMEOUT.min(aggregator.timeout()));
+    request.set_timeout(CALL_TIMEOUT.min(aggregator.timeout));
     let response = EnrollmentClient::new(channel)
         .check_connection(request)
         .await

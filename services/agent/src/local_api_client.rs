@@ -79,7 +79,7 @@ impl LocalApiClient {
                     ),
                 }]))
             })?;
-            request = request.bearer_auth(token.expose());
+            request = request.bearer_auth(token.expose_secret());
         }
         if let Some(body) = body {
             request = request.json(&body);

@@ -170,7 +170,7 @@ impl GhesClient {
         let token = config.token()?;
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("license-sync-agent/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.request_timeout().min(Duration::from_secs(10)));
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)));
         if let Some(path) = &config.ca_cert {
             let pem = std::fs::read(path).map_err(|source| {
                 AgentError::Config(crate::config::ConfigError::Unreadable {
@@ -216,10 +216,10 @@ impl GhesClient {
             base,
             username: config.username.clone(),
             token,
-            request_timeout: config.request_timeout(),
-            report_deadline: config.report_deadline(),
-            poll_initial: config.poll_initial(),
-            poll_max: config.poll_max(),
+            request_timeout: config.request_timeout,
+            report_deadline: config.report_deadline,
+            poll_initial: config.poll_initial,
+            poll_max: config.poll_max,
             max_attempts: config.max_attempts,
         })
     }
@@ -306,7 +306,7 @@ impl GhesClient {
         let request = self
             .http
             .get(url.clone())
-            .basic_auth(&self.username, Some(self.token.expose()))
+            .basic_auth(&self.username, Some(self.token.expose_secret()))
             .header(reqwest::header::ACCEPT, "text/csv")
             .send();
         let response = match tokio::time::timeout(self.request_timeout, request).await {
@@ -397,7 +397,7 @@ impl GhesClient {
         let response = self
             .http
             .get(url.clone())
-            .basic_auth(&self.username, Some(self.token.expose()))
+            .basic_auth(&self.username, Some(self.token.expose_secret()))
             .header(reqwest::header::ACCEPT, "application/vnd.github+json")
             .timeout(self.request_timeout)
             .send()

@@ -299,7 +299,7 @@ impl StateDir {
     /// Stores the credential (0600, atomically), replacing the previous one.
     pub fn store_credential(&self, credential: &EnrolledCredential) -> Result<(), AgentError> {
         let file = CredentialFile {
-            credential: credential.credential.expose().to_owned(),
+            credential: credential.credential.expose_secret().to_owned(),
             enterprise: credential.enterprise.clone(),
             server_id: credential.server_id,
             enrolled_at: credential.enrolled_at,
@@ -798,7 +798,7 @@ mod tests {
         };
         state.store_credential(&credential).expect("store");
         let loaded = state.load_credential().expect("load").expect("present");
-        assert_eq!(loaded.credential.expose(), "lsi_top_secret");
+        assert_eq!(loaded.credential.expose_secret(), "lsi_top_secret");
         assert!(!format!("{loaded:?}").contains("top_secret"));
         #[cfg(unix)]
         {

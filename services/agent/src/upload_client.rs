@@ -161,7 +161,7 @@ pub enum ChannelKind {
 
 /// The `authorization` metadata value for an instance credential.
 pub fn authorization(credential: &Secret) -> Result<AsciiMetadataValue, AgentError> {
-    MetadataValue::try_from(format!("Bearer {}", credential.expose())).map_err(|_| {
+    MetadataValue::try_from(format!("Bearer {}", credential.expose_secret())).map_err(|_| {
         invalid_config(
             "aggregator.credential",
             "contains characters that cannot be sent in a header: check the credential (or enroll again)",
@@ -187,10 +187,10 @@ pub async fn connect_channel(
         })?
         .user_agent(concat!("license-sync-agent/", env!("CARGO_PKG_VERSION")))
         .map_err(|error| AgentError::Internal(error_chain(&error)))?
-        .connect_timeout(config.timeout().min(Duration::from_secs(30)))
+        .connect_timeout(config.timeout.min(Duration::from_secs(30)))
         .tcp_keepalive(Some(Duration::from_secs(60)));
     endpoint = match kind {
-        ChannelKind::Request => endpoint.timeout(config.timeout()),
+        ChannelKind::Request => endpoint.timeout(config.timeout),
         ChannelKind::Session => endpoint
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))

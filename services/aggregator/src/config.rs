@@ -86,6 +86,30 @@ impl Default for AggregatorConfig {
     }
 }
 
+/// One thing wrong with the configuration: the key and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found, so that one start-up tells them all. Shown like the agent's: one problem on the same line,
+/// several as a list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:{}", list_problems(.0))]
+pub struct InvalidConfig(pub Vec<ConfigProblem>);
+
+fn list_problems(problems: &[ConfigProblem]) -> String {
+    let line = |problem: &ConfigProblem| format!("`{}` {}", problem.key, problem.message);
+    match problems {
+        [only] => format!(" {}", line(only)),
+        several => several
+            .iter()
+            .map(|problem| format!("\n  - {}", line(problem)))
+            .collect(),
+    }
+}
+
 impl AggregatorConfig {
     /// Defaults, then the file (if any), then `LICENSE_SYNC_AGGREGATOR_*` variables (e.g. `LICENSE_SYNC_AGGREGATOR_DATABASE_URL`).
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -99,79 +123,161 @@ impl AggregatorConfig {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let config: AggregatorConfig = figment
-            // `LICENSE_SYNC_AGGREGATOR_CONFIG` names the file itself (the CLI's `--config`), not a setting.
-            .merge(Env::prefixed("LICENSE_SYNC_AGGREGATOR_").ignore(&["config"]))
-            .extract()
-            .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))?;
-        config.validate()?;
-        Ok(config)
+        // `LICENSE_SYNC_AGGREGATOR_CONFIG` names the file itself (the CLI's `--config`), not a setting.
+        let figment = figment.merge(Env::prefixed("LICENSE_SYNC_AGGREGATOR_").ignore(&["config"]));
+        Ok(Self::from_figment(&figment)?)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Extracts and validates. serde stops at the first bad value, so when extraction fails each key is tried alone
+    /// on top of the defaults, and the keys that pass are validated together: every problem is reported at once.
+    pub fn from_figment(figment: &Figment) -> Result<Self, InvalidConfig> {
+        let first_error = match figment.extract::<AggregatorConfig>() {
+            Ok(config) => return config.validate().map(|()| config),
+            Err(error) => error,
+        };
+        let Ok(given) = figment.extract::<figment::value::Dict>() else {
+            // Not even a table (e.g. a TOML syntax error): figment's message says where.
+            return Err(InvalidConfig(vec![ConfigProblem {
+                key: "(file)".to_owned(),
+                message: format!("cannot be read: {first_error}"),
+            }]));
+        };
+        let defaults = || Figment::from(Serialized::defaults(AggregatorConfig::default()));
+        let mut problems = Vec::new();
+        let mut accepted = defaults();
+        for (key, value) in given {
+            let alone = defaults().merge(Serialized::default(&key, &value));
+            match alone.extract::<AggregatorConfig>() {
+                Ok(_) => accepted = accepted.merge(Serialized::default(&key, value)),
+                Err(error) => problems.push(key_problem(figment, key, &error)),
+            }
+        }
+        if let Err(InvalidConfig(more)) = accepted
+            .extract::<AggregatorConfig>()
+            .map_err(|error| InvalidConfig(vec![key_problem(figment, "(file)".to_owned(), &error)]))
+            .and_then(|config| config.validate())
+        {
+            problems.extend(more);
+        }
+        Err(InvalidConfig(problems))
+    }
+
+    /// Checks every setting and reports all the problems found.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let mut problems = Vec::new();
+        let mut refuse = |key: &str, message: String| {
+            problems.push(ConfigProblem {
+                key: key.to_owned(),
+                message,
+            })
+        };
         let scheme_ok = ["sqlite:", "postgres:", "postgresql:"]
             .iter()
             .any(|scheme| self.database_url.starts_with(scheme));
         if !scheme_ok {
-            anyhow::bail!(
-                "database_url must start with `sqlite:` (e.g. `sqlite://license-sync.db`) or `postgres:` \
+            refuse(
+                "database_url",
+                "must start with `sqlite:` (e.g. `sqlite://license-sync.db`) or `postgres:` \
                  (e.g. `postgres://license_sync@db.example.com/license_sync`); got a URL with another scheme"
+                    .to_owned(),
             );
         }
         if self.stale_after_days == 0 {
-            anyhow::bail!("stale_after_days must be at least 1");
+            refuse("stale_after_days", "must be at least 1".to_owned());
         }
         if self.max_message_bytes < 64 * 1024 {
-            anyhow::bail!(
-                "max_message_bytes must be at least 65536 so that one batch of users fits"
+            refuse(
+                "max_message_bytes",
+                "must be at least 65536 so that one batch of users fits".to_owned(),
             );
         }
         if self.stream_idle_timeout_secs == 0 {
-            anyhow::bail!("stream_idle_timeout_secs must be at least 1");
+            refuse("stream_idle_timeout_secs", "must be at least 1".to_owned());
         }
         if self.max_snapshot_users == 0 {
-            anyhow::bail!("max_snapshot_users must be at least 1");
+            refuse("max_snapshot_users", "must be at least 1".to_owned());
         }
         if !(1..=300).contains(&self.agent_heartbeat_interval_secs) {
-            anyhow::bail!(
-                "agent_heartbeat_interval_secs must be between 1 and 300 (agents never wait longer than 300 s \
-                 between heartbeats), got {}",
-                self.agent_heartbeat_interval_secs
+            refuse(
+                "agent_heartbeat_interval_secs",
+                format!(
+                    "must be between 1 and 300 (agents never wait longer than 300 s between heartbeats), got {}",
+                    self.agent_heartbeat_interval_secs
+                ),
             );
         }
         if self.view_check_interval_ms > 60_000 {
-            anyhow::bail!(
-                "view_check_interval_ms must be at most 60000: readers would see other replicas' changes too late"
+            refuse(
+                "view_check_interval_ms",
+                "must be at most 60000: readers would see other replicas' changes too late"
+                    .to_owned(),
             );
         }
         if !(1..=1000).contains(&self.database_max_connections) {
-            anyhow::bail!(
-                "database_max_connections must be between 1 and 1000, got {}",
-                self.database_max_connections
+            refuse(
+                "database_max_connections",
+                format!(
+                    "must be between 1 and 1000, got {}",
+                    self.database_max_connections
+                ),
             );
         }
         if self.page_cache_mib > 4096 {
-            anyhow::bail!(
-                "page_cache_mib must be at most 4096 (it is per enterprise), got {}",
-                self.page_cache_mib
+            refuse(
+                "page_cache_mib",
+                format!(
+                    "must be at most 4096 (it is per enterprise), got {}",
+                    self.page_cache_mib
+                ),
             );
         }
         if self.api_token_cache_secs > 300 {
-            anyhow::bail!("api_token_cache_secs must be at most 300");
+            refuse("api_token_cache_secs", "must be at most 300".to_owned());
         }
         if !(100..=60_000).contains(&self.control_poll_interval_ms) {
-            anyhow::bail!(
-                "control_poll_interval_ms must be between 100 and 60000, got {}",
-                self.control_poll_interval_ms
+            refuse(
+                "control_poll_interval_ms",
+                format!(
+                    "must be between 100 and 60000, got {}",
+                    self.control_poll_interval_ms
+                ),
             );
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            anyhow::bail!("public_url must start with http:// or https://, got {url:?}");
+            refuse(
+                "public_url",
+                format!("must start with http:// or https://, got {url:?}"),
+            );
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidConfig(problems))
+        }
     }
+}
+
+/// What figment said about one key, with where the value came from (the file or the environment).
+fn key_problem(figment: &Figment, key: String, error: &figment::Error) -> ConfigProblem {
+    let origin = figment
+        .find_metadata(&key)
+        .map(|metadata| match &metadata.source {
+            Some(source) => format!(" (from {source})"),
+            None => format!(" (from {})", metadata.name),
+        })
+        .unwrap_or_default();
+    let message = match &error.kind {
+        figment::error::Kind::UnknownField(_, expected) => {
+            format!(
+                "is not a known setting{origin}; expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        kind => format!("is invalid{origin}: {kind}"),
+    };
+    ConfigProblem { key, message }
 }
 
 #[cfg(test)]
@@ -236,5 +342,53 @@ mod tests {
         std::fs::write(&path, "no_such_key = 1\n").expect("write");
         let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
         assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    // figment's test jail fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
+    fn every_problem_is_reported_at_once() {
+        let config = AggregatorConfig {
+            stale_after_days: 0,
+            page_cache_mib: 5000,
+            ..AggregatorConfig::default()
+        };
+        let InvalidConfig(problems) = config.validate().expect_err("two problems");
+        let keys: Vec<&str> = problems
+            .iter()
+            .map(|problem| problem.key.as_str())
+            .collect();
+        assert_eq!(keys, ["stale_after_days", "page_cache_mib"], "{problems:?}");
+
+        // A value that cannot be read, an unknown key and a value out of range, from the file and elsewhere.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "aggregator.toml",
+                "stale_after_days = \"soon\"\nno_such_key = 1\nhttp_listen = \"127.0.0.1:0\"\n",
+            )?;
+            let figment = Figment::from(Serialized::defaults(AggregatorConfig::default()))
+                .merge(Toml::file("aggregator.toml"))
+                .merge(Serialized::default("control_poll_interval_ms", 10));
+            let error = AggregatorConfig::from_figment(&figment).expect_err("three problems");
+            let keys: Vec<&str> = error.0.iter().map(|problem| problem.key.as_str()).collect();
+            for expected in [
+                "stale_after_days",
+                "no_such_key",
+                "control_poll_interval_ms",
+            ] {
+                assert!(keys.contains(&expected), "{expected} missing: {error}");
+            }
+            assert_eq!(keys.len(), 3, "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains("aggregator.toml"),
+                "the origin is named: {text}"
+            );
+            assert!(
+                text.contains("\n  - `no_such_key` is not a known setting"),
+                "{text}"
+            );
+            Ok(())
+        });
     }
 }

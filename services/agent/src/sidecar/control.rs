@@ -52,7 +52,7 @@ enum SessionEnd {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial, config.retry_max);
     let mut shutdown = sidecar.shutdown.subscribe();
     let mut credentials = sidecar.credential_generation.subscribe();
 
@@ -71,7 +71,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
                     ControlState::Disconnected
                 };
                 set_control(&sidecar, state, None, Some(ErrorReport::from(&error)));
-                if wait_for_new_credential(&sidecar, None, config.retry_max().max(CREDENTIAL_POLL))
+                if wait_for_new_credential(&sidecar, None, config.retry_max.max(CREDENTIAL_POLL))
                     .await
                     .is_none()
                 {

@@ -34,7 +34,7 @@ enum Attempt {
 
 pub(super) async fn run(sidecar: Arc<Sidecar>) {
     let config = &sidecar.settings_config;
-    let mut backoff = Backoff::full_jitter(config.retry_initial(), config.retry_max());
+    let mut backoff = Backoff::full_jitter(config.retry_initial, config.retry_max);
     let mut next_attempt: Option<Instant> = None;
     let mut settings = sidecar.settings.subscribe();
     let mut shutdown = sidecar.shutdown.subscribe();
@@ -310,7 +310,7 @@ async fn attempt(
         result = &mut upload => Attempt::Done(result),
         _ = wait_until(&mut settings, |settings| !settings.license_sync_enabled) => Attempt::Cancelled,
         _ = wait_until(&mut shutdown, |stopping| *stopping) => {
-            let grace = sidecar.settings_config.shutdown_grace();
+            let grace = sidecar.settings_config.shutdown_grace;
             tracing::info!(grace_secs = grace.as_secs(), "waiting for the upload in flight to finish");
             match tokio::time::timeout(grace, &mut upload).await {
                 Ok(result) => Attempt::Done(result),

@@ -692,8 +692,8 @@ impl Sidecar {
                 None
             },
             schedule: ScheduleView {
-                interval_secs: self.settings_config.sync_interval_secs,
-                jitter_secs: self.settings_config.sync_jitter_secs,
+                interval_secs: self.settings_config.sync_interval.as_secs(),
+                jitter_secs: self.settings_config.sync_jitter.as_secs(),
             },
             pending_deliveries: inner.pending,
             delivery: inner.delivery.clone(),
@@ -763,7 +763,7 @@ impl Sidecar {
     pub fn is_owner(&self, presented: &str) -> Result<bool, AgentError> {
         let expected = self.settings_config.owner_token()?;
         Ok(constant_time_eq(
-            expected.expose().as_bytes(),
+            expected.expose_secret().as_bytes(),
             presented.as_bytes(),
         ))
     }
@@ -795,7 +795,7 @@ impl RunningAgent {
     /// Stops the API and the scheduler, lets an in-flight upload finish within `shutdown_grace_secs` (else it is
     /// abandoned and its snapshot stays pending), and waits for the tasks.
     pub async fn shutdown(self) {
-        let grace = self.sidecar.settings_config.shutdown_grace();
+        let grace = self.sidecar.settings_config.shutdown_grace;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down");
         self.sidecar.shutdown.send_replace(true);
         let job = self

@@ -53,8 +53,8 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
         };
         let schedule = Schedule::new(
             anchor,
-            config.sync_interval(),
-            config.sync_jitter(),
+            config.sync_interval,
+            config.sync_jitter,
             sidecar.config.instance.server_id,
         );
         let last_slot = record
@@ -102,7 +102,7 @@ pub(super) async fn run(sidecar: Arc<Sidecar>) {
             }
             SlotOutcome::Retry => {
                 let mut backoff = retry.take().map_or_else(
-                    || Backoff::full_jitter(config.retry_initial(), config.retry_max()),
+                    || Backoff::full_jitter(config.retry_initial, config.retry_max),
                     |(_, _, backoff)| backoff,
                 );
                 let at = sidecar.now() + backoff.next_delay();

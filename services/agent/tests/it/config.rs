@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::path::Path;
+use std::time::Duration;
 
 use figment::Jail;
 use license_sync_agent::config::{AgentConfig, ConfigError, SourceConfig};
@@ -58,15 +59,15 @@ fn a_complete_file_loads_and_relative_paths_follow_the_file() {
         let token_file = ghes.token_file.as_ref().expect("token_file");
         assert!(token_file.is_absolute(), "{token_file:?}");
         assert!(token_file.ends_with("conf/token"), "{token_file:?}");
-        assert_eq!(ghes.token().expect("token").expose(), "t0ken");
-        assert_eq!(ghes.poll_initial_ms, 500);
-        assert_eq!(ghes.poll_max_ms, 30_000);
-        assert_eq!(ghes.request_timeout_secs, 30);
-        assert_eq!(ghes.report_deadline_secs, 600);
+        assert_eq!(ghes.token().expect("token").expose_secret(), "t0ken");
+        assert_eq!(ghes.poll_initial, Duration::from_millis(500));
+        assert_eq!(ghes.poll_max, Duration::from_millis(30_000));
+        assert_eq!(ghes.request_timeout, Duration::from_secs(30));
+        assert_eq!(ghes.report_deadline, Duration::from_secs(600));
         let aggregator = config.aggregator().expect("aggregator");
         assert_eq!(aggregator.batch_size, 1000);
         assert_eq!(
-            aggregator.credential().expect("credential").expose(),
+            aggregator.credential().expect("credential").expose_secret(),
             "lsi_abc"
         );
         // Secrets never show in Debug.
@@ -114,7 +115,7 @@ fn environment_variables_override_the_file() {
         );
         assert_eq!(aggregator.batch_size, 250);
         assert_eq!(
-            aggregator.credential().expect("credential").expose(),
+            aggregator.credential().expect("credential").expose_secret(),
             "lsi_from_env"
         );
         assert_eq!(config.instance.ghes_version.as_deref(), Some("3.14"));
@@ -399,8 +400,8 @@ fn the_example_config_is_valid() {
         let config = load(jail, &text).expect("example is valid");
         assert!(matches!(config.source, SourceConfig::Ghes(_)));
         let agent = config.sidecar().expect("[agent]");
-        assert_eq!(agent.sync_interval_secs, 604_800);
-        assert_eq!(agent.sync_jitter_secs, 3_600);
+        assert_eq!(agent.sync_interval, Duration::from_secs(604_800));
+        assert_eq!(agent.sync_jitter, Duration::from_secs(3_600));
         assert_eq!(agent.listen.to_string(), "127.0.0.1:8091");
         Ok(())
     });
@@ -430,13 +431,13 @@ fn the_agent_section_has_production_defaults_and_resolves_paths() {
         let agent = config.sidecar().expect("[agent]");
         assert!(agent.state_dir.is_absolute() && agent.state_dir.ends_with("conf/state"));
         assert_eq!(agent.listen.to_string(), "127.0.0.1:8091");
-        assert_eq!(agent.sync_interval_secs, 604_800);
-        assert_eq!(agent.sync_jitter_secs, 3_600);
-        assert_eq!(agent.retry_initial_ms, 1_000);
-        assert_eq!(agent.retry_max_ms, 300_000);
-        assert_eq!(agent.shutdown_grace_secs, 20);
+        assert_eq!(agent.sync_interval, Duration::from_secs(604_800));
+        assert_eq!(agent.sync_jitter, Duration::from_secs(3_600));
+        assert_eq!(agent.retry_initial, Duration::from_millis(1_000));
+        assert_eq!(agent.retry_max, Duration::from_millis(300_000));
+        assert_eq!(agent.shutdown_grace, Duration::from_secs(20));
         assert_eq!(
-            agent.owner_token().expect("owner token").expose(),
+            agent.owner_token().expect("owner token").expose_secret(),
             "owner-token-0123456789abcdef"
         );
         // With a state directory the [aggregator] credential is optional (enrollment provides it).
@@ -524,8 +525,54 @@ fn without_an_agent_section_the_aggregator_credential_stays_required() {
         jail.set_env("LICENSE_SYNC_AGENT_AGENT__LISTEN", "127.0.0.1:0");
         let config = load(jail, AGENT_BASE).expect("the [agent] section from the environment");
         let agent = config.sidecar().expect("[agent]");
-        assert_eq!(agent.sync_interval_secs, 2);
+        assert_eq!(agent.sync_interval, Duration::from_secs(2));
         assert_eq!(agent.listen.port(), 0);
+        Ok(())
+    });
+}
+
+#[test]
+fn duration_keys_keep_their_unit_and_refuse_other_spellings() {
+    Jail::expect_with(|jail| {
+        jail.set_env("LICENSE_SYNC_AGENT_AGENT__RETRY_MAX_MS", "1500");
+        let config = load(
+            jail,
+            &format!(
+                "{AGENT_BASE}timeout_secs = 7\n[agent]\nstate_dir = \"state\"\n\
+                 owner_token = \"owner-token-0123456789abcdef\"\nsync_interval_secs = 90\nsync_jitter_secs = 0\n\
+                 retry_initial_ms = 250\nshutdown_grace_secs = 3\n"
+            ),
+        )
+        .expect("valid");
+        let agent = config.sidecar().expect("[agent]");
+        assert_eq!(agent.sync_interval, Duration::from_secs(90));
+        assert_eq!(agent.sync_jitter, Duration::ZERO);
+        assert_eq!(agent.retry_initial, Duration::from_millis(250));
+        assert_eq!(agent.retry_max, Duration::from_millis(1_500));
+        assert_eq!(agent.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(
+            config.aggregator().expect("aggregator").timeout,
+            Duration::from_secs(7)
+        );
+
+        // The key names the unit: a humantime string or a negative number is refused, naming the key.
+        let error = load(
+            jail,
+            &format!(
+                "{AGENT_BASE}timeout_secs = -1\n[agent]\nstate_dir = \"state\"\n\
+                 owner_token = \"owner-token-0123456789abcdef\"\nsync_interval_secs = \"1h\"\n"
+            ),
+        )
+        .expect_err("not integers");
+        let keys: Vec<String> = problems(&error).into_iter().map(|(key, _)| key).collect();
+        assert!(
+            keys.contains(&"agent.sync_interval_secs".to_owned()),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&"aggregator.timeout_secs".to_owned()),
+            "{keys:?}"
+        );
         Ok(())
     });
 }

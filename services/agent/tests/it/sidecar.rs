@@ -314,11 +314,11 @@ fn sidecar_config(state_dir: &std::path::Path) -> SidecarConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
         owner_token: Some(Secret::new(OWNER)),
         owner_token_file: None,
-        sync_interval_secs: 3600,
-        sync_jitter_secs: 0,
-        retry_initial_ms: 50,
-        retry_max_ms: 200,
-        shutdown_grace_secs: 1,
+        sync_interval: Duration::from_secs(3600),
+        sync_jitter: Duration::ZERO,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(1),
     }
 }
 
@@ -608,7 +608,7 @@ async fn enabling_needs_the_owner_and_a_connection_and_settings_persist() {
 async fn a_disabled_agent_sends_nothing_even_pending_snapshots() {
     let fake = FakeAggregator::start().await;
     let agent = Agent::start_with(&fake, |config| {
-        config.sync_interval_secs = 1;
+        config.sync_interval = Duration::from_secs(1);
     })
     .await;
     agent.enroll().await;

@@ -111,9 +111,9 @@ async fn unreachable_ghes_is_reported_after_retries() {
 async fn report_deadline_ends_the_polling_with_a_clear_error() {
     let sim = start_sim(|config| config.pending_polls = u32::MAX).await;
     let mut source = ghes_source(&sim);
-    source.report_deadline_secs = 1;
-    source.poll_initial_ms = 50;
-    source.poll_max_ms = 200;
+    source.report_deadline = Duration::from_secs(1);
+    source.poll_initial = Duration::from_millis(50);
+    source.poll_max = Duration::from_millis(200);
     let started = Instant::now();
     let error = read_source(&ghes_config(source))
         .await

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use license_sync_agent::config::{
     AgentConfig, AggregatorConfig, FileSourceConfig, GhesSourceConfig, InstanceConfig, Secret,
@@ -47,10 +48,10 @@ pub fn ghes_source(sim: &SimHandle) -> GhesSourceConfig {
         token: Some(Secret::new(TOKEN)),
         token_file: None,
         ca_cert: None,
-        request_timeout_secs: 5,
-        report_deadline_secs: 10,
-        poll_initial_ms: 10,
-        poll_max_ms: 40,
+        request_timeout: Duration::from_secs(5),
+        report_deadline: Duration::from_secs(10),
+        poll_initial: Duration::from_millis(10),
+        poll_max: Duration::from_millis(40),
         max_attempts: 5,
         read_license: true,
     }
@@ -81,6 +82,6 @@ pub fn aggregator_config(endpoint: &str, batch_size: usize) -> AggregatorConfig 
         credential_file: None,
         ca_cert: None,
         batch_size,
-        timeout_secs: 10,
+        timeout: Duration::from_secs(10),
     }
 }
