@@ -4,6 +4,7 @@
 #[cfg(feature = "postgres")]
 mod postgres;
 mod rows;
+mod shared;
 mod sqlite;
 
 use std::sync::Arc;

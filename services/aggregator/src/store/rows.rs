@@ -9,8 +9,8 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use super::{
-    AgentPresence, Arrival, Enterprise, Instance, InstanceVersion, UsageDay, unix_ms_to_time,
-    unix_to_time,
+    AgentPresence, Arrival, Enterprise, Instance, InstanceVersion, SyncRequest, UsageDay,
+    unix_ms_to_time, unix_to_time,
 };
 use crate::error::{ServiceError, ServiceResult};
 
@@ -191,4 +191,37 @@ where
         hostname: row.try_get("hostname")?,
         users_generation: row.try_get("users_generation")?,
     })
+}
+
+pub(super) const SYNC_REQUEST_COLUMNS: &str = "request_id, instance_id, requested_at_ms, delivered_at_ms, \
+     acked_at_ms, accepted, job_id, reason";
+
+pub(super) fn sync_request_from_row<R>(row: &R) -> Result<SyncRequest, sqlx::Error>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let request_id: String = row.try_get("request_id")?;
+    Ok(SyncRequest {
+        request_id: Uuid::parse_str(&request_id)
+            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+        instance_id: row.try_get("instance_id")?,
+        requested_at: unix_ms_to_time(row.try_get("requested_at_ms")?),
+        delivered_at: row
+            .try_get::<Option<i64>, _>("delivered_at_ms")?
+            .map(unix_ms_to_time),
+        acked_at: row
+            .try_get::<Option<i64>, _>("acked_at_ms")?
+            .map(unix_ms_to_time),
+        accepted: row.try_get("accepted")?,
+        job_id: row.try_get("job_id")?,
+        reason: row.try_get("reason")?,
+    })
+}
+
+pub(super) fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
