@@ -1,7 +1,7 @@
 //! The storage test suite. Every test takes a `DynStore`, so each backend runs the same assertions: the
 //! `store_suite!` macro at the bottom instantiates the suite per backend.
 
-use license_sync_aggregator::error::ErrorKind;
+use license_sync_aggregator::error::{ErrorKind, ServiceError};
 use license_sync_aggregator::store::{
     AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, SnapshotCommit, SyncAckRecord,
     SyncRequestState,
@@ -74,7 +74,7 @@ async fn commit(
             now: OffsetDateTime::now_utc(),
         })
         .await
-        .map_err(|err| err.kind)
+        .map_err(|err| ServiceError::from(err).kind)
 }
 
 async fn stored_logins(store: &DynStore, enterprise_id: i64) -> Vec<String> {
@@ -97,6 +97,7 @@ pub async fn enterprises_and_tokens(store: DynStore) {
     let again = store
         .create_enterprise("acme", "Acme 2", 1)
         .await
+        .map_err(ServiceError::from)
         .expect_err("duplicate slug");
     assert_eq!(again.kind, ErrorKind::AlreadyExists);
     store
@@ -187,11 +188,13 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
     let stolen = store
         .enroll_instance(other.id, server_id, "ghes-1", "cred-3")
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
     let upload = store
         .instance_for_upload(other.id, server_id, "ghes-1")
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(upload.kind, ErrorKind::PermissionDenied);
 }
@@ -427,6 +430,7 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
     let again = store
         .retire_instance(acme.id, two)
         .await
+        .map_err(ServiceError::from)
         .expect_err("already retired");
     assert_eq!(again.kind, ErrorKind::NotFound);
     // Re-enrolling brings its stored users back.
@@ -500,6 +504,7 @@ pub async fn enrollment_tokens_are_single_use(store: DynStore) {
         let again = store
             .redeem_enrollment_token("token-1", other_server, "ghes-2", "", "cred-2", now)
             .await
+            .map_err(ServiceError::from)
             .expect_err("used");
         assert_eq!(again.kind, ErrorKind::Unauthenticated);
         assert!(
@@ -529,6 +534,7 @@ pub async fn enrollment_tokens_are_single_use(store: DynStore) {
     let unknown = store
         .redeem_enrollment_token("no-such-token", Uuid::new_v4(), "ghes-3", "", "cred-3", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("unknown");
     assert_eq!(unknown.kind, ErrorKind::Unauthenticated);
     assert_eq!(unknown.message, again_message(&store, now).await);
@@ -539,6 +545,7 @@ async fn again_message(store: &DynStore, now: OffsetDateTime) -> String {
     store
         .redeem_enrollment_token("token-1", Uuid::new_v4(), "h", "", "c", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("used")
         .message
 }
@@ -557,6 +564,7 @@ pub async fn enrollment_tokens_expire(store: DynStore) {
         let error = store
             .redeem_enrollment_token("token-1", Uuid::new_v4(), "ghes-1", "", "cred-1", late)
             .await
+            .map_err(ServiceError::from)
             .expect_err("expired");
         assert_eq!(error.kind, ErrorKind::Unauthenticated);
     }
@@ -693,6 +701,7 @@ pub async fn enrollment_tokens_never_cross_enterprises(store: DynStore) {
     let stolen = store
         .redeem_enrollment_token("token-other", acme_server, "ghes-1", "", "cred-thief", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
     assert!(
@@ -823,6 +832,7 @@ pub async fn agent_presence_follows_the_control_stream(store: DynStore) {
     let refused = store
         .record_agent_presence(instance.id, "cred-1", report(first, at(NOW + 60)))
         .await
+        .map_err(ServiceError::from)
         .expect_err("rotated");
     assert_eq!(refused.kind, ErrorKind::Unauthenticated);
 }
@@ -842,8 +852,10 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
         .enroll_instance(acme.id, enrolled, "ghes-1", "cred-1")
         .await
         .expect("enroll");
-    let kind = |result: Result<_, license_sync_aggregator::error::ServiceError>| {
-        result.map(|_| ()).map_err(|err| err.kind)
+    let kind = |result: Result<_, license_sync_aggregator::store::StoreError>| {
+        result
+            .map(|_| ())
+            .map_err(|err| ServiceError::from(err).kind)
     };
     assert_eq!(
         kind(
@@ -960,6 +972,7 @@ pub async fn sync_requests_are_claimed_once(store: DynStore) {
     let wrong = store
         .claim_sync_requests(a.id, "cred-b", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("not a's credential");
     assert_eq!(wrong.kind, ErrorKind::Unauthenticated);
 
@@ -1094,6 +1107,7 @@ pub async fn sync_requests_are_claimed_once(store: DynStore) {
     let retired = store
         .claim_sync_requests(a.id, "cred-a", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("revoked");
     assert_eq!(retired.kind, ErrorKind::Unauthenticated);
 }

@@ -15,8 +15,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
 
+use super::StoreError;
 use super::shared::sql_store;
-use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -40,32 +40,28 @@ struct NoProcessLock;
 
 impl PostgresStore {
     /// Connects with `options` (e.g. a `search_path` for tests) and applies pending migrations.
-    pub async fn open_with(options: PgConnectOptions) -> ServiceResult<Self> {
+    pub async fn open_with(options: PgConnectOptions) -> Result<Self, StoreError> {
         Self::open_pool(options, super::DEFAULT_MAX_CONNECTIONS).await
     }
 
-    async fn open_pool(options: PgConnectOptions, max_connections: u32) -> ServiceResult<Self> {
+    async fn open_pool(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|err| {
-                ServiceError::new(
-                    ErrorKind::Unavailable,
-                    format!("cannot connect to PostgreSQL: {err}"),
-                )
+            .map_err(|source| StoreError::Unreachable {
+                action: "connect to PostgreSQL",
+                source,
             })?;
-        MIGRATOR.run(&pool).await.map_err(|err| {
-            ServiceError::new(
-                ErrorKind::Internal,
-                format!("cannot apply database migrations: {err}"),
-            )
-        })?;
+        MIGRATOR.run(&pool).await?;
         Ok(PostgresStore { pool })
     }
 
-    pub async fn open(database_url: &str) -> ServiceResult<Self> {
+    pub async fn open(database_url: &str) -> Result<Self, StoreError> {
         Self::open_with_max_connections(database_url, super::DEFAULT_MAX_CONNECTIONS).await
     }
 
@@ -73,10 +69,12 @@ impl PostgresStore {
     pub async fn open_with_max_connections(
         database_url: &str,
         max_connections: u32,
-    ) -> ServiceResult<Self> {
-        let options = PgConnectOptions::from_str(database_url).map_err(|err| {
-            ServiceError::invalid(format!("invalid PostgreSQL database_url: {err}"))
-        })?;
+    ) -> Result<Self, StoreError> {
+        let options =
+            PgConnectOptions::from_str(database_url).map_err(|source| StoreError::InvalidUrl {
+                backend: "PostgreSQL",
+                source,
+            })?;
         Self::open_pool(options, max_connections).await
     }
 

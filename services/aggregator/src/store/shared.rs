@@ -30,24 +30,21 @@ macro_rules! sql_store {
         mod shared_queries {
             use ::license_sync_core::accounts::Accounts;
             use ::license_sync_core::model::CloudMember;
-            use ::sqlx::Row;
+            use ::sqlx::{FromRow, Row};
             use ::time::OffsetDateTime;
             use ::uuid::Uuid;
 
             use super::$store;
-            use $crate::error::{ErrorKind, ServiceError, ServiceResult};
-            use $crate::store::rows::{
+                        use $crate::store::rows::{
                 ACCOUNT_COLUMNS, INSTANCE_COLUMNS, SYNC_REQUEST_COLUMNS, collect_accounts,
-                collect_cloud_directory, enterprise_from_row, instance_from_row,
-                instance_version_from_row, is_unique_violation, sync_request_from_row,
+                collect_cloud_directory, instance_from_row, is_unique_violation, sync_request_from_row,
                 usage_day_from_row,
             };
             use $crate::store::{
                 AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
-                Enterprise, Instance, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
-                SyncAckRecord, SyncRequest, UsageDay, credential_revoked,
-                enrollment_token_refused, no_active_instance, no_agent, refusal,
-                time_to_unix_ms, unix_ms_to_time,
+                Enterprise, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
+                StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, time_to_unix_ms,
+                unix_ms_to_time,
             };
 
             type Transaction<'c> = ::sqlx::Transaction<'c, $db>;
@@ -65,7 +62,7 @@ macro_rules! sql_store {
             }
 
             impl $store {
-                async fn try_commit(&self, commit: &SnapshotCommit<'_>) -> ServiceResult<Attempt> {
+                async fn try_commit(&self, commit: &SnapshotCommit<'_>) -> StoreResult<Attempt> {
                     let meta = &commit.snapshot.meta;
                     let sync_id = meta.sync_id.to_string();
                     let _write = self.write_guard().await;
@@ -79,9 +76,7 @@ macro_rules! sql_store {
                     .bind(commit.instance_id)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(|| {
-                        ServiceError::not_found("the instance no longer exists; enroll it again")
-                    })?;
+                    .ok_or(StoreError::InstanceGone)?;
 
                     let applied = sqlx::query(
                         "SELECT instance_id, users_sha256, user_count, committed_at_ms FROM applied_syncs \
@@ -94,7 +89,7 @@ macro_rules! sql_store {
                         let instance_id: i64 = applied.try_get("instance_id")?;
                         let sha: String = applied.try_get("users_sha256")?;
                         if instance_id != commit.instance_id || sha != commit.users_sha256 {
-                            return Err(refusal::sync_id_reused(&sync_id));
+                            return Err(StoreError::SyncIdReused { sync_id });
                         }
                         let user_count: i64 = applied.try_get("user_count")?;
                         return Ok(Attempt::Done(CommitOutcome::Duplicate {
@@ -105,16 +100,16 @@ macro_rules! sql_store {
 
                     let enterprise_id: i64 = stored.try_get("enterprise_id")?;
                     if stored.try_get::<Option<i64>, _>("retired_at")?.is_some() {
-                        return Err(refusal::instance_retired());
+                        return Err(StoreError::InstanceRetired);
                     }
                     let new_generated_ms = time_to_unix_ms(meta.generated_at);
                     if let Some(stored_ms) = stored.try_get::<Option<i64>, _>("generated_at_ms")?
                         && stored_ms > new_generated_ms
                     {
-                        return Err(refusal::older_snapshot(
-                            meta.generated_at,
-                            unix_ms_to_time(stored_ms),
-                        ));
+                        return Err(StoreError::OlderSnapshot {
+                            generated_at: meta.generated_at,
+                            stored: unix_ms_to_time(stored_ms),
+                        });
                     }
 
                     sqlx::query("DELETE FROM server_users WHERE instance_id = $1")
@@ -219,7 +214,7 @@ macro_rules! sql_store {
                 hostname: &str,
                 ghes_version: Option<&str>,
                 credential_sha256: &str,
-            ) -> ServiceResult<Instance> {
+            ) -> StoreResult<Instance> {
                 let ghes_version = ghes_version.filter(|version| !version.is_empty());
                 // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the
                 // unique key instead of both inserting.
@@ -243,7 +238,7 @@ macro_rules! sql_store {
                 .await?;
                 let owner: i64 = existing.try_get("enterprise_id")?;
                 if owner != enterprise_id {
-                    return Err(refusal::enrolled_elsewhere(server_id));
+                    return Err(StoreError::EnrolledElsewhere { server_id });
                 }
                 let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
                 sqlx::query(
@@ -263,7 +258,7 @@ macro_rules! sql_store {
                 }
                 instance_by_server_id_in(tx, server_id)
                     .await?
-                    .ok_or_else(|| ServiceError::internal("enrolling an instance", "row vanished"))
+                    .ok_or_else(|| StoreError::corrupt("enrolling an instance", "row vanished"))
             }
 
             #[::async_trait::async_trait]
@@ -273,9 +268,12 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     usage: &UsageDay,
                     now: OffsetDateTime,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let instances = serde_json::to_string(&usage.instances)
-                        .map_err(|err| ServiceError::internal("encoding instance usage", err))?;
+                        .map_err(|source| StoreError::Encode {
+                            context: "encoding instance usage",
+                            source,
+                        })?;
                     let _write = self.write_guard().await;
                     sqlx::query(concat!(
                         "INSERT INTO usage_history (enterprise_id, day, consumed, max_consumed, purchased, \
@@ -304,7 +302,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     since: &str,
                     until: &str,
-                ) -> ServiceResult<Vec<UsageDay>> {
+                ) -> StoreResult<Vec<UsageDay>> {
                     let rows = sqlx::query(
                         "SELECT day, consumed, max_consumed, purchased, instances_json FROM usage_history \
                          WHERE enterprise_id = $1 AND day >= $2 AND day <= $3 ORDER BY day",
@@ -317,7 +315,7 @@ macro_rules! sql_store {
                     rows.iter().map(usage_day_from_row).collect()
                 }
 
-                async fn ping(&self) -> ServiceResult<()> {
+                async fn ping(&self) -> StoreResult<()> {
                     sqlx::query("SELECT 1").execute(&self.pool).await?;
                     Ok(())
                 }
@@ -327,9 +325,9 @@ macro_rules! sql_store {
                     slug: &str,
                     name: &str,
                     seats: i64,
-                ) -> ServiceResult<Enterprise> {
+                ) -> StoreResult<Enterprise> {
                     let _write = self.write_guard().await;
-                    let result = sqlx::query(
+                    let result = sqlx::query_as(
                         "INSERT INTO enterprises (slug, name, seats_purchased, created_at) \
                          VALUES ($1, $2, $3, $4) RETURNING id, slug, name, seats_purchased, generation",
                     )
@@ -340,16 +338,15 @@ macro_rules! sql_store {
                     .fetch_one(&self.pool)
                     .await;
                     match result {
-                        Ok(row) => Ok(enterprise_from_row(&row)?),
-                        Err(err) if is_unique_violation(&err) => Err(ServiceError::new(
-                            ErrorKind::AlreadyExists,
-                            format!("enterprise {slug:?} already exists; choose another slug"),
-                        )),
+                        Ok(enterprise) => Ok(enterprise),
+                        Err(err) if is_unique_violation(&err) => Err(StoreError::SlugTaken {
+                            slug: slug.to_owned(),
+                        }),
                         Err(err) => Err(err.into()),
                     }
                 }
 
-                async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()> {
+                async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
                         "UPDATE enterprises SET seats_purchased = $1, generation = generation + 1 WHERE id = $2",
@@ -361,45 +358,41 @@ macro_rules! sql_store {
                     Ok(())
                 }
 
-                async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>> {
-                    let row = sqlx::query(
+                async fn enterprise_by_slug(&self, slug: &str) -> StoreResult<Option<Enterprise>> {
+                    let enterprise = sqlx::query_as(
                         "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE slug = $1",
                     )
                     .bind(slug)
                     .fetch_optional(&self.pool)
                     .await?;
-                    Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+                    Ok(enterprise)
                 }
 
-                async fn enterprise_by_id(&self, enterprise_id: i64) -> ServiceResult<Option<Enterprise>> {
-                    let row = sqlx::query(
+                async fn enterprise_by_id(&self, enterprise_id: i64) -> StoreResult<Option<Enterprise>> {
+                    let enterprise = sqlx::query_as(
                         "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE id = $1",
                     )
                     .bind(enterprise_id)
                     .fetch_optional(&self.pool)
                     .await?;
-                    Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+                    Ok(enterprise)
                 }
 
-                async fn list_enterprises(&self) -> ServiceResult<Vec<Enterprise>> {
-                    let rows = sqlx::query(
+                async fn list_enterprises(&self) -> StoreResult<Vec<Enterprise>> {
+                    Ok(sqlx::query_as(
                         "SELECT id, slug, name, seats_purchased, generation FROM enterprises ORDER BY id",
                     )
                     .fetch_all(&self.pool)
-                    .await?;
-                    Ok(rows
-                        .iter()
-                        .map(enterprise_from_row)
-                        .collect::<Result<_, _>>()?)
+                    .await?)
                 }
 
-                async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64> {
+                async fn enterprise_generation(&self, enterprise_id: i64) -> StoreResult<i64> {
                     let generation: Option<i64> =
                         sqlx::query_scalar("SELECT generation FROM enterprises WHERE id = $1")
                             .bind(enterprise_id)
                             .fetch_optional(&self.pool)
                             .await?;
-                    generation.ok_or_else(|| ServiceError::not_found("enterprise not found"))
+                    generation.ok_or(StoreError::EnterpriseNotFound)
                 }
 
                 async fn create_api_token(
@@ -407,7 +400,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     token_sha256: &str,
                     description: &str,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
                         "INSERT INTO api_tokens (enterprise_id, token_sha256, description, created_at) \
@@ -425,8 +418,8 @@ macro_rules! sql_store {
                 async fn enterprise_for_api_token(
                     &self,
                     token_sha256: &str,
-                ) -> ServiceResult<Option<Enterprise>> {
-                    let row = sqlx::query(
+                ) -> StoreResult<Option<Enterprise>> {
+                    let enterprise = sqlx::query_as(
                         "SELECT e.id, e.slug, e.name, e.seats_purchased, e.generation FROM api_tokens t \
                          JOIN enterprises e ON e.id = t.enterprise_id \
                          WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL",
@@ -434,7 +427,7 @@ macro_rules! sql_store {
                     .bind(token_sha256)
                     .fetch_optional(&self.pool)
                     .await?;
-                    Ok(row.as_ref().map(enterprise_from_row).transpose()?)
+                    Ok(enterprise)
                 }
 
                 async fn enroll_instance(
@@ -443,7 +436,7 @@ macro_rules! sql_store {
                     server_id: Uuid,
                     hostname: &str,
                     credential_sha256: &str,
-                ) -> ServiceResult<Instance> {
+                ) -> StoreResult<Instance> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let instance =
@@ -458,7 +451,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     server_id: Uuid,
                     hostname: &str,
-                ) -> ServiceResult<Instance> {
+                ) -> StoreResult<Instance> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     sqlx::query(
@@ -474,10 +467,10 @@ macro_rules! sql_store {
                     let instance = instance_by_server_id_in(&mut tx, server_id)
                         .await?
                         .ok_or_else(|| {
-                            ServiceError::internal("registering an uploaded instance", "row vanished")
+                            StoreError::corrupt("registering an uploaded instance", "row vanished")
                         })?;
                     if instance.enterprise_id != enterprise_id {
-                        return Err(refusal::upload_for_other_enterprise(server_id));
+                        return Err(StoreError::UploadForOtherEnterprise { server_id });
                     }
                     tx.commit().await?;
                     Ok(instance)
@@ -486,7 +479,7 @@ macro_rules! sql_store {
                 async fn instance_for_credential(
                     &self,
                     credential_sha256: &str,
-                ) -> ServiceResult<Option<Instance>> {
+                ) -> StoreResult<Option<Instance>> {
                     let row = sqlx::query(&format!(
                         "SELECT {INSTANCE_COLUMNS} FROM instances \
                          WHERE credential_sha256 = $1 AND retired_at IS NULL"
@@ -497,7 +490,7 @@ macro_rules! sql_store {
                     Ok(row.as_ref().map(instance_from_row).transpose()?)
                 }
 
-                async fn list_instances(&self, enterprise_id: i64) -> ServiceResult<Vec<Instance>> {
+                async fn list_instances(&self, enterprise_id: i64) -> StoreResult<Vec<Instance>> {
                     let rows = sqlx::query(&format!(
                         "SELECT {INSTANCE_COLUMNS} FROM instances WHERE enterprise_id = $1 \
                          ORDER BY hostname, server_id"
@@ -515,7 +508,7 @@ macro_rules! sql_store {
                     &self,
                     enterprise_id: i64,
                     server_id: Uuid,
-                ) -> ServiceResult<Option<Instance>> {
+                ) -> StoreResult<Option<Instance>> {
                     let row = sqlx::query(&format!(
                         "SELECT {INSTANCE_COLUMNS} FROM instances WHERE enterprise_id = $1 AND server_id = $2"
                     ))
@@ -526,7 +519,7 @@ macro_rules! sql_store {
                     Ok(row.as_ref().map(instance_from_row).transpose()?)
                 }
 
-                async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()> {
+                async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let updated = sqlx::query(
@@ -539,16 +532,14 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                     if updated.rows_affected() == 0 {
-                        return Err(ServiceError::not_found(format!(
-                            "no active instance {server_id} in this enterprise"
-                        )));
+                        return Err(StoreError::NothingToRetire { server_id });
                     }
                     bump_generation(&mut tx, enterprise_id).await?;
                     tx.commit().await?;
                     Ok(())
                 }
 
-                async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> ServiceResult<CommitOutcome> {
+                async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> StoreResult<CommitOutcome> {
                     // A race on the sync id means another replica applied this very snapshot: run again to return
                     // its receipt.
                     for _ in 0..3 {
@@ -557,10 +548,7 @@ macro_rules! sql_store {
                             Attempt::RacedOnSyncId => continue,
                         }
                     }
-                    Err(ServiceError::new(
-                        ErrorKind::Unavailable,
-                        "the snapshot is being applied by another aggregator replica; retry",
-                    ))
+                    Err(StoreError::CommitContended)
                 }
 
                 async fn record_failed_sync(
@@ -569,7 +557,7 @@ macro_rules! sql_store {
                     via: Arrival,
                     error: &str,
                     now: OffsetDateTime,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
                         "UPDATE instances SET last_attempt_at = $1, last_attempt_ok = FALSE, last_attempt_via = $2, \
@@ -588,14 +576,17 @@ macro_rules! sql_store {
                     &self,
                     enterprise_id: i64,
                     members: &[CloudMember],
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     // Encoded before the transaction, so that no lock is held while encoding.
                     let encoded: Vec<(i64, &str, String)> = members
                         .iter()
                         .map(|member| {
                             serde_json::to_string(member)
                                 .map(|json| (member.id, member.login.as_str(), json))
-                                .map_err(|err| ServiceError::internal("encoding a cloud member", err))
+                                .map_err(|source| StoreError::Encode {
+                                    context: "encoding a cloud member",
+                                    source,
+                                })
                         })
                         .collect::<Result<_, _>>()?;
                     let _write = self.write_guard().await;
@@ -615,7 +606,7 @@ macro_rules! sql_store {
                     &self,
                     enterprise_id: i64,
                     since: Option<i64>,
-                ) -> ServiceResult<MergeChanges> {
+                ) -> StoreResult<MergeChanges> {
                     let mut tx = self.begin_snapshot_read().await?;
                     let enterprise = sqlx::query(
                         "SELECT generation, seats_purchased, members_generation FROM enterprises WHERE id = $1",
@@ -623,7 +614,7 @@ macro_rules! sql_store {
                     .bind(enterprise_id)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(|| ServiceError::not_found("enterprise not found"))?;
+                    .ok_or(StoreError::EnterpriseNotFound)?;
                     let changed_after = |generation: i64| since.is_none_or(|since| generation > since);
 
                     let instances = sqlx::query(
@@ -634,8 +625,8 @@ macro_rules! sql_store {
                     .fetch_all(&mut *tx)
                     .await?
                     .iter()
-                    .map(instance_version_from_row)
-                    .collect::<ServiceResult<Vec<_>>>()?;
+                    .map(InstanceVersion::from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
                     let mut changed_users: Vec<(i64, Accounts)> = instances
                         .iter()
                         .filter(|instance| changed_after(instance.users_generation))
@@ -675,7 +666,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     token_sha256: &str,
                     expires_at: OffsetDateTime,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let now = OffsetDateTime::now_utc();
@@ -710,7 +701,7 @@ macro_rules! sql_store {
                     ghes_version: &str,
                     credential_sha256: &str,
                     now: OffsetDateTime,
-                ) -> ServiceResult<(Enterprise, Instance)> {
+                ) -> StoreResult<(Enterprise, Instance)> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let now_ms = time_to_unix_ms(now);
@@ -724,7 +715,7 @@ macro_rules! sql_store {
                     .bind(now_ms)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(enrollment_token_refused)?;
+                    .ok_or(StoreError::EnrollmentTokenRefused)?;
                     let token_id: i64 = token.try_get("id")?;
                     let enterprise_id: i64 = token.try_get("enterprise_id")?;
                     let instance = enroll_in(
@@ -746,15 +737,14 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                     if spent.rows_affected() != 1 {
-                        return Err(enrollment_token_refused());
+                        return Err(StoreError::EnrollmentTokenRefused);
                     }
-                    let enterprise = sqlx::query(
+                    let enterprise = sqlx::query_as(
                         "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE id = $1",
                     )
                     .bind(enterprise_id)
                     .fetch_one(&mut *tx)
                     .await?;
-                    let enterprise = enterprise_from_row(&enterprise)?;
                     tx.commit().await?;
                     Ok((enterprise, instance))
                 }
@@ -764,7 +754,7 @@ macro_rules! sql_store {
                     instance_id: i64,
                     credential_sha256: &str,
                     report: AgentReport<'_>,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     let updated = sqlx::query(
                         "UPDATE instances SET agent_session_id = $1, agent_last_seen_at_ms = $2, \
@@ -782,7 +772,7 @@ macro_rules! sql_store {
                     .execute(&self.pool)
                     .await?;
                     if updated.rows_affected() == 0 {
-                        return Err(credential_revoked());
+                        return Err(StoreError::CredentialRevoked);
                     }
                     Ok(())
                 }
@@ -792,7 +782,7 @@ macro_rules! sql_store {
                     instance_id: i64,
                     session_id: Uuid,
                     now: OffsetDateTime,
-                ) -> ServiceResult<()> {
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
                         "UPDATE instances SET agent_session_id = NULL, \
@@ -814,7 +804,7 @@ macro_rules! sql_store {
                     server_id: Uuid,
                     request_id: Uuid,
                     now: OffsetDateTime,
-                ) -> ServiceResult<SyncRequest> {
+                ) -> StoreResult<SyncRequest> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     // FOR SHARE: a concurrent retirement waits for this request to be queued (and then stops its
@@ -828,10 +818,10 @@ macro_rules! sql_store {
                     .bind(server_id.to_string())
                     .fetch_optional(&mut *tx)
                     .await?
-                    .ok_or_else(|| no_active_instance(server_id))?;
+                    .ok_or(StoreError::NoActiveInstance { server_id })?;
                     let instance_id: i64 = instance.try_get("id")?;
                     if !instance.try_get::<bool, _>("has_credential")? {
-                        return Err(no_agent(server_id));
+                        return Err(StoreError::NoAgent { server_id });
                     }
                     sqlx::query("DELETE FROM sync_requests WHERE instance_id = $1 AND requested_at_ms < $2")
                         .bind(instance_id)
@@ -857,7 +847,7 @@ macro_rules! sql_store {
                     instance_id: i64,
                     credential_sha256: &str,
                     now: OffsetDateTime,
-                ) -> ServiceResult<Vec<SyncRequest>> {
+                ) -> StoreResult<Vec<SyncRequest>> {
                     let not_before = time_to_unix_ms(now - SYNC_REQUEST_TTL);
                     // The poll every stream runs every second: one read on the partial index, without the write
                     // lock or row locks.
@@ -873,10 +863,10 @@ macro_rules! sql_store {
                     .fetch_optional(&self.pool)
                     .await?;
                     let Some(probe) = probe else {
-                        return Err(credential_revoked());
+                        return Err(StoreError::CredentialRevoked);
                     };
                     if probe.try_get::<Option<bool>, _>("live")? != Some(true) {
-                        return Err(credential_revoked());
+                        return Err(StoreError::CredentialRevoked);
                     }
                     if !probe.try_get::<bool, _>("pending")? {
                         return Ok(Vec::new());
@@ -905,7 +895,7 @@ macro_rules! sql_store {
                     Ok(claimed)
                 }
 
-                async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> ServiceResult<()> {
+                async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
                         "UPDATE sync_requests SET delivered_at_ms = NULL \
@@ -922,7 +912,7 @@ macro_rules! sql_store {
                     &self,
                     instance_id: i64,
                     ack: SyncAckRecord<'_>,
-                ) -> ServiceResult<AckOutcome> {
+                ) -> StoreResult<AckOutcome> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let acked: Option<Option<i64>> = sqlx::query_scalar(concat!(
@@ -962,7 +952,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     server_id: Uuid,
                     request_id: Uuid,
-                ) -> ServiceResult<Option<SyncRequest>> {
+                ) -> StoreResult<Option<SyncRequest>> {
                     let row = sqlx::query(
                         "SELECT r.request_id, r.instance_id, r.requested_at_ms, r.delivered_at_ms, \
                          r.acked_at_ms, r.accepted, r.job_id, r.reason \

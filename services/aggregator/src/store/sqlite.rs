@@ -18,8 +18,8 @@ use sqlx::{QueryBuilder, Sqlite, Transaction};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, MutexGuard};
 
+use super::StoreError;
 use super::shared::sql_store;
-use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -44,9 +44,12 @@ sql_store! {
 }
 
 impl SqliteStore {
-    pub async fn open(database_url: &str) -> ServiceResult<Self> {
+    pub async fn open(database_url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(database_url)
-            .map_err(|err| ServiceError::invalid(format!("invalid SQLite database_url: {err}")))?
+            .map_err(|source| StoreError::InvalidUrl {
+                backend: "SQLite",
+                source,
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -59,18 +62,11 @@ impl SqliteStore {
             .max_connections(8)
             .connect_with(options)
             .await
-            .map_err(|err| {
-                ServiceError::new(
-                    ErrorKind::Unavailable,
-                    format!("cannot open the SQLite database: {err}"),
-                )
+            .map_err(|source| StoreError::Unreachable {
+                action: "open the SQLite database",
+                source,
             })?;
-        MIGRATOR.run(&pool).await.map_err(|err| {
-            ServiceError::new(
-                ErrorKind::Internal,
-                format!("cannot apply database migrations: {err}"),
-            )
-        })?;
+        MIGRATOR.run(&pool).await?;
         Ok(SqliteStore {
             pool,
             write_lock: Mutex::new(()),
