@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use license_sync_core::model::CloudMember;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::ServiceError;
@@ -55,7 +56,7 @@ pub async fn create_enterprise(
         anyhow::bail!("--seats must be zero or more");
     }
     Ok(store
-        .create_enterprise(slug, name, seats)
+        .create_enterprise(slug, name, seats, OffsetDateTime::now_utc())
         .await
         .map_err(ServiceError::from)?)
 }
@@ -69,7 +70,12 @@ pub async fn create_api_token(
     let enterprise = enterprise(store, slug).await?;
     let token = tokens::generate(tokens::API_TOKEN_PREFIX);
     store
-        .create_api_token(enterprise.id, &tokens::sha256_hex(&token), description)
+        .create_api_token(
+            enterprise.id,
+            &tokens::sha256_hex(&token),
+            description,
+            OffsetDateTime::now_utc(),
+        )
         .await
         .map_err(ServiceError::from)?;
     Ok(token)
@@ -93,6 +99,7 @@ pub async fn add_instance(
             server_id,
             hostname,
             &tokens::sha256_hex(&credential),
+            OffsetDateTime::now_utc(),
         )
         .await
         .map_err(ServiceError::from)?;

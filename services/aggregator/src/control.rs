@@ -77,7 +77,7 @@ pub async fn issue_enrollment_token(
         .unwrap_or(now + time::Duration::hours(hours));
     let token = tokens::generate(tokens::ENROLLMENT_TOKEN_PREFIX);
     store
-        .create_enrollment_token(enterprise.id, &tokens::sha256_hex(&token), expires_at)
+        .create_enrollment_token(enterprise.id, &tokens::sha256_hex(&token), expires_at, now)
         .await?;
     tracing::info!(
         enterprise = %enterprise.slug,

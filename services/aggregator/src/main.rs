@@ -241,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let enterprise = admin::enterprise(&store, &enterprise).await?;
             store
-                .retire_instance(enterprise.id, server_id)
+                .retire_instance(enterprise.id, server_id, time::OffsetDateTime::now_utc())
                 .await
                 .map_err(ServiceError::from)?;
         }

@@ -314,6 +314,7 @@ pub trait Store: Send + Sync + 'static {
         slug: &str,
         name: &str,
         seats: i64,
+        now: OffsetDateTime,
     ) -> StoreResult<Enterprise>;
     async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> StoreResult<()>;
     async fn enterprise_by_slug(&self, slug: &str) -> StoreResult<Option<Enterprise>>;
@@ -327,6 +328,7 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         token_sha256: &str,
         description: &str,
+        now: OffsetDateTime,
     ) -> StoreResult<()>;
     /// The enterprise a live (not revoked) REST token belongs to.
     async fn enterprise_for_api_token(&self, token_sha256: &str)
@@ -340,6 +342,7 @@ pub trait Store: Send + Sync + 'static {
         server_id: Uuid,
         hostname: &str,
         credential_sha256: &str,
+        now: OffsetDateTime,
     ) -> StoreResult<Instance>;
     /// Finds or creates (without a credential) the instance a manual upload is for.
     async fn instance_for_upload(
@@ -347,6 +350,7 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         server_id: Uuid,
         hostname: &str,
+        now: OffsetDateTime,
     ) -> StoreResult<Instance>;
     async fn instance_for_credential(
         &self,
@@ -360,7 +364,12 @@ pub trait Store: Send + Sync + 'static {
         server_id: Uuid,
     ) -> StoreResult<Option<Instance>>;
     /// A retired instance's users stop counting; its credential stops working.
-    async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> StoreResult<()>;
+    async fn retire_instance(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
 
     /// Atomically replaces the instance's users with the snapshot's, unless this sync id was applied already
     /// (`Duplicate`) or the stored snapshot is newer ([`StoreError::OlderSnapshot`]).
@@ -419,6 +428,7 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         token_sha256: &str,
         expires_at: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> StoreResult<()>;
     /// Redeems an enrollment token, atomically: it must exist, be unused and be unexpired at `now` (else
     /// `Unauthenticated`); the instance is enrolled or re-enrolled exactly as [`Store::enroll_instance`]

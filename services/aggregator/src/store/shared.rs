@@ -49,10 +49,6 @@ macro_rules! sql_store {
 
             type Transaction<'c> = ::sqlx::Transaction<'c, $db>;
 
-            fn now_unix() -> i64 {
-                OffsetDateTime::now_utc().unix_timestamp()
-            }
-
             /// Outcome of the part of a commit that can be retried as a whole.
             enum Attempt {
                 Done(CommitOutcome),
@@ -214,6 +210,7 @@ macro_rules! sql_store {
                 hostname: &str,
                 ghes_version: Option<&str>,
                 credential_sha256: &str,
+                now: OffsetDateTime,
             ) -> StoreResult<Instance> {
                 let ghes_version = ghes_version.filter(|version| !version.is_empty());
                 // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the
@@ -226,7 +223,7 @@ macro_rules! sql_store {
                 .bind(server_id.to_string())
                 .bind(hostname)
                 .bind(ghes_version.unwrap_or_default())
-                .bind(now_unix())
+                .bind(now.unix_timestamp())
                 .execute(&mut **tx)
                 .await?;
                 let existing = sqlx::query(concat!(
@@ -325,6 +322,7 @@ macro_rules! sql_store {
                     slug: &str,
                     name: &str,
                     seats: i64,
+                    now: OffsetDateTime,
                 ) -> StoreResult<Enterprise> {
                     let _write = self.write_guard().await;
                     let result = sqlx::query_as(
@@ -334,7 +332,7 @@ macro_rules! sql_store {
                     .bind(slug)
                     .bind(name)
                     .bind(seats)
-                    .bind(now_unix())
+                    .bind(now.unix_timestamp())
                     .fetch_one(&self.pool)
                     .await;
                     match result {
@@ -400,6 +398,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     token_sha256: &str,
                     description: &str,
+                    now: OffsetDateTime,
                 ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     sqlx::query(
@@ -409,7 +408,7 @@ macro_rules! sql_store {
                     .bind(enterprise_id)
                     .bind(token_sha256)
                     .bind(description)
-                    .bind(now_unix())
+                    .bind(now.unix_timestamp())
                     .execute(&self.pool)
                     .await?;
                     Ok(())
@@ -436,11 +435,12 @@ macro_rules! sql_store {
                     server_id: Uuid,
                     hostname: &str,
                     credential_sha256: &str,
+                    now: OffsetDateTime,
                 ) -> StoreResult<Instance> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let instance =
-                        enroll_in(&mut tx, enterprise_id, server_id, hostname, None, credential_sha256)
+                        enroll_in(&mut tx, enterprise_id, server_id, hostname, None, credential_sha256, now)
                             .await?;
                     tx.commit().await?;
                     Ok(instance)
@@ -451,6 +451,7 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     server_id: Uuid,
                     hostname: &str,
+                    now: OffsetDateTime,
                 ) -> StoreResult<Instance> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
@@ -461,7 +462,7 @@ macro_rules! sql_store {
                     .bind(enterprise_id)
                     .bind(server_id.to_string())
                     .bind(hostname)
-                    .bind(now_unix())
+                    .bind(now.unix_timestamp())
                     .execute(&mut *tx)
                     .await?;
                     let instance = instance_by_server_id_in(&mut tx, server_id)
@@ -519,14 +520,19 @@ macro_rules! sql_store {
                     Ok(row.as_ref().map(instance_from_row).transpose()?)
                 }
 
-                async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> StoreResult<()> {
+                async fn retire_instance(
+                    &self,
+                    enterprise_id: i64,
+                    server_id: Uuid,
+                    now: OffsetDateTime,
+                ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
                     let updated = sqlx::query(
                         "UPDATE instances SET retired_at = $1, credential_sha256 = NULL \
                          WHERE enterprise_id = $2 AND server_id = $3 AND retired_at IS NULL",
                     )
-                    .bind(now_unix())
+                    .bind(now.unix_timestamp())
                     .bind(enterprise_id)
                     .bind(server_id.to_string())
                     .execute(&mut *tx)
@@ -666,10 +672,10 @@ macro_rules! sql_store {
                     enterprise_id: i64,
                     token_sha256: &str,
                     expires_at: OffsetDateTime,
+                    now: OffsetDateTime,
                 ) -> StoreResult<()> {
                     let _write = self.write_guard().await;
                     let mut tx = self.begin_write().await?;
-                    let now = OffsetDateTime::now_utc();
                     let forget_before = time_to_unix_ms(now - CONNECTION_RECORD_RETENTION);
                     sqlx::query(
                         "DELETE FROM enrollment_tokens WHERE enterprise_id = $1 \
@@ -725,6 +731,7 @@ macro_rules! sql_store {
                         hostname,
                         Some(ghes_version),
                         credential_sha256,
+                        now,
                     )
                     .await?;
                     let spent = sqlx::query(
