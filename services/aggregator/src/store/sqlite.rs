@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use license_sync_core::model::ServerUser;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -103,31 +104,21 @@ impl SqliteStore {
         instance_id: i64,
         users: &[ServerUser],
     ) -> Result<(), sqlx::Error> {
-        for chunk in users.chunks(USER_ROWS_PER_INSERT) {
-            let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO server_users (instance_id, user_id, login, email, role, suspended, dormant, \
-                 created_at, last_active, two_factor_enabled) ",
-            );
-            let full_chunk = chunk.len() == USER_ROWS_PER_INSERT;
-            insert.push_values(chunk, |mut row, user| {
-                row.push_bind(instance_id)
-                    .push_bind(user.id)
-                    .push_bind(&user.login)
-                    .push_bind(&user.email)
-                    .push_bind(user.role.as_str())
-                    .push_bind(user.suspended)
-                    .push_bind(user.dormant)
-                    .push_bind(user.created_at.map(OffsetDateTime::unix_timestamp))
-                    .push_bind(user.last_active.map(OffsetDateTime::unix_timestamp))
-                    .push_bind(user.two_factor_enabled);
-            });
-            insert
-                .build()
-                .persistent(full_chunk)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        let insert_into = "INSERT INTO server_users (instance_id, user_id, login, email, role, suspended, dormant, \
+             created_at, last_active, two_factor_enabled) ";
+        insert_in_chunks(tx, insert_into, users, |mut row, user| {
+            row.push_bind(instance_id)
+                .push_bind(user.id)
+                .push_bind(&user.login)
+                .push_bind(&user.email)
+                .push_bind(user.role.as_str())
+                .push_bind(user.suspended)
+                .push_bind(user.dormant)
+                .push_bind(user.created_at.map(OffsetDateTime::unix_timestamp))
+                .push_bind(user.last_active.map(OffsetDateTime::unix_timestamp))
+                .push_bind(user.two_factor_enabled);
+        })
+        .await
     }
 
     /// `members`: (member id, login, attributes JSON).
@@ -136,24 +127,15 @@ impl SqliteStore {
         enterprise_id: i64,
         members: &[(i64, &str, String)],
     ) -> Result<(), sqlx::Error> {
-        for chunk in members.chunks(USER_ROWS_PER_INSERT) {
-            let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO cloud_members (enterprise_id, member_id, login, attributes_json) ",
-            );
-            let full_chunk = chunk.len() == USER_ROWS_PER_INSERT;
-            insert.push_values(chunk, |mut row, (id, login, json)| {
-                row.push_bind(enterprise_id)
-                    .push_bind(*id)
-                    .push_bind(*login)
-                    .push_bind(json.as_str());
-            });
-            insert
-                .build()
-                .persistent(full_chunk)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        let insert_into =
+            "INSERT INTO cloud_members (enterprise_id, member_id, login, attributes_json) ";
+        insert_in_chunks(tx, insert_into, members, |mut row, (id, login, json)| {
+            row.push_bind(enterprise_id)
+                .push_bind(*id)
+                .push_bind(*login)
+                .push_bind(json.as_str());
+        })
+        .await
     }
 
     /// Bumps the generation and stamps an instance's users with it, so that merged views reload that instance.
@@ -170,4 +152,24 @@ impl SqliteStore {
             .await?;
         Ok(generation)
     }
+}
+
+/// Inserts `rows` with multi-row INSERTs of [`USER_ROWS_PER_INSERT`] rows each; `push_row` binds one row's values.
+async fn insert_in_chunks<'r, T: Sync>(
+    tx: &mut Transaction<'_, Sqlite>,
+    insert_into: &'static str,
+    rows: &'r [T],
+    push_row: impl Fn(Separated<'_, 'r, Sqlite, &'static str>, &'r T) + Send,
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(USER_ROWS_PER_INSERT) {
+        let mut insert: QueryBuilder<'r, Sqlite> = QueryBuilder::new(insert_into);
+        insert.push_values(chunk, &push_row);
+        insert
+            .build()
+            // Only the full chunk's statement is worth caching (see USER_ROWS_PER_INSERT).
+            .persistent(chunk.len() == USER_ROWS_PER_INSERT)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
