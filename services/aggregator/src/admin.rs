@@ -5,18 +5,24 @@ use std::path::Path;
 
 use anyhow::Context;
 use license_sync_core::model::CloudMember;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::error::ServiceError;
 use crate::rest::validate_members;
 use crate::store::{DynStore, Enterprise, Instance};
 use crate::tokens;
 
 pub async fn enterprise(store: &DynStore, slug: &str) -> anyhow::Result<Enterprise> {
-    store.enterprise_by_slug(slug).await?.with_context(|| {
-        format!(
-            "no enterprise {slug:?}: create it with `license-sync-aggregator enterprise create`"
-        )
-    })
+    store
+        .enterprise_by_slug(slug)
+        .await
+        .map_err(ServiceError::from)?
+        .with_context(|| {
+            format!(
+                "no enterprise {slug:?}: create it with `license-sync-aggregator enterprise create`"
+            )
+        })
 }
 
 pub fn validate_slug(slug: &str) -> anyhow::Result<()> {
@@ -49,7 +55,10 @@ pub async fn create_enterprise(
     if seats < 0 {
         anyhow::bail!("--seats must be zero or more");
     }
-    Ok(store.create_enterprise(slug, name, seats).await?)
+    Ok(store
+        .create_enterprise(slug, name, seats, OffsetDateTime::now_utc())
+        .await
+        .map_err(ServiceError::from)?)
 }
 
 /// Returns the new token; only its hash is stored.
@@ -61,8 +70,14 @@ pub async fn create_api_token(
     let enterprise = enterprise(store, slug).await?;
     let token = tokens::generate(tokens::API_TOKEN_PREFIX);
     store
-        .create_api_token(enterprise.id, &tokens::sha256_hex(&token), description)
-        .await?;
+        .create_api_token(
+            enterprise.id,
+            &tokens::sha256_hex(&token),
+            description,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(ServiceError::from)?;
     Ok(token)
 }
 
@@ -84,8 +99,10 @@ pub async fn add_instance(
             server_id,
             hostname,
             &tokens::sha256_hex(&credential),
+            OffsetDateTime::now_utc(),
         )
-        .await?;
+        .await
+        .map_err(ServiceError::from)?;
     Ok((instance, credential))
 }
 
@@ -102,6 +119,9 @@ pub async fn import_members(store: &DynStore, slug: &str, file: &Path) -> anyhow
         )
     })?;
     validate_members(&members)?;
-    store.replace_cloud_members(enterprise.id, &members).await?;
+    store
+        .replace_cloud_members(enterprise.id, &members)
+        .await
+        .map_err(ServiceError::from)?;
     Ok(members.len())
 }

@@ -267,6 +267,7 @@ impl App {
             })
             .instrument(committing.clone())
             .await
+            .map_err(ServiceError::from)
             .inspect_err(|error| {
                 license_sync_tracing::record_failure(&committing, error.kind.as_str())
             })?;
@@ -319,6 +320,7 @@ impl App {
             .store
             .record_failed_sync(instance.id, via, &error.message, OffsetDateTime::now_utc())
             .await
+            .map_err(ServiceError::from)
         {
             tracing::warn!(error = %record_error.message, "could not record the failed sync");
         }
@@ -640,7 +642,12 @@ impl App {
             purchased: view.seats_purchased,
             instances,
         };
-        match self.store.record_usage(enterprise_id, &usage, now).await {
+        match self
+            .store
+            .record_usage(enterprise_id, &usage, now)
+            .await
+            .map_err(ServiceError::from)
+        {
             Ok(()) => {
                 if let Ok(slot) = self.view_slot(enterprise_id)
                     && let Ok(mut recorded) = slot.usage_recorded_on.lock()

@@ -77,7 +77,7 @@ pub async fn issue_enrollment_token(
         .unwrap_or(now + time::Duration::hours(hours));
     let token = tokens::generate(tokens::ENROLLMENT_TOKEN_PREFIX);
     store
-        .create_enrollment_token(enterprise.id, &tokens::sha256_hex(&token), expires_at)
+        .create_enrollment_token(enterprise.id, &tokens::sha256_hex(&token), expires_at, now)
         .await?;
     tracing::info!(
         enterprise = %enterprise.slug,
@@ -183,7 +183,8 @@ impl Enrollment for EnrollmentService {
                 &tokens::sha256_hex(&credential),
                 OffsetDateTime::now_utc(),
             )
-            .await;
+            .await
+            .map_err(ServiceError::from);
         let (enterprise, instance) = match redeemed {
             Ok(redeemed) => redeemed,
             Err(error) => {
@@ -313,6 +314,7 @@ impl Session {
             .store
             .end_agent_session(self.instance.id, self.session_id, OffsetDateTime::now_utc())
             .await
+            .map_err(ServiceError::from)
         {
             tracing::warn!(
                 server_id = %self.instance.server_id,
@@ -557,6 +559,7 @@ impl Session {
                         .store
                         .release_sync_request(self.instance.id, unsent.request_id)
                         .await
+                        .map_err(ServiceError::from)
                     {
                         tracing::warn!(
                             request_id = %unsent.request_id,
@@ -581,10 +584,10 @@ impl Session {
     /// Lets a revoked credential end the stream; logs any other store failure once until the store recovers.
     fn store_result<T>(
         &mut self,
-        result: ServiceResult<T>,
+        result: Result<T, impl Into<ServiceError>>,
         what: &str,
     ) -> ServiceResult<Option<T>> {
-        match result {
+        match result.map_err(Into::into) {
             Ok(value) => {
                 if self.store_failing {
                     self.store_failing = false;

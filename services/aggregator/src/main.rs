@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
+use license_sync_aggregator::error::ServiceError;
 use license_sync_aggregator::{admin, control, server, store};
 use uuid::Uuid;
 
@@ -209,7 +210,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--seats must be zero or more");
             }
             let enterprise = admin::enterprise(&store, &slug).await?;
-            store.set_seats_purchased(enterprise.id, seats).await?;
+            store
+                .set_seats_purchased(enterprise.id, seats)
+                .await
+                .map_err(ServiceError::from)?;
         }
         Command::Token(TokenCommand::Create {
             enterprise,
@@ -236,11 +240,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server_id,
         }) => {
             let enterprise = admin::enterprise(&store, &enterprise).await?;
-            store.retire_instance(enterprise.id, server_id).await?;
+            store
+                .retire_instance(enterprise.id, server_id, time::OffsetDateTime::now_utc())
+                .await
+                .map_err(ServiceError::from)?;
         }
         Command::Instance(InstanceCommand::List { enterprise }) => {
             let enterprise = admin::enterprise(&store, &enterprise).await?;
-            for instance in store.list_instances(enterprise.id).await? {
+            for instance in store
+                .list_instances(enterprise.id)
+                .await
+                .map_err(ServiceError::from)?
+            {
                 print_line(
                     &serde_json::json!({
                         "server_id": instance.server_id,

@@ -686,7 +686,7 @@ async fn read_database(app: Arc<App>, sender: tokio::sync::mpsc::UnboundedSender
     let enterprises = match app.store.list_enterprises().await {
         Ok(enterprises) => enterprises,
         Err(error) => {
-            let _ = sender.send(Read::ListFailed(error));
+            let _ = sender.send(Read::ListFailed(error.into()));
             return;
         }
     };

@@ -557,6 +557,7 @@ async fn upload_usage(
             enterprise.id,
             file.meta.instance.server_id,
             &file.meta.instance.hostname,
+            OffsetDateTime::now_utc(),
         )
         .await?;
     let snapshot = match file.into_snapshot() {
@@ -749,7 +750,9 @@ async fn retire_instance(
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let server_id = Uuid::parse_str(&server_id)
         .map_err(|_| ServiceError::invalid(format!("{server_id:?} is not a server id (UUID)")))?;
-    app.store.retire_instance(enterprise.id, server_id).await?;
+    app.store
+        .retire_instance(enterprise.id, server_id, OffsetDateTime::now_utc())
+        .await?;
     app.note_change(enterprise.id);
     tracing::info!(enterprise = %enterprise.slug, %server_id, "instance retired");
     Ok(StatusCode::NO_CONTENT)

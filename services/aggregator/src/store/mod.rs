@@ -1,9 +1,11 @@
 //! Storage behind one trait, so that backends (SQLite, PostgreSQL) can be swapped without touching the services.
 //! Every method is one transaction: a failure leaves nothing half-written.
 
+mod error;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod rows;
+mod shared;
 mod sqlite;
 
 use std::sync::Arc;
@@ -18,13 +20,14 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub use error::{StoreError, StoreResult};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::error::{ServiceError, ServiceResult};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Enterprise {
     pub id: i64,
     pub slug: String,
@@ -257,7 +260,7 @@ pub struct MergeInput {
 }
 
 /// An active instance, and the generation that last changed its users (or its hostname).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct InstanceVersion {
     pub id: i64,
     pub hostname: String,
@@ -303,7 +306,7 @@ pub type DynStore = Arc<dyn Store>;
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip, for readiness.
-    async fn ping(&self) -> ServiceResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
 
     /// Fails with `AlreadyExists` when the slug is taken.
     async fn create_enterprise(
@@ -311,25 +314,25 @@ pub trait Store: Send + Sync + 'static {
         slug: &str,
         name: &str,
         seats: i64,
-    ) -> ServiceResult<Enterprise>;
-    async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> ServiceResult<()>;
-    async fn enterprise_by_slug(&self, slug: &str) -> ServiceResult<Option<Enterprise>>;
-    async fn enterprise_by_id(&self, enterprise_id: i64) -> ServiceResult<Option<Enterprise>>;
+        now: OffsetDateTime,
+    ) -> StoreResult<Enterprise>;
+    async fn set_seats_purchased(&self, enterprise_id: i64, seats: i64) -> StoreResult<()>;
+    async fn enterprise_by_slug(&self, slug: &str) -> StoreResult<Option<Enterprise>>;
+    async fn enterprise_by_id(&self, enterprise_id: i64) -> StoreResult<Option<Enterprise>>;
     /// Every enterprise, by id (for the per-enterprise metrics).
-    async fn list_enterprises(&self) -> ServiceResult<Vec<Enterprise>>;
-    async fn enterprise_generation(&self, enterprise_id: i64) -> ServiceResult<i64>;
+    async fn list_enterprises(&self) -> StoreResult<Vec<Enterprise>>;
+    async fn enterprise_generation(&self, enterprise_id: i64) -> StoreResult<i64>;
 
     async fn create_api_token(
         &self,
         enterprise_id: i64,
         token_sha256: &str,
         description: &str,
-    ) -> ServiceResult<()>;
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
     /// The enterprise a live (not revoked) REST token belongs to.
-    async fn enterprise_for_api_token(
-        &self,
-        token_sha256: &str,
-    ) -> ServiceResult<Option<Enterprise>>;
+    async fn enterprise_for_api_token(&self, token_sha256: &str)
+    -> StoreResult<Option<Enterprise>>;
 
     /// Creates the instance in the enterprise, or rotates its credential (the old one stops working) and un-retires
     /// it. Fails with `PermissionDenied` when the server id belongs to another enterprise.
@@ -339,31 +342,38 @@ pub trait Store: Send + Sync + 'static {
         server_id: Uuid,
         hostname: &str,
         credential_sha256: &str,
-    ) -> ServiceResult<Instance>;
+        now: OffsetDateTime,
+    ) -> StoreResult<Instance>;
     /// Finds or creates (without a credential) the instance a manual upload is for.
     async fn instance_for_upload(
         &self,
         enterprise_id: i64,
         server_id: Uuid,
         hostname: &str,
-    ) -> ServiceResult<Instance>;
+        now: OffsetDateTime,
+    ) -> StoreResult<Instance>;
     async fn instance_for_credential(
         &self,
         credential_sha256: &str,
-    ) -> ServiceResult<Option<Instance>>;
-    async fn list_instances(&self, enterprise_id: i64) -> ServiceResult<Vec<Instance>>;
+    ) -> StoreResult<Option<Instance>>;
+    async fn list_instances(&self, enterprise_id: i64) -> StoreResult<Vec<Instance>>;
     /// The enterprise's instance with this server id, retired or not.
     async fn instance_by_server_id(
         &self,
         enterprise_id: i64,
         server_id: Uuid,
-    ) -> ServiceResult<Option<Instance>>;
+    ) -> StoreResult<Option<Instance>>;
     /// A retired instance's users stop counting; its credential stops working.
-    async fn retire_instance(&self, enterprise_id: i64, server_id: Uuid) -> ServiceResult<()>;
+    async fn retire_instance(
+        &self,
+        enterprise_id: i64,
+        server_id: Uuid,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
 
     /// Atomically replaces the instance's users with the snapshot's, unless this sync id was applied already
-    /// (`Duplicate`) or the stored snapshot is newer (`FailedPrecondition`).
-    async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> ServiceResult<CommitOutcome>;
+    /// (`Duplicate`) or the stored snapshot is newer ([`StoreError::OlderSnapshot`]).
+    async fn commit_snapshot(&self, commit: SnapshotCommit<'_>) -> StoreResult<CommitOutcome>;
     /// Records a failed attempt for the status page; the stored snapshot is untouched.
     async fn record_failed_sync(
         &self,
@@ -371,14 +381,14 @@ pub trait Store: Send + Sync + 'static {
         via: Arrival,
         error: &str,
         now: OffsetDateTime,
-    ) -> ServiceResult<()>;
+    ) -> StoreResult<()>;
 
     /// Replaces the enterprise's cloud members whole.
     async fn replace_cloud_members(
         &self,
         enterprise_id: i64,
         members: &[CloudMember],
-    ) -> ServiceResult<()>;
+    ) -> StoreResult<()>;
 
     /// The enterprise's merge input that changed after generation `since` (all of it when `since` is `None`), so
     /// that a merged view built at `since` can catch up by reloading only the instances that changed.
@@ -386,10 +396,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         enterprise_id: i64,
         since: Option<i64>,
-    ) -> ServiceResult<MergeChanges>;
+    ) -> StoreResult<MergeChanges>;
 
     /// The whole merge input.
-    async fn load_merge_input(&self, enterprise_id: i64) -> ServiceResult<MergeInput> {
+    async fn load_merge_input(&self, enterprise_id: i64) -> StoreResult<MergeInput> {
         Ok(self
             .load_merge_changes(enterprise_id, None)
             .await?
@@ -402,14 +412,14 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         usage: &UsageDay,
         now: OffsetDateTime,
-    ) -> ServiceResult<()>;
+    ) -> StoreResult<()>;
     /// Days from `since` to `until` inclusive (`YYYY-MM-DD`), oldest first.
     async fn usage_history(
         &self,
         enterprise_id: i64,
         since: &str,
         until: &str,
-    ) -> ServiceResult<Vec<UsageDay>>;
+    ) -> StoreResult<Vec<UsageDay>>;
 
     /// Stores a one-time enrollment token of the enterprise, valid until `expires_at`. Deletes the enterprise's
     /// tokens spent or expired longer than [`CONNECTION_RECORD_RETENTION`] ago.
@@ -418,7 +428,8 @@ pub trait Store: Send + Sync + 'static {
         enterprise_id: i64,
         token_sha256: &str,
         expires_at: OffsetDateTime,
-    ) -> ServiceResult<()>;
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
     /// Redeems an enrollment token, atomically: it must exist, be unused and be unexpired at `now` (else
     /// `Unauthenticated`); the instance is enrolled or re-enrolled exactly as [`Store::enroll_instance`]
     /// does (rotation revokes the old credential; a server id of another enterprise is `PermissionDenied`, and the
@@ -431,7 +442,7 @@ pub trait Store: Send + Sync + 'static {
         ghes_version: &str,
         credential_sha256: &str,
         now: OffsetDateTime,
-    ) -> ServiceResult<(Enterprise, Instance)>;
+    ) -> StoreResult<(Enterprise, Instance)>;
 
     /// Records what an agent said on its control stream, if `credential_sha256` is still the live credential of
     /// the instance; `Unauthenticated` when it was rotated or the instance retired.
@@ -440,7 +451,7 @@ pub trait Store: Send + Sync + 'static {
         instance_id: i64,
         credential_sha256: &str,
         report: AgentReport<'_>,
-    ) -> ServiceResult<()>;
+    ) -> StoreResult<()>;
     /// The control stream `session_id` ended: the instance shows disconnected, unless another stream of it wrote
     /// since.
     async fn end_agent_session(
@@ -448,7 +459,7 @@ pub trait Store: Send + Sync + 'static {
         instance_id: i64,
         session_id: Uuid,
         now: OffsetDateTime,
-    ) -> ServiceResult<()>;
+    ) -> StoreResult<()>;
 
     /// Queues a "Sync now" for an active instance of the enterprise: `NotFound` for an unknown or retired instance,
     /// `FailedPrecondition` for one without an agent credential (known only from uploads). Deletes the instance's
@@ -459,7 +470,7 @@ pub trait Store: Send + Sync + 'static {
         server_id: Uuid,
         request_id: Uuid,
         now: OffsetDateTime,
-    ) -> ServiceResult<SyncRequest>;
+    ) -> StoreResult<SyncRequest>;
     /// Marks the instance's queued requests (undelivered, not expired at `now`) delivered and returns them,
     /// oldest first. Each request is returned by one call only, across all replicas. Only for the instance's live
     /// credential: `Unauthenticated` when it was rotated or the instance retired.
@@ -468,22 +479,22 @@ pub trait Store: Send + Sync + 'static {
         instance_id: i64,
         credential_sha256: &str,
         now: OffsetDateTime,
-    ) -> ServiceResult<Vec<SyncRequest>>;
+    ) -> StoreResult<Vec<SyncRequest>>;
     /// Puts a claimed request back in the queue, because the stream it was claimed for closed before it was sent.
-    async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> ServiceResult<()>;
+    async fn release_sync_request(&self, instance_id: i64, request_id: Uuid) -> StoreResult<()>;
     /// Records the agent's answer to a request delivered to this instance; the first answer stands.
     async fn record_sync_ack(
         &self,
         instance_id: i64,
         ack: SyncAckRecord<'_>,
-    ) -> ServiceResult<AckOutcome>;
+    ) -> StoreResult<AckOutcome>;
     /// A request of the enterprise's instance with this server id.
     async fn sync_request(
         &self,
         enterprise_id: i64,
         server_id: Uuid,
         request_id: Uuid,
-    ) -> ServiceResult<Option<SyncRequest>>;
+    ) -> StoreResult<Option<SyncRequest>>;
 }
 
 /// Opens the store named by the URL and applies pending migrations.
@@ -512,96 +523,12 @@ pub async fn open_with_max_connections(
     }
     #[cfg(not(feature = "postgres"))]
     let _ = max_connections;
-    {
-        Err(ServiceError::invalid(
-            "unsupported database_url scheme: use sqlite://PATH or postgres://USER@HOST/DATABASE",
-        ))
-    }
+    Err(StoreError::UnsupportedUrl.into())
 }
 
-/// The refusal of an unknown, used or expired enrollment token. One message for all three, so that a caller
-/// learns nothing about which tokens exist.
-pub(crate) fn enrollment_token_refused() -> ServiceError {
-    ServiceError::unauthenticated(
-        "unknown, already used or expired enrollment token: ask an enterprise owner for a new one \
-         (`license-sync-aggregator enrollment-token create --enterprise SLUG` or \
-         POST /enterprises/{enterprise}/enrollment-tokens)",
-    )
-}
-
-/// The refusal of a control stream whose credential stopped working while it was open.
-pub(crate) fn credential_revoked() -> ServiceError {
-    ServiceError::unauthenticated(
-        "the instance credential was rotated or revoked (the instance was enrolled again or retired): \
-         enroll the agent again with a new enrollment token",
-    )
-}
-
+/// The refusal of a server id that is no active instance of the enterprise, as the store words it.
 pub(crate) fn no_active_instance(server_id: Uuid) -> ServiceError {
-    ServiceError::not_found(format!(
-        "no active instance {server_id} in this enterprise: check the server id (GET license-sync-status lists them)"
-    ))
-}
-
-pub(crate) fn no_agent(server_id: Uuid) -> ServiceError {
-    ServiceError::new(
-        ErrorKind::FailedPrecondition,
-        format!(
-            "instance {server_id} has no enrolled agent (its usage arrives by manual upload), so nothing can ask it \
-             to sync: enroll its agent with an enrollment token first"
-        ),
-    )
+    StoreError::NoActiveInstance { server_id }.into()
 }
 
 pub(crate) use crate::time_format::{time_to_unix_ms, unix_ms_to_time, unix_to_time};
-
-/// The refusals both backends give, worded once so that they say the same thing.
-pub(crate) mod refusal {
-    use time::OffsetDateTime;
-    use uuid::Uuid;
-
-    use crate::error::{ErrorKind, ServiceError};
-    use crate::time_format::rfc3339;
-
-    pub(crate) fn sync_id_reused(sync_id: &str) -> ServiceError {
-        ServiceError::new(
-            ErrorKind::AlreadyExists,
-            format!(
-                "sync id {sync_id} was already used for a different snapshot; a new snapshot needs a new sync id"
-            ),
-        )
-    }
-
-    pub(crate) fn instance_retired() -> ServiceError {
-        ServiceError::new(
-            ErrorKind::FailedPrecondition,
-            "the instance is retired; enroll it again before syncing",
-        )
-    }
-
-    pub(crate) fn older_snapshot(
-        generated_at: OffsetDateTime,
-        stored: OffsetDateTime,
-    ) -> ServiceError {
-        ServiceError::new(
-            ErrorKind::FailedPrecondition,
-            format!(
-                "this snapshot was generated at {} but the stored one is newer ({}); read the users again and send a new snapshot",
-                rfc3339(generated_at),
-                rfc3339(stored),
-            ),
-        )
-    }
-
-    pub(crate) fn upload_for_other_enterprise(server_id: Uuid) -> ServiceError {
-        ServiceError::permission_denied(format!(
-            "instance {server_id} belongs to another enterprise; upload its usage there"
-        ))
-    }
-
-    pub(crate) fn enrolled_elsewhere(server_id: Uuid) -> ServiceError {
-        ServiceError::permission_denied(format!(
-            "instance {server_id} is enrolled in another enterprise; retire it there first"
-        ))
-    }
-}

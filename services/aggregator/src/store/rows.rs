@@ -9,27 +9,9 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use super::{
-    AgentPresence, Arrival, Enterprise, Instance, InstanceVersion, UsageDay, unix_ms_to_time,
-    unix_to_time,
+    AgentPresence, Arrival, Instance, SyncRequest, UsageDay, unix_ms_to_time, unix_to_time,
 };
-use crate::error::{ServiceError, ServiceResult};
-
-pub(super) fn enterprise_from_row<R>(row: &R) -> Result<Enterprise, sqlx::Error>
-where
-    R: Row,
-    for<'c> &'c str: ColumnIndex<R>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(Enterprise {
-        id: row.try_get("id")?,
-        slug: row.try_get("slug")?,
-        name: row.try_get("name")?,
-        seats_purchased: row.try_get("seats_purchased")?,
-        generation: row.try_get("generation")?,
-    })
-}
+use super::{StoreError, StoreResult};
 
 pub(super) const INSTANCE_COLUMNS: &str = "id, enterprise_id, server_id, hostname, ghes_version, \
      credential_sha256 IS NOT NULL AS has_credential, retired_at, generated_at_ms, user_count, \
@@ -95,7 +77,7 @@ pub(super) const ACCOUNT_COLUMNS: &str = "u.user_id, u.login, u.email, u.suspend
 
 /// Appends one stored account to an instance's table, borrowing its text from the row. Columns by index: this runs
 /// once per stored account.
-pub(super) fn push_account_from_row<R>(row: &R, accounts: &mut Accounts) -> ServiceResult<()>
+pub(super) fn push_account_from_row<R>(row: &R, accounts: &mut Accounts) -> StoreResult<()>
 where
     R: Row,
     usize: ColumnIndex<R>,
@@ -111,13 +93,13 @@ where
             row.try_get(3)?,
             row.try_get(4)?,
         )
-        .map_err(|error| ServiceError::internal("loading an instance's accounts", error))
+        .map_err(|error| StoreError::corrupt("loading an instance's accounts", error))
 }
 
 /// Streams an instance's stored accounts (rows of [`ACCOUNT_COLUMNS`]) into the view's compact table.
 pub(super) async fn collect_accounts<R>(
     mut rows: impl Stream<Item = Result<R, sqlx::Error>> + Unpin,
-) -> ServiceResult<Accounts>
+) -> StoreResult<Accounts>
 where
     R: Row,
     usize: ColumnIndex<R>,
@@ -137,7 +119,7 @@ where
 /// full `CloudMember`s would be a transient several times the size of what the view keeps.
 pub(super) async fn collect_cloud_directory<R>(
     mut rows: impl Stream<Item = Result<R, sqlx::Error>> + Unpin,
-) -> ServiceResult<CloudDirectory>
+) -> StoreResult<CloudDirectory>
 where
     R: Row,
     for<'c> &'c str: ColumnIndex<R>,
@@ -150,7 +132,7 @@ where
     Ok(directory.finish())
 }
 
-pub(super) fn cloud_member_from_row<R>(row: &R) -> ServiceResult<CloudMember>
+pub(super) fn cloud_member_from_row<R>(row: &R) -> StoreResult<CloudMember>
 where
     R: Row,
     for<'c> &'c str: ColumnIndex<R>,
@@ -158,10 +140,10 @@ where
 {
     let json: String = row.try_get("attributes_json")?;
     serde_json::from_str(&json)
-        .map_err(|err| ServiceError::internal("decoding a stored cloud member", err))
+        .map_err(|err| StoreError::corrupt("decoding a stored cloud member", err))
 }
 
-pub(super) fn usage_day_from_row<R>(row: &R) -> ServiceResult<UsageDay>
+pub(super) fn usage_day_from_row<R>(row: &R) -> StoreResult<UsageDay>
 where
     R: Row,
     for<'c> &'c str: ColumnIndex<R>,
@@ -175,20 +157,39 @@ where
         max_consumed: row.try_get("max_consumed")?,
         purchased: row.try_get("purchased")?,
         instances: serde_json::from_str(&instances)
-            .map_err(|err| ServiceError::internal("decoding stored instance usage", err))?,
+            .map_err(|err| StoreError::corrupt("decoding stored instance usage", err))?,
     })
 }
 
-pub(super) fn instance_version_from_row<R>(row: &R) -> ServiceResult<InstanceVersion>
+pub(super) const SYNC_REQUEST_COLUMNS: &str = "request_id, instance_id, requested_at_ms, delivered_at_ms, \
+     acked_at_ms, accepted, job_id, reason";
+
+pub(super) fn sync_request_from_row<R>(row: &R) -> Result<SyncRequest, sqlx::Error>
 where
     R: Row,
     for<'c> &'c str: ColumnIndex<R>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
 {
-    Ok(InstanceVersion {
-        id: row.try_get("id")?,
-        hostname: row.try_get("hostname")?,
-        users_generation: row.try_get("users_generation")?,
+    let request_id: String = row.try_get("request_id")?;
+    Ok(SyncRequest {
+        request_id: Uuid::parse_str(&request_id)
+            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?,
+        instance_id: row.try_get("instance_id")?,
+        requested_at: unix_ms_to_time(row.try_get("requested_at_ms")?),
+        delivered_at: row
+            .try_get::<Option<i64>, _>("delivered_at_ms")?
+            .map(unix_ms_to_time),
+        acked_at: row
+            .try_get::<Option<i64>, _>("acked_at_ms")?
+            .map(unix_ms_to_time),
+        accepted: row.try_get("accepted")?,
+        job_id: row.try_get("job_id")?,
+        reason: row.try_get("reason")?,
     })
+}
+
+pub(super) fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }

@@ -1,7 +1,7 @@
 //! The storage test suite. Every test takes a `DynStore`, so each backend runs the same assertions: the
 //! `store_suite!` macro at the bottom instantiates the suite per backend.
 
-use license_sync_aggregator::error::ErrorKind;
+use license_sync_aggregator::error::{ErrorKind, ServiceError};
 use license_sync_aggregator::store::{
     AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, SnapshotCommit, SyncAckRecord,
     SyncRequestState,
@@ -74,7 +74,7 @@ async fn commit(
             now: OffsetDateTime::now_utc(),
         })
         .await
-        .map_err(|err| err.kind)
+        .map_err(|err| ServiceError::from(err).kind)
 }
 
 async fn stored_logins(store: &DynStore, enterprise_id: i64) -> Vec<String> {
@@ -90,17 +90,18 @@ async fn stored_logins(store: &DynStore, enterprise_id: i64) -> Vec<String> {
 
 pub async fn enterprises_and_tokens(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     assert_eq!(acme.seats_purchased, 10);
     let again = store
-        .create_enterprise("acme", "Acme 2", 1)
+        .create_enterprise("acme", "Acme 2", 1, OffsetDateTime::now_utc())
         .await
+        .map_err(ServiceError::from)
         .expect_err("duplicate slug");
     assert_eq!(again.kind, ErrorKind::AlreadyExists);
     store
-        .create_api_token(acme.id, "hash-1", "ci")
+        .create_api_token(acme.id, "hash-1", "ci", OffsetDateTime::now_utc())
         .await
         .expect("token");
     let found = store
@@ -127,7 +128,7 @@ pub async fn enterprises_and_tokens(store: DynStore) {
         "seat changes bump the generation"
     );
     let other = store
-        .create_enterprise("other", "Other", 3)
+        .create_enterprise("other", "Other", 3, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let listed = store.list_enterprises().await.expect("list");
@@ -144,16 +145,22 @@ pub async fn enterprises_and_tokens(store: DynStore) {
 
 pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let other = store
-        .create_enterprise("other", "Other", 10)
+        .create_enterprise("other", "Other", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-1",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     assert!(instance.has_credential);
@@ -166,7 +173,13 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
         Some(server_id)
     );
     store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-2")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-2",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("re-enroll");
     assert!(
@@ -185,25 +198,33 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
             .is_some()
     );
     let stolen = store
-        .enroll_instance(other.id, server_id, "ghes-1", "cred-3")
+        .enroll_instance(
+            other.id,
+            server_id,
+            "ghes-1",
+            "cred-3",
+            OffsetDateTime::now_utc(),
+        )
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
     let upload = store
-        .instance_for_upload(other.id, server_id, "ghes-1")
+        .instance_for_upload(other.id, server_id, "ghes-1", OffsetDateTime::now_utc())
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(upload.kind, ErrorKind::PermissionDenied);
 }
 
 pub async fn commit_replaces_the_snapshot_whole(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     let first = snapshot(
@@ -247,12 +268,12 @@ pub async fn commit_replaces_the_snapshot_whole(store: DynStore) {
 
 pub async fn retried_sync_id_is_applied_once(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     let first = snapshot(server_id, 1_700_000_000, vec![user(1, "a")]);
@@ -297,12 +318,12 @@ pub async fn retried_sync_id_is_applied_once(store: DynStore) {
 
 pub async fn older_snapshot_is_refused_and_changes_nothing(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     commit(
@@ -322,12 +343,12 @@ pub async fn older_snapshot_is_refused_and_changes_nothing(store: DynStore) {
 
 pub async fn a_commit_failing_midway_leaves_the_previous_snapshot(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     commit(
@@ -356,12 +377,12 @@ pub async fn a_commit_failing_midway_leaves_the_previous_snapshot(store: DynStor
 
 pub async fn failed_attempts_are_recorded_without_touching_users(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "c")
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     commit(
@@ -389,16 +410,16 @@ pub async fn failed_attempts_are_recorded_without_touching_users(store: DynStore
 
 pub async fn retired_instances_stop_counting(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
     let first = store
-        .enroll_instance(acme.id, one, "ghes-1", "c1")
+        .enroll_instance(acme.id, one, "ghes-1", "c1", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     let second = store
-        .enroll_instance(acme.id, two, "ghes-2", "c2")
+        .enroll_instance(acme.id, two, "ghes-2", "c2", OffsetDateTime::now_utc())
         .await
         .expect("enroll");
     commit(
@@ -415,7 +436,10 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
     )
     .await
     .expect("applied");
-    store.retire_instance(acme.id, two).await.expect("retire");
+    store
+        .retire_instance(acme.id, two, OffsetDateTime::now_utc())
+        .await
+        .expect("retire");
     assert_eq!(stored_logins(&store, acme.id).await, ["a"]);
     assert!(
         store
@@ -425,13 +449,14 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
             .is_none()
     );
     let again = store
-        .retire_instance(acme.id, two)
+        .retire_instance(acme.id, two, OffsetDateTime::now_utc())
         .await
+        .map_err(ServiceError::from)
         .expect_err("already retired");
     assert_eq!(again.kind, ErrorKind::NotFound);
     // Re-enrolling brings its stored users back.
     store
-        .enroll_instance(acme.id, two, "ghes-2", "c3")
+        .enroll_instance(acme.id, two, "ghes-2", "c3", OffsetDateTime::now_utc())
         .await
         .expect("re-enroll");
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b"]);
@@ -439,7 +464,7 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
 
 pub async fn cloud_members_are_replaced_whole(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     store
@@ -467,12 +492,17 @@ const NOW: i64 = 1_750_000_000;
 
 pub async fn enrollment_tokens_are_single_use(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let now = OffsetDateTime::now_utc();
     store
-        .create_enrollment_token(acme.id, "token-1", now + time::Duration::hours(24))
+        .create_enrollment_token(
+            acme.id,
+            "token-1",
+            now + time::Duration::hours(24),
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("token");
     let server_id = Uuid::new_v4();
@@ -500,6 +530,7 @@ pub async fn enrollment_tokens_are_single_use(store: DynStore) {
         let again = store
             .redeem_enrollment_token("token-1", other_server, "ghes-2", "", "cred-2", now)
             .await
+            .map_err(ServiceError::from)
             .expect_err("used");
         assert_eq!(again.kind, ErrorKind::Unauthenticated);
         assert!(
@@ -529,6 +560,7 @@ pub async fn enrollment_tokens_are_single_use(store: DynStore) {
     let unknown = store
         .redeem_enrollment_token("no-such-token", Uuid::new_v4(), "ghes-3", "", "cred-3", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("unknown");
     assert_eq!(unknown.kind, ErrorKind::Unauthenticated);
     assert_eq!(unknown.message, again_message(&store, now).await);
@@ -539,24 +571,26 @@ async fn again_message(store: &DynStore, now: OffsetDateTime) -> String {
     store
         .redeem_enrollment_token("token-1", Uuid::new_v4(), "h", "", "c", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("used")
         .message
 }
 
 pub async fn enrollment_tokens_expire(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let expires = at(NOW + 3600);
     store
-        .create_enrollment_token(acme.id, "token-1", expires)
+        .create_enrollment_token(acme.id, "token-1", expires, OffsetDateTime::now_utc())
         .await
         .expect("token");
     for late in [expires, expires + time::Duration::seconds(1)] {
         let error = store
             .redeem_enrollment_token("token-1", Uuid::new_v4(), "ghes-1", "", "cred-1", late)
             .await
+            .map_err(ServiceError::from)
             .expect_err("expired");
         assert_eq!(error.kind, ErrorKind::Unauthenticated);
     }
@@ -583,12 +617,18 @@ pub async fn enrollment_tokens_expire(store: DynStore) {
 
 pub async fn redeeming_a_token_rotates_the_credential(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-old")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-old",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     commit(
@@ -599,14 +639,19 @@ pub async fn redeeming_a_token_rotates_the_credential(store: DynStore) {
     .await
     .expect("applied");
     store
-        .retire_instance(acme.id, server_id)
+        .retire_instance(acme.id, server_id, OffsetDateTime::now_utc())
         .await
         .expect("retire");
     assert!(stored_logins(&store, acme.id).await.is_empty());
 
     let now = OffsetDateTime::now_utc();
     store
-        .create_enrollment_token(acme.id, "token-1", now + time::Duration::hours(1))
+        .create_enrollment_token(
+            acme.id,
+            "token-1",
+            now + time::Duration::hours(1),
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("token");
     let (_, rotated) = store
@@ -647,7 +692,12 @@ pub async fn redeeming_a_token_rotates_the_credential(store: DynStore) {
 
     // An empty GHES version keeps the stored one.
     store
-        .create_enrollment_token(acme.id, "token-2", now + time::Duration::hours(1))
+        .create_enrollment_token(
+            acme.id,
+            "token-2",
+            now + time::Duration::hours(1),
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("token");
     let (_, again) = store
@@ -673,26 +723,38 @@ pub async fn redeeming_a_token_rotates_the_credential(store: DynStore) {
 
 pub async fn enrollment_tokens_never_cross_enterprises(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let other = store
-        .create_enterprise("other", "Other", 10)
+        .create_enterprise("other", "Other", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let acme_server = Uuid::new_v4();
     store
-        .enroll_instance(acme.id, acme_server, "ghes-1", "cred-acme")
+        .enroll_instance(
+            acme.id,
+            acme_server,
+            "ghes-1",
+            "cred-acme",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     let now = OffsetDateTime::now_utc();
     store
-        .create_enrollment_token(other.id, "token-other", now + time::Duration::hours(1))
+        .create_enrollment_token(
+            other.id,
+            "token-other",
+            now + time::Duration::hours(1),
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("token");
     let stolen = store
         .redeem_enrollment_token("token-other", acme_server, "ghes-1", "", "cred-thief", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
     assert!(
@@ -739,12 +801,18 @@ fn report(session_id: Uuid, seen_at: OffsetDateTime) -> AgentReport<'static> {
 
 pub async fn agent_presence_follows_the_control_stream(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-1",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     assert_eq!(instance.agent, Default::default(), "never seen");
@@ -817,33 +885,48 @@ pub async fn agent_presence_follows_the_control_stream(store: DynStore) {
 
     // A rotated credential cannot report presence.
     store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-2")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-2",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("rotate");
     let refused = store
         .record_agent_presence(instance.id, "cred-1", report(first, at(NOW + 60)))
         .await
+        .map_err(ServiceError::from)
         .expect_err("rotated");
     assert_eq!(refused.kind, ErrorKind::Unauthenticated);
 }
 
 pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let other = store
-        .create_enterprise("other", "Other", 10)
+        .create_enterprise("other", "Other", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let now = OffsetDateTime::now_utc();
     let enrolled = Uuid::new_v4();
     store
-        .enroll_instance(acme.id, enrolled, "ghes-1", "cred-1")
+        .enroll_instance(
+            acme.id,
+            enrolled,
+            "ghes-1",
+            "cred-1",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
-    let kind = |result: Result<_, license_sync_aggregator::error::ServiceError>| {
-        result.map(|_| ()).map_err(|err| err.kind)
+    let kind = |result: Result<_, license_sync_aggregator::store::StoreError>| {
+        result
+            .map(|_| ())
+            .map_err(|err| ServiceError::from(err).kind)
     };
     assert_eq!(
         kind(
@@ -865,7 +948,7 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
     );
     let uploaded = Uuid::new_v4();
     store
-        .instance_for_upload(acme.id, uploaded, "ghes-upload")
+        .instance_for_upload(acme.id, uploaded, "ghes-upload", OffsetDateTime::now_utc())
         .await
         .expect("upload instance");
     assert_eq!(
@@ -906,7 +989,7 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
         Some(request)
     );
     store
-        .retire_instance(acme.id, enrolled)
+        .retire_instance(acme.id, enrolled, OffsetDateTime::now_utc())
         .await
         .expect("retire");
     assert_eq!(
@@ -922,16 +1005,28 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
 
 pub async fn sync_requests_are_claimed_once(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let (server_a, server_b) = (Uuid::new_v4(), Uuid::new_v4());
     let a = store
-        .enroll_instance(acme.id, server_a, "ghes-a", "cred-a")
+        .enroll_instance(
+            acme.id,
+            server_a,
+            "ghes-a",
+            "cred-a",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     let b = store
-        .enroll_instance(acme.id, server_b, "ghes-b", "cred-b")
+        .enroll_instance(
+            acme.id,
+            server_b,
+            "ghes-b",
+            "cred-b",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     let now = OffsetDateTime::now_utc();
@@ -960,6 +1055,7 @@ pub async fn sync_requests_are_claimed_once(store: DynStore) {
     let wrong = store
         .claim_sync_requests(a.id, "cred-b", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("not a's credential");
     assert_eq!(wrong.kind, ErrorKind::Unauthenticated);
 
@@ -1088,24 +1184,31 @@ pub async fn sync_requests_are_claimed_once(store: DynStore) {
         .await
         .expect("queued");
     store
-        .retire_instance(acme.id, server_a)
+        .retire_instance(acme.id, server_a, OffsetDateTime::now_utc())
         .await
         .expect("retire");
     let retired = store
         .claim_sync_requests(a.id, "cred-a", now)
         .await
+        .map_err(ServiceError::from)
         .expect_err("revoked");
     assert_eq!(retired.kind, ErrorKind::Unauthenticated);
 }
 
 pub async fn undelivered_sync_requests_expire(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let server_id = Uuid::new_v4();
     let instance = store
-        .enroll_instance(acme.id, server_id, "ghes-1", "cred-1")
+        .enroll_instance(
+            acme.id,
+            server_id,
+            "ghes-1",
+            "cred-1",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("enroll");
     let now = at(NOW);
@@ -1178,7 +1281,7 @@ pub async fn undelivered_sync_requests_expire(store: DynStore) {
 pub async fn usage_history_keeps_the_latest_count_and_the_daily_maximum(store: DynStore) {
     use license_sync_aggregator::store::{InstanceUsage, UsageDay};
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let day = |date: &str, consumed: i64| UsageDay {
@@ -1225,16 +1328,16 @@ pub async fn usage_history_keeps_the_latest_count_and_the_daily_maximum(store: D
 /// A view built at one generation catches up by reloading only what changed after it.
 pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynStore) {
     let acme = store
-        .create_enterprise("acme", "Acme", 10)
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
         .await
         .expect("create");
     let (server_a, server_b) = (Uuid::new_v4(), Uuid::new_v4());
     let a = store
-        .enroll_instance(acme.id, server_a, "ghes-a", "ca")
+        .enroll_instance(acme.id, server_a, "ghes-a", "ca", OffsetDateTime::now_utc())
         .await
         .expect("enroll a");
     let b = store
-        .enroll_instance(acme.id, server_b, "ghes-b", "cb")
+        .enroll_instance(acme.id, server_b, "ghes-b", "cb", OffsetDateTime::now_utc())
         .await
         .expect("enroll b");
     commit(
@@ -1302,7 +1405,7 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
         .await
         .expect("members");
     store
-        .retire_instance(acme.id, server_a)
+        .retire_instance(acme.id, server_a, OffsetDateTime::now_utc())
         .await
         .expect("retire");
     let later = store
@@ -1322,7 +1425,13 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
 
     // Enrolling again under a new hostname changes what the view shows for that instance's users.
     store
-        .enroll_instance(acme.id, server_b, "ghes-b-renamed", "cb2")
+        .enroll_instance(
+            acme.id,
+            server_b,
+            "ghes-b-renamed",
+            "cb2",
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("re-enroll");
     let renamed = store

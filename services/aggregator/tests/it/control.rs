@@ -723,6 +723,7 @@ async fn sync_now_reaches_the_right_agent_only_and_its_answer_is_visible() {
                 .expect("exists")
                 .id,
             server_b,
+            OffsetDateTime::now_utc(),
         )
         .await
         .expect("retire");

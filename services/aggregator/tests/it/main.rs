@@ -1,0 +1,5 @@
+//! The aggregator's integration tests, in one test binary: a clean build links tonic, axum and sqlx into it once
+//! instead of once per test file.
+
+mod control;
+mod store_suite;
