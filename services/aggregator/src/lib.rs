@@ -14,3 +14,4 @@ pub mod server;
 pub mod store;
 pub mod time_format;
 pub mod tokens;
+pub mod view;

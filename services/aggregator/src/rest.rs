@@ -22,12 +22,13 @@ use uuid::Uuid;
 
 mod page_json;
 
-use crate::app::{App, MergedView};
+use crate::app::App;
 use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
 use crate::store::{Arrival, Enterprise, Instance, SyncRequest};
 use crate::time_format::rfc3339;
+use crate::view::MergedView;
 
 pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
@@ -344,17 +345,20 @@ async fn consumed_licenses(
 ) -> ServiceResult<Response> {
     let enterprise = authorize(&app, &headers, &enterprise).await?;
     let (per_page, page) = parse_page(&query)?;
-    let view = app.merged_view(enterprise.id).await?;
+    let view = app.views.merged_view(enterprise.id).await?;
     let total = view.people.consuming().len();
     let last_page = total.div_ceil(per_page).max(1);
     // Pages of one view generation are identical for every reader: serialise each once.
-    let body = match app.cached_page(enterprise.id, view.generation, (per_page, page)) {
+    let body = match app
+        .views
+        .cached_page(enterprise.id, view.generation, (per_page, page))
+    {
         Some(body) => body,
         None => {
             let body = app
                 .body_pool
                 .into_bytes(consumed_licenses_body(&app, &view, per_page, page)?);
-            app.cache_page(
+            app.views.cache_page(
                 enterprise.id,
                 view.generation,
                 (per_page, page),
@@ -605,7 +609,7 @@ async fn import_cloud_members(
     app.store
         .replace_cloud_members(enterprise.id, &members)
         .await?;
-    app.note_change(enterprise.id);
+    app.views.note_change(enterprise.id);
     tracing::info!(enterprise = %enterprise.slug, members = members.len(), "cloud members imported");
     Ok(Json(json!({ "members_imported": members.len() })))
 }
@@ -750,7 +754,7 @@ async fn retire_instance(
     let server_id = Uuid::parse_str(&server_id)
         .map_err(|_| ServiceError::invalid(format!("{server_id:?} is not a server id (UUID)")))?;
     app.store.retire_instance(enterprise.id, server_id).await?;
-    app.note_change(enterprise.id);
+    app.views.note_change(enterprise.id);
     tracing::info!(enterprise = %enterprise.slug, %server_id, "instance retired");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -801,7 +805,7 @@ async fn license_explanation(
             "give `account=<hostname>:<user id>` (or `github.com:<login>`) or `person=<person_id>`",
         )
     })?;
-    let view = app.merged_view(enterprise.id).await?;
+    let view = app.views.merged_view(enterprise.id).await?;
     let person = find_person(&view, &reference)?;
     let (instances, cloud) = (view.people.instance_slots(), view.people.cloud_members());
     let ties = view.people.ties();
@@ -836,9 +840,9 @@ async fn likely_duplicates(
     headers: HeaderMap,
 ) -> ServiceResult<Json<Value>> {
     let enterprise = authorize(&app, &headers, &enterprise).await?;
-    let view = app.merged_view(enterprise.id).await?;
+    let view = app.views.merged_view(enterprise.id).await?;
     Ok(Json(json!({
-        "likely_duplicates": *app.likely_duplicates(enterprise.id, &view),
+        "likely_duplicates": *app.views.likely_duplicates(enterprise.id, &view),
         "stats": view.people.stats(),
     })))
 }
@@ -887,10 +891,10 @@ async fn usage_history(
             "the period is longer than {MAX_HISTORY_DAYS} days; ask for a shorter one"
         )));
     }
-    let day = |date: time::Date| crate::app::utc_date(date.midnight().assume_utc());
+    let day = |date: time::Date| crate::time_format::utc_date(date.midnight().assume_utc());
     // Reading the view records today's usage if it is not recorded yet, so the answer includes today.
     if until >= today {
-        app.merged_view(enterprise.id).await?;
+        app.views.merged_view(enterprise.id).await?;
     }
     let days = app
         .store

@@ -80,8 +80,8 @@ mod tests {
     use license_sync_core::model::{CloudMember, ExternalIdentity, ServerUser, UserRole};
 
     use super::*;
-    use crate::app::MergedView;
     use crate::rest::{consumed_user, server_emails};
+    use crate::view::MergedView;
 
     fn user(id: i64, login: &str, email: &str) -> ServerUser {
         ServerUser {
