@@ -1,7 +1,7 @@
 //! The application core shared by the gRPC and REST front ends: the one commit path every snapshot takes, which
 //! hands each committed snapshot to the merged views ([`crate::view`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::auth::ApiTokens;
 use crate::body_pool::BodyPool;
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -39,8 +40,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The merged view of each enterprise, which every commit of this process is handed to.
     pub views: Arc<Views>,
-    /// Checked REST API tokens (by SHA-256) and when they were checked.
-    api_tokens: Mutex<std::collections::HashMap<String, (Enterprise, Instant)>>,
+    /// The REST API token check and its cache.
+    pub api_tokens: ApiTokens,
     /// The instance id of each "Sync now" request created by this process, so that a control stream held here
     /// delivers it at once (streams on other replicas find it by polling the database).
     sync_wakeups: tokio::sync::broadcast::Sender<i64>,
@@ -48,11 +49,22 @@ pub struct App {
     pub body_pool: Arc<BodyPool>,
 }
 
+/// What [`crate::auth::AuthorizedEnterprise`] needs of the state, so that `auth` does not depend on `App`.
+impl axum::extract::FromRef<Arc<App>> for ApiTokens {
+    fn from_ref(app: &Arc<App>) -> Self {
+        app.api_tokens.clone()
+    }
+}
+
 impl App {
     pub fn new(store: DynStore, config: AggregatorConfig) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::for_served_services());
         Arc::new(App {
+            api_tokens: ApiTokens::new(
+                store.clone(),
+                std::time::Duration::from_secs(config.api_token_cache_secs),
+            ),
             views: Arc::new(Views::new(
                 store.clone(),
                 Arc::clone(&config),
@@ -61,7 +73,6 @@ impl App {
             store,
             config,
             metrics,
-            api_tokens: Mutex::new(std::collections::HashMap::new()),
             sync_wakeups: tokio::sync::broadcast::channel(256).0,
             body_pool: Arc::new(BodyPool::default()),
         })
@@ -272,49 +283,6 @@ impl App {
         {
             tracing::warn!(error = %record_error.message, "could not record the failed sync");
         }
-    }
-
-    /// Resolves a REST token for an enterprise path segment (slug or numeric id). A token of another enterprise
-    /// gets the same answer as an unknown enterprise, so that enterprises cannot be discovered.
-    pub async fn authorize_enterprise(
-        &self,
-        token: &str,
-        enterprise: &str,
-    ) -> ServiceResult<Enterprise> {
-        let owned = self.enterprise_for_api_token(token).await?;
-        if owned.slug == enterprise || owned.id.to_string() == enterprise {
-            Ok(owned)
-        } else {
-            Err(ServiceError::not_found("Not Found"))
-        }
-    }
-
-    /// The enterprise of a REST API token. A valid token is remembered for `api_token_cache_secs`; an invalid one
-    /// is asked again every time, so a new token works at once.
-    async fn enterprise_for_api_token(&self, token: &str) -> ServiceResult<Enterprise> {
-        let token_sha256 = tokens::sha256_hex(token);
-        let ttl = std::time::Duration::from_secs(self.config.api_token_cache_secs);
-        if let Ok(cache) = self.api_tokens.lock()
-            && let Some((enterprise, checked_at)) = cache.get(&token_sha256)
-            && checked_at.elapsed() < ttl
-        {
-            return Ok(enterprise.clone());
-        }
-        let enterprise = self
-            .store
-            .enterprise_for_api_token(&token_sha256)
-            .await?
-            .ok_or_else(|| ServiceError::unauthenticated("Bad credentials"))?;
-        if !ttl.is_zero()
-            && let Ok(mut cache) = self.api_tokens.lock()
-        {
-            // Tokens are few; a full cache (many tokens in one TTL) starts again rather than track use.
-            if cache.len() >= 10_000 {
-                cache.clear();
-            }
-            cache.insert(token_sha256, (enterprise.clone(), Instant::now()));
-        }
-        Ok(enterprise)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod body_pool;
 pub mod config;
 pub mod control;

@@ -23,10 +23,11 @@ use uuid::Uuid;
 mod page_json;
 
 use crate::app::App;
+use crate::auth::AuthorizedEnterprise;
 use crate::control::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
-use crate::store::{Arrival, Enterprise, Instance, SyncRequest};
+use crate::store::{Arrival, Instance, SyncRequest};
 use crate::time_format::rfc3339;
 use crate::view::MergedView;
 
@@ -98,30 +99,6 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
     app.store.ping().await?;
     Ok("ready")
-}
-
-/// `Authorization: Bearer TOKEN` or `Authorization: token TOKEN`, as GitHub accepts.
-fn request_token(headers: &HeaderMap) -> ServiceResult<&str> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ServiceError::unauthenticated("Requires authentication"))?
-        .to_str()
-        .map_err(|_| ServiceError::unauthenticated("Bad credentials"))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| ServiceError::unauthenticated("Bad credentials"))?;
-    if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") {
-        Ok(token.trim())
-    } else {
-        Err(ServiceError::unauthenticated(
-            "Bad credentials: use `Authorization: Bearer TOKEN`",
-        ))
-    }
-}
-
-async fn authorize(app: &App, headers: &HeaderMap, enterprise: &str) -> ServiceResult<Enterprise> {
-    let token = request_token(headers)?;
-    app.authorize_enterprise(token, enterprise).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,11 +316,10 @@ fn overage(consumed: u64, purchased: i64) -> u64 {
 
 async fn consumed_licenses(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
     Query(query): Query<PageQuery>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
     headers: HeaderMap,
 ) -> ServiceResult<Response> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let (per_page, page) = parse_page(&query)?;
     let view = app.views.merged_view(enterprise.id).await?;
     let total = view.people.consuming().len();
@@ -473,10 +449,8 @@ fn instance_status(
 
 async fn license_sync_status(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let instances = app.store.list_instances(enterprise.id).await?;
     let now = OffsetDateTime::now_utc();
     let stale_after = time::Duration::days(i64::from(app.config.stale_after_days));
@@ -527,11 +501,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Servi
 #[tracing::instrument(name = "aggregator.upload", skip_all, fields(otel.kind = "server"))]
 async fn upload_usage(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
     body: Body,
 ) -> ServiceResult<Response> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let bytes = read_body(&app, body).await?;
     let what = "a usage file written by `license-sync-agent export`";
     let malformed = |error: ServiceError| {
@@ -593,11 +565,9 @@ enum MembersBody {
 /// Replaces the enterprise's cloud members whole.
 async fn import_cloud_members(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
     body: Body,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let bytes = read_body(&app, body).await?;
     let members = match parse_json::<MembersBody>(
         &bytes,
@@ -663,11 +633,9 @@ struct EnrollmentTokenBody {
 /// A one-time enrollment token for an agent; the token is in this answer only.
 async fn create_enrollment_token(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
     body: Body,
 ) -> ServiceResult<Response> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let bytes = read_body_up_to(body, SMALL_BODY_BYTES, "of this endpoint").await?;
     let request: EnrollmentTokenBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         EnrollmentTokenBody::default()
@@ -700,10 +668,10 @@ fn sync_request_json(request: &SyncRequest, server_id: Uuid, now: OffsetDateTime
 /// "Sync now" from the cloud side: queued for the instance's agent, delivered over its control stream.
 async fn sync_now(
     State(app): State<Arc<App>>,
-    Path((enterprise, server_id)): Path<(String, String)>,
+    Path((_, server_id)): Path<(String, String)>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
     headers: HeaderMap,
 ) -> ServiceResult<Response> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let server_id = parse_uuid_segment(&server_id, "server id")?;
     let (request, instance) = app.request_sync_now(&enterprise, server_id).await?;
     let now = OffsetDateTime::now_utc();
@@ -723,10 +691,9 @@ async fn sync_now(
 
 async fn sync_request(
     State(app): State<Arc<App>>,
-    Path((enterprise, server_id, request_id)): Path<(String, String, String)>,
-    headers: HeaderMap,
+    Path((_, server_id, request_id)): Path<(String, String, String)>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let server_id = parse_uuid_segment(&server_id, "server id")?;
     let request_id = parse_uuid_segment(&request_id, "sync request id")?;
     let request = app
@@ -747,10 +714,9 @@ async fn sync_request(
 
 async fn retire_instance(
     State(app): State<Arc<App>>,
-    Path((enterprise, server_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Path((_, server_id)): Path<(String, String)>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<StatusCode> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let server_id = Uuid::parse_str(&server_id)
         .map_err(|_| ServiceError::invalid(format!("{server_id:?} is not a server id (UUID)")))?;
     app.store.retire_instance(enterprise.id, server_id).await?;
@@ -795,11 +761,9 @@ fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v P
 /// "Why is this one license?" and, with `other`, "why are these two licenses?".
 async fn license_explanation(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
     Query(query): Query<ExplainQuery>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let reference = query.account.or(query.person).ok_or_else(|| {
         ServiceError::invalid(
             "give `account=<hostname>:<user id>` (or `github.com:<login>`) or `person=<person_id>`",
@@ -836,10 +800,8 @@ async fn license_explanation(
 
 async fn likely_duplicates(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let view = app.views.merged_view(enterprise.id).await?;
     Ok(Json(json!({
         "likely_duplicates": *app.views.likely_duplicates(enterprise.id, &view),
@@ -869,11 +831,9 @@ fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
 /// users"). `since`/`until` are inclusive UTC dates; the default is the last 90 days.
 async fn usage_history(
     State(app): State<Arc<App>>,
-    Path(enterprise): Path<String>,
     Query(query): Query<HistoryQuery>,
-    headers: HeaderMap,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
 ) -> ServiceResult<Json<Value>> {
-    let enterprise = authorize(&app, &headers, &enterprise).await?;
     let today = OffsetDateTime::now_utc().date();
     let until = match query.until.as_deref() {
         Some(value) => parse_day("until", value)?,
@@ -972,23 +932,5 @@ mod tests {
             let err = parse_page(&bad).expect_err("invalid");
             assert_eq!(err.kind, ErrorKind::InvalidArgument);
         }
-    }
-
-    #[test]
-    fn authorization_accepts_bearer_and_token_schemes() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(
-            request_token(&headers).expect_err("missing").kind,
-            ErrorKind::Unauthenticated
-        );
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer abc"),
-        );
-        assert_eq!(request_token(&headers).ok(), Some("abc"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
-        assert_eq!(request_token(&headers).ok(), Some("abc"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert!(request_token(&headers).is_err());
     }
 }
