@@ -7,9 +7,9 @@ use anyhow::Context;
 use license_sync_core::model::CloudMember;
 use uuid::Uuid;
 
-use crate::rest::validate_members;
 use crate::store::{DynStore, Enterprise, Instance};
 use crate::tokens;
+use license_sync_core::members::validate_members;
 
 pub async fn enterprise(store: &DynStore, slug: &str) -> anyhow::Result<Enterprise> {
     store.enterprise_by_slug(slug).await?.with_context(|| {
