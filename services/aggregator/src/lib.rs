@@ -7,6 +7,7 @@ pub mod auth;
 pub mod body_pool;
 pub mod config;
 pub mod control;
+pub mod enrollment;
 pub mod error;
 pub mod ingest;
 pub mod metrics;

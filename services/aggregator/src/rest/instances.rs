@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::{base_url, parse_json, read_body_up_to};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
-use crate::control::issue_enrollment_token;
+use crate::enrollment::issue_enrollment_token;
 use crate::error::{ServiceError, ServiceResult};
 use crate::store::SyncRequest;
 use crate::time_format::rfc3339;
