@@ -125,7 +125,43 @@ mod tests {
     use axum::http::HeaderValue;
 
     use super::*;
+    use crate::admin;
     use crate::error::ErrorKind;
+
+    #[tokio::test]
+    async fn a_token_opens_only_its_own_enterprise_with_or_without_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+        let store = crate::store::open(&url).await.expect("store");
+        let acme = admin::create_enterprise(&store, "acme", "Acme", 10)
+            .await
+            .expect("enterprise");
+        admin::create_enterprise(&store, "other", "Other", 10)
+            .await
+            .expect("enterprise");
+        let token = admin::create_api_token(&store, "acme", "test")
+            .await
+            .expect("token");
+        for trust_for in [Duration::ZERO, Duration::from_secs(60)] {
+            let tokens = ApiTokens::new(store.clone(), trust_for);
+            // Twice: the second answer may come from the cache.
+            for _ in 0..2 {
+                assert_eq!(
+                    tokens.authorize(&token, "acme").await.ok(),
+                    Some(acme.clone())
+                );
+                let by_id = tokens.authorize(&token, &acme.id.to_string()).await;
+                assert_eq!(by_id.ok(), Some(acme.clone()));
+                let other = tokens.authorize(&token, "other").await.expect_err("other");
+                assert_eq!(other.kind, ErrorKind::NotFound);
+                let bad = tokens
+                    .authorize("lst_unknown", "acme")
+                    .await
+                    .expect_err("bad");
+                assert_eq!(bad.kind, ErrorKind::Unauthenticated);
+            }
+        }
+    }
 
     #[test]
     fn authorization_accepts_bearer_and_token_schemes() {
