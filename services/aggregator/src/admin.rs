@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::ServiceError;
-use crate::rest::validate_members;
 use crate::store::{DynStore, Enterprise, Instance};
 use crate::tokens;
+use license_sync_core::members::validate_members;
 
 pub async fn enterprise(store: &DynStore, slug: &str) -> anyhow::Result<Enterprise> {
     store

@@ -28,15 +28,12 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::app::App;
+// Re-exported where callers (the control tests) have always found it; `enrollment` does not import `control`.
+pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::ingest::bearer_credential;
-use crate::store::{AckOutcome, AgentReport, DynStore, Enterprise, Instance, SyncAckRecord};
+use crate::store::{AckOutcome, AgentReport, Instance, SyncAckRecord};
 use crate::tokens;
-
-/// Lifetime of an enrollment token when the owner gives none.
-pub const DEFAULT_ENROLLMENT_TOKEN_HOURS: i64 = 24;
-/// Longest lifetime of an enrollment token (30 days).
-pub const MAX_ENROLLMENT_TOKEN_HOURS: i64 = 720;
 
 /// A control stream silent for this many heartbeat intervals is closed.
 const IDLE_HEARTBEATS: u32 = 3;
@@ -49,43 +46,6 @@ const MAX_AGENT_VERSION_CHARS: usize = 64;
 const MAX_JOB_ID_CHARS: usize = 128;
 const MAX_REASON_CHARS: usize = 1000;
 const MAX_HOSTNAME_CHARS: usize = 253;
-
-/// A new enrollment token: the secret, shown once, and when it stops working.
-#[derive(Debug, Clone)]
-pub struct IssuedEnrollmentToken {
-    pub token: String,
-    pub expires_at: OffsetDateTime,
-}
-
-/// Creates a one-time enrollment token for the enterprise, valid `expires_in_hours` (default 24, at most 720).
-/// Only its hash is stored. Shared by the REST API and the CLI.
-pub async fn issue_enrollment_token(
-    store: &DynStore,
-    enterprise: &Enterprise,
-    expires_in_hours: Option<i64>,
-) -> ServiceResult<IssuedEnrollmentToken> {
-    let hours = expires_in_hours.unwrap_or(DEFAULT_ENROLLMENT_TOKEN_HOURS);
-    if !(1..=MAX_ENROLLMENT_TOKEN_HOURS).contains(&hours) {
-        return Err(ServiceError::invalid(format!(
-            "an enrollment token lives from 1 to {MAX_ENROLLMENT_TOKEN_HOURS} hours (30 days); {hours} is out of \
-             range (leave the lifetime out for the default, {DEFAULT_ENROLLMENT_TOKEN_HOURS})"
-        )));
-    }
-    let now = OffsetDateTime::now_utc();
-    let expires_at = (now + time::Duration::hours(hours))
-        .replace_nanosecond(0)
-        .unwrap_or(now + time::Duration::hours(hours));
-    let token = tokens::generate(tokens::ENROLLMENT_TOKEN_PREFIX);
-    store
-        .create_enrollment_token(enterprise.id, &tokens::sha256_hex(&token), expires_at, now)
-        .await?;
-    tracing::info!(
-        enterprise = %enterprise.slug,
-        expires_at = %crate::time_format::rfc3339(expires_at),
-        "enrollment token created"
-    );
-    Ok(IssuedEnrollmentToken { token, expires_at })
-}
 
 /// A server id sent by an agent: a UUID, not the nil one.
 fn parse_server_id(text: &str) -> ServiceResult<Uuid> {

@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod body_pool;
 pub mod config;
 pub mod control;
+pub mod enrollment;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
@@ -14,3 +16,4 @@ pub mod server;
 pub mod store;
 pub mod time_format;
 pub mod tokens;
+pub mod view;

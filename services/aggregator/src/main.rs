@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
-use license_sync_aggregator::{admin, control, server, store};
+use license_sync_aggregator::{admin, enrollment, server, store};
 use uuid::Uuid;
 
 /// mimalloc instead of glibc's malloc: the merged view is millions of small allocations that live long and change
@@ -61,7 +61,7 @@ enum EnrollmentTokenCommand {
         #[arg(long)]
         enterprise: String,
         /// How long the token stays usable: 1 to 720 hours.
-        #[arg(long, default_value_t = license_sync_aggregator::control::DEFAULT_ENROLLMENT_TOKEN_HOURS)]
+        #[arg(long, default_value_t = license_sync_aggregator::enrollment::DEFAULT_ENROLLMENT_TOKEN_HOURS)]
         expires_in_hours: i64,
     },
 }
@@ -270,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let enterprise = admin::enterprise(&store, &enterprise).await?;
             let issued =
-                control::issue_enrollment_token(&store, &enterprise, Some(expires_in_hours))
+                enrollment::issue_enrollment_token(&store, &enterprise, Some(expires_in_hours))
                     .await?;
             eprintln!(
                 "enrollment token for {} (shown once; only its hash is stored), single use, valid until {}; \

@@ -22,3 +22,14 @@ pub(crate) fn unix_ms_to_time(ms: i64) -> OffsetDateTime {
 pub(crate) fn time_to_unix_ms(time: OffsetDateTime) -> i64 {
     (time.unix_timestamp_nanos() / 1_000_000) as i64
 }
+
+/// `YYYY-MM-DD` of a UTC time.
+pub fn utc_date(time: OffsetDateTime) -> String {
+    let date = time.to_offset(time::UtcOffset::UTC).date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}

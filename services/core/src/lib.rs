@@ -2,6 +2,7 @@
 //!
 //! - [`accounts`]: an instance's accounts in the compact form the merged view keeps in memory.
 //! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory.
+//! - [`members`]: validation of an import of cloud members.
 //! - [`model`]: server users, instance identity, cloud members.
 //! - [`email`]: the email normalisation every match uses.
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
@@ -14,6 +15,7 @@ pub mod all_users_csv;
 pub mod cloud;
 pub mod email;
 pub mod incremental;
+pub mod members;
 pub mod merge;
 pub mod model;
 pub mod snapshot;

@@ -1,0 +1,268 @@
+//! The REST API: GitHub-compatible licensing endpoints, plus what GitHub does not have (usage upload, members
+//! import, instance retirement, explanations). Errors are GitHub-shaped: `{"message", "documentation_url"}` (the
+//! `IntoResponse` of [`ServiceError`]). One module per resource; pagination (`per_page`/`page`, the `Link` header)
+//! and body reading are here, shared by all of them.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
+use axum::routing::{delete, get, post, put};
+use serde::Deserialize;
+
+use crate::app::App;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+
+mod duplicates;
+mod explanations;
+mod history;
+mod instances;
+mod licenses;
+mod members;
+mod page_json;
+mod status;
+mod upload;
+
+pub const MAX_PER_PAGE: usize = 100;
+pub const DEFAULT_PER_PAGE: usize = 30;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        // Unauthenticated, like the health checks: restrict it at the network level.
+        .route("/metrics", get(crate::metrics::serve))
+        .route(
+            "/enterprises/{enterprise}/consumed-licenses",
+            get(licenses::consumed_licenses),
+        )
+        .route(
+            "/enterprises/{enterprise}/license-sync-status",
+            get(status::license_sync_status),
+        )
+        .route(
+            "/enterprises/{enterprise}/server-usage",
+            post(upload::upload_usage),
+        )
+        .route(
+            "/enterprises/{enterprise}/cloud-members",
+            put(members::import_cloud_members),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}",
+            delete(instances::retire_instance),
+        )
+        .route(
+            "/enterprises/{enterprise}/enrollment-tokens",
+            post(instances::create_enrollment_token),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}/sync-now",
+            post(instances::sync_now),
+        )
+        .route(
+            "/enterprises/{enterprise}/instances/{server_id}/sync-requests/{request_id}",
+            get(instances::sync_request),
+        )
+        .route(
+            "/enterprises/{enterprise}/license-explanations",
+            get(explanations::license_explanation),
+        )
+        .route(
+            "/enterprises/{enterprise}/usage-history",
+            get(history::usage_history),
+        )
+        .route(
+            "/enterprises/{enterprise}/likely-duplicates",
+            get(duplicates::likely_duplicates),
+        )
+        // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
+        .layer(DefaultBodyLimit::disable())
+        .fallback(|| async { ServiceError::not_found("Not Found") })
+        // Last, so that it sees every route and the fallback (whose requests are labelled `unmatched`).
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app.metrics),
+            crate::metrics::track_http,
+        ))
+        .with_state(app)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
+    app.store.ping().await?;
+    Ok("ready")
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct PageQuery {
+    pub per_page: Option<String>,
+    pub page: Option<String>,
+}
+
+/// Page size and number, validated as GitHub does: `per_page` above 100 is served as 100.
+pub(super) fn parse_page(query: &PageQuery) -> ServiceResult<(usize, usize)> {
+    let parse = |name: &str, value: &Option<String>, default: usize| -> ServiceResult<usize> {
+        match value.as_deref() {
+            None | Some("") => Ok(default),
+            Some(text) => match text.parse::<usize>() {
+                Ok(number) if number >= 1 => Ok(number),
+                _ => Err(ServiceError::invalid(format!(
+                    "`{name}` must be a positive integer, got {text:?}"
+                ))),
+            },
+        }
+    };
+    let per_page = parse("per_page", &query.per_page, DEFAULT_PER_PAGE)?.min(MAX_PER_PAGE);
+    let page = parse("page", &query.page, 1)?;
+    Ok((per_page, page))
+}
+
+/// Base URL for `Link` headers: the configured public URL, else the request's `Host`.
+pub(super) fn base_url(app: &App, headers: &HeaderMap) -> String {
+    if let Some(url) = &app.config.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|value| value.to_str().ok())
+        .filter(|proto| *proto == "https")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+/// RFC 8288 `Link` header with the relations GitHub sends: `prev`/`first` after page 1, `next`/`last` before the
+/// last page.
+fn link_header(url: &str, per_page: usize, page: usize, last_page: usize) -> Option<String> {
+    let link =
+        |page: usize, rel: &str| format!("<{url}?per_page={per_page}&page={page}>; rel=\"{rel}\"");
+    let mut links = Vec::new();
+    if page > 1 {
+        links.push(link(page.saturating_sub(1).clamp(1, last_page), "prev"));
+    }
+    if page < last_page {
+        links.push(link(page + 1, "next"));
+        links.push(link(last_page, "last"));
+    }
+    if page > 1 {
+        links.push(link(1, "first"));
+    }
+    (!links.is_empty()).then(|| links.join(", "))
+}
+/// Adds the `Link` header of page `page` of the paginated resource at `path` (from the site root).
+fn add_link_header(
+    response: &mut Response,
+    app: &App,
+    headers: &HeaderMap,
+    path: &str,
+    (per_page, page): (usize, usize),
+    last_page: usize,
+) {
+    let url = format!("{}{path}", base_url(app, headers));
+    if let Some(link) = link_header(&url, per_page, page, last_page)
+        && let Ok(value) = HeaderValue::from_str(&link)
+    {
+        response.headers_mut().insert(header::LINK, value);
+    }
+}
+
+pub(super) fn overage(consumed: u64, purchased: i64) -> u64 {
+    consumed.saturating_sub(u64::try_from(purchased).unwrap_or(0))
+}
+/// Reads a request body up to the configured limit.
+pub(super) async fn read_body(app: &App, body: Body) -> ServiceResult<Bytes> {
+    read_body_up_to(body, app.config.max_upload_bytes, "max_upload_bytes").await
+}
+
+/// Reads a request body up to `limit` bytes; `limit_name` says which limit in the error.
+pub(super) async fn read_body_up_to(
+    body: Body,
+    limit: usize,
+    limit_name: &str,
+) -> ServiceResult<Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ServiceError::new(
+            ErrorKind::ResourceExhausted,
+            format!("the request body is over the {limit}-byte limit ({limit_name})"),
+        )
+    })
+}
+
+/// Parses JSON without echoing input values in the error (they may hold email addresses).
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> ServiceResult<T> {
+    serde_json::from_slice(bytes).map_err(|err| {
+        let problem = match err.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "is not valid JSON"
+            }
+            serde_json::error::Category::Data => "does not have the expected fields and types",
+            serde_json::error::Category::Io => "could not be read",
+        };
+        ServiceError::invalid(format!(
+            "the body {problem} (line {}, column {}): expected {what}",
+            err.line(),
+            err.column()
+        ))
+    })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header_has_github_relations() {
+        let url = "http://h/enterprises/e/consumed-licenses";
+        assert_eq!(link_header(url, 10, 1, 1), None);
+        let first = link_header(url, 10, 1, 3).expect("links");
+        assert_eq!(
+            first,
+            "<http://h/enterprises/e/consumed-licenses?per_page=10&page=2>; rel=\"next\", \
+             <http://h/enterprises/e/consumed-licenses?per_page=10&page=3>; rel=\"last\""
+        );
+        let middle = link_header(url, 10, 2, 3).expect("links");
+        for rel in ["prev", "next", "last", "first"] {
+            assert!(middle.contains(&format!("rel=\"{rel}\"")), "{middle}");
+        }
+        let last = link_header(url, 10, 3, 3).expect("links");
+        assert!(
+            last.contains("page=2>; rel=\"prev\"") && !last.contains("next"),
+            "{last}"
+        );
+        // Past the end: prev points at the last page.
+        let beyond = link_header(url, 10, 9, 3).expect("links");
+        assert!(beyond.contains("page=3>; rel=\"prev\""), "{beyond}");
+    }
+
+    #[test]
+    fn page_parameters_are_validated_and_clamped() {
+        let query = |per_page: Option<&str>, page: Option<&str>| PageQuery {
+            per_page: per_page.map(str::to_owned),
+            page: page.map(str::to_owned),
+        };
+        assert_eq!(parse_page(&query(None, None)).ok(), Some((30, 1)));
+        assert_eq!(
+            parse_page(&query(Some("500"), Some("2"))).ok(),
+            Some((100, 2))
+        );
+        for bad in [
+            query(Some("0"), None),
+            query(Some("x"), None),
+            query(None, Some("-1")),
+        ] {
+            let err = parse_page(&bad).expect_err("invalid");
+            assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! `POST /enterprises/{enterprise}/server-usage`: the manual upload of a usage file, committed like a streamed sync.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use license_sync_core::snapshot::UsageFile;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::{parse_json, read_body};
+use crate::app::App;
+use crate::auth::AuthorizedEnterprise;
+use crate::error::{ServiceError, ServiceResult};
+use crate::metrics::Rejection;
+use crate::store::Arrival;
+
+/// "Add server usage": the manual upload of a usage file exported by an agent. The span `aggregator.upload` is
+/// the root of the upload's trace (validation, commit and merge are its children, as for a streamed sync).
+#[tracing::instrument(name = "aggregator.upload", skip_all, fields(otel.kind = "server"))]
+pub(super) async fn upload_usage(
+    State(app): State<Arc<App>>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+    body: Body,
+) -> ServiceResult<Response> {
+    let bytes = read_body(&app, body).await?;
+    let what = "a usage file written by `license-sync-agent export`";
+    let malformed = |error: ServiceError| {
+        app.metrics.rejected(Rejection::MalformedFile);
+        error
+    };
+    let value: Value = parse_json(&bytes, what).map_err(malformed)?;
+    match value.get("format").and_then(Value::as_str) {
+        Some(UsageFile::FORMAT) => {}
+        Some(other) => {
+            return Err(malformed(ServiceError::invalid(format!(
+                "unsupported usage file format {other:?}; this aggregator reads {:?}",
+                UsageFile::FORMAT
+            ))));
+        }
+        None => {
+            return Err(malformed(ServiceError::invalid(format!(
+                "the body has no \"format\" field: expected {what}"
+            ))));
+        }
+    }
+    drop(value);
+    let file: UsageFile = parse_json(&bytes, what).map_err(malformed)?;
+    let instance = app
+        .store
+        .instance_for_upload(
+            enterprise.id,
+            file.meta.instance.server_id,
+            &file.meta.instance.hostname,
+            OffsetDateTime::now_utc(),
+        )
+        .await?;
+    let snapshot = match file.into_snapshot() {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            app.metrics.rejected(Rejection::of(&error));
+            let error = ServiceError::from(error);
+            app.record_failure(&instance, Arrival::Upload, &error).await;
+            return Err(error);
+        }
+    };
+    let receipt = app
+        .commit_snapshot(&instance, snapshot, Arrival::Upload, None)
+        .await?;
+    let status = if receipt.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(receipt)).into_response())
+}
