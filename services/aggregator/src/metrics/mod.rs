@@ -8,7 +8,12 @@
 //! - **State of the shared database** (seats, users by state, last successful sync, stale instances) is refreshed
 //!   from the store and the cached merged view at every scrape, so every replica reports the same values whichever
 //!   one committed. The refresh is cheap when nothing changed: one generation read per enterprise (the merged view
-//!   is cached per generation) and one read of the instance rows.
+//!   is cached per generation) and one read of the instance rows. The gauges are registered here; the code that
+//!   reads the store and the merged views to fill them is `crate::scrape`, so that this module knows nothing of
+//!   `App`.
+//!
+//! The modules: `registry` (the [`Metrics`] struct: families, labels, buckets and the event recorders) and `layers`
+//! (the HTTP middleware and the gRPC layer that count requests).
 //!
 //! Label values are bounded: enterprise slugs, hostnames, fixed sets of words, route templates and the gRPC methods
 //! this server serves. Never a user id, login or email address.
@@ -16,203 +21,20 @@
 mod layers;
 mod registry;
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use time::OffsetDateTime;
-
+/// The `/metrics` handler lives with the code that reads the database (`crate::scrape`); re-exported so that the
+/// router's path stays `crate::metrics::serve`. This is the only path from `metrics` to `scrape`: once the router
+/// names `crate::scrape::serve`, it goes.
+pub use crate::scrape::serve;
 pub use layers::{GrpcMetricsLayer, UNMATCHED_ROUTE, grpc_code_name, track_http};
-use registry::{EnterpriseValues, InstanceStates, STATES};
+pub(crate) use registry::{EnterpriseValues, InstanceStates, STATES};
 pub use registry::{Metrics, Rejection, UNKNOWN_GRPC_METHOD};
-
-use crate::app::{App, MergedView, ViewGuard};
-use crate::error::{ServiceError, ServiceResult};
-use crate::store::{Enterprise, Instance};
 
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-impl Metrics {
-    /// Refreshes the database gauges and encodes every metric.
-    pub async fn render(&self, app: &Arc<App>) -> Result<String, std::fmt::Error> {
-        let _scrape = self.scrape.lock().await;
-        self.refresh(app).await;
-        self.encode()
-    }
-
-    async fn refresh(&self, app: &Arc<App>) {
-        let (sender, mut reads) = tokio::sync::mpsc::unbounded_channel();
-        // Its own task, one enterprise at a time: a view rebuild that outlasts this scrape's budget still completes
-        // and is cached for the next scrape, and a fresh replica does not rebuild every view at once.
-        tokio::spawn(read_database(Arc::clone(app), sender));
-        let deadline = tokio::time::Instant::now() + REFRESH_BUDGET;
-        let now = OffsetDateTime::now_utc();
-        let stale_after = time::Duration::days(i64::from(app.config.stale_after_days));
-        let mut listed = None;
-        let mut values = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, reads.recv()).await {
-                Ok(Some(Read::Listed(ids))) => listed = Some(ids),
-                Ok(Some(Read::Enterprise(enterprise, Ok((view, instances))))) => values
-                    .push(self.enterprise_values(&enterprise, &view, instances, now, stale_after)),
-                Ok(Some(Read::Enterprise(enterprise, Err(error)))) => tracing::warn!(
-                    enterprise = %enterprise.slug,
-                    error = %error.message,
-                    "metrics: cannot read the enterprise; its gauges are left out of this scrape"
-                ),
-                Ok(Some(Read::ListFailed(error))) => {
-                    tracing::warn!(error = %error.message, "metrics: cannot list the enterprises; their gauges are left out of this scrape");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(
-                        budget_secs = REFRESH_BUDGET.as_secs(),
-                        "metrics: reading the database took longer than the budget; the enterprises not read yet are \
-                         left out of this scrape (their views are still being rebuilt for the next one)"
-                    );
-                    break;
-                }
-            }
-        }
-        self.set_database_gauges(values);
-        // Forget the counts of enterprises that are gone.
-        if let Some(known) = listed
-            && let Ok(mut cache) = self.states_cache.lock()
-        {
-            cache.retain(|id, _| known.contains(id));
-        }
-    }
-
-    fn enterprise_values(
-        &self,
-        enterprise: &Enterprise,
-        view: &MergedView,
-        instances: Vec<Instance>,
-        now: OffsetDateTime,
-        stale_after: time::Duration,
-    ) -> EnterpriseValues {
-        let active: Vec<_> = instances
-            .into_iter()
-            .filter(|instance| instance.retired_at.is_none())
-            .collect();
-        let stale = active
-            .iter()
-            .filter(|instance| {
-                instance
-                    .last_success_at
-                    .is_none_or(|success| now - success > stale_after)
-            })
-            .count() as i64;
-        EnterpriseValues {
-            slug: enterprise.slug.clone(),
-            consumed: i64::try_from(view.people.total_seats_consumed()).unwrap_or(i64::MAX),
-            purchased: view.seats_purchased,
-            last_success: active
-                .into_iter()
-                .map(|instance| (instance.hostname, instance.last_success_at))
-                .collect(),
-            stale,
-            states: self.instance_states(enterprise.id, view),
-        }
-    }
-
-    /// Accounts by state of each instance of the view, counted once per generation.
-    fn instance_states(&self, enterprise_id: i64, view: &MergedView) -> Arc<Vec<InstanceStates>> {
-        if let Ok(cache) = self.states_cache.lock()
-            && let Some((generation, states)) = cache.get(&enterprise_id)
-            && *generation == view.generation
-        {
-            return Arc::clone(states);
-        }
-        let states: Arc<Vec<InstanceStates>> = Arc::new(
-            view.people
-                .instances()
-                .map(|(_, instance, _)| {
-                    let mut counts = [0i64; 4];
-                    for user in instance.users.iter() {
-                        let state = user.consumption();
-                        if let Some(index) = STATES.iter().position(|known| *known == state) {
-                            counts[index] += 1;
-                        }
-                    }
-                    InstanceStates {
-                        hostname: instance.hostname.clone(),
-                        counts,
-                    }
-                })
-                .collect(),
-        );
-        if let Ok(mut cache) = self.states_cache.lock() {
-            cache.insert(enterprise_id, (view.generation, Arc::clone(&states)));
-        }
-        states
-    }
-}
-
-/// The longest a scrape waits for the database before answering with what it has: below Prometheus' default
-/// `scrape_timeout` (10 s), so that the event counters stay visible while the database is slow or down.
-const REFRESH_BUDGET: Duration = Duration::from_secs(5);
-
-/// What [`read_database`] hands to the scrape, as it goes.
-enum Read {
-    Listed(HashSet<i64>),
-    ListFailed(ServiceError),
-    Enterprise(Enterprise, ServiceResult<(ViewGuard, Vec<Instance>)>),
-}
-
-/// Reads every enterprise's merged view (cached per generation: a re-merge only when the database changed since this
-/// process last looked) and instance rows, one enterprise at a time. Stops when the scrape is gone.
-async fn read_database(app: Arc<App>, sender: tokio::sync::mpsc::UnboundedSender<Read>) {
-    let enterprises = match app.store.list_enterprises().await {
-        Ok(enterprises) => enterprises,
-        Err(error) => {
-            let _ = sender.send(Read::ListFailed(error));
-            return;
-        }
-    };
-    if sender
-        .send(Read::Listed(enterprises.iter().map(|e| e.id).collect()))
-        .is_err()
-    {
-        return;
-    }
-    for enterprise in enterprises {
-        let read = async {
-            let view = app.merged_view(enterprise.id).await?;
-            let instances = app.store.list_instances(enterprise.id).await?;
-            Ok((view, instances))
-        }
-        .await;
-        if sender.send(Read::Enterprise(enterprise, read)).is_err() {
-            return;
-        }
-    }
-}
-
-/// `GET /metrics`.
-pub async fn serve(State(app): State<Arc<App>>) -> Response {
-    match app.metrics.render(&app).await {
-        Ok(text) => {
-            let mut response = text.into_response();
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-            response
-        }
-        Err(error) => {
-            tracing::error!(%error, "metrics: cannot encode");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::layers::GrpcCall;
