@@ -1,7 +1,7 @@
 //! The domain of license-sync, free of I/O so that every rule can be unit-tested on its own.
 //!
 //! - [`accounts`]: an instance's accounts in the compact form the merged view keeps in memory.
-//! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory.
+//! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory, and their match index.
 //! - [`model`]: server users, instance identity, cloud members.
 //! - [`email`]: the email normalisation every match uses.
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
