@@ -37,6 +37,7 @@ pub mod sidecar;
 pub mod snapshot;
 pub mod source;
 pub mod state;
+pub mod trigger;
 pub mod upload_client;
 
 pub use config::AgentConfig;

@@ -20,7 +20,6 @@ use crate::store::{
 };
 use crate::tokens;
 use crate::view::{Committed, Views};
-pub use crate::view::{MergedView, ViewGuard};
 
 /// What the sender of a snapshot is told once it is committed.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -136,11 +135,6 @@ impl App {
                      or issue a credential with `license-sync-aggregator instance add` and configure the agent with it",
                 )
             })
-    }
-
-    /// The enterprise's merged view, brought up to date when the store's generation moved on (see [`Views`]).
-    pub async fn merged_view(&self, enterprise_id: i64) -> ServiceResult<ViewGuard> {
-        self.views.merged_view(enterprise_id).await
     }
 
     /// Validates and commits a snapshot for an instance; the one path for streamed and uploaded snapshots.
@@ -352,7 +346,7 @@ mod tests {
 
     /// What a reader is told: generation, consumed seats and the consuming people in order.
     async fn answer(app: &App, enterprise_id: i64) -> (i64, u64, Vec<String>) {
-        let view = app.merged_view(enterprise_id).await.expect("view");
+        let view = app.views.merged_view(enterprise_id).await.expect("view");
         let people = view
             .people
             .consuming()

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ingest;
 pub mod metrics;
 pub mod rest;
+pub mod scrape;
 pub mod server;
 pub mod store;
 pub mod time_format;

@@ -1,13 +1,19 @@
-//! [`CloudMembers`]: the enterprise's cloud members as the merged view keeps them in memory.
+//! [`CloudMembers`]: the enterprise's cloud members as the merged view keeps them in memory, and `CloudIndex`: the
+//! index that finds the cloud member a normalised email matches (by an [`IdentityAttribute`], else by a verified
+//! email; the rules are in [`crate::merge`]).
 //!
 //! A [`CloudMember`] as imported is about 280 bytes of fields plus a heap allocation per string and per list (400–
 //! 500 bytes for a typical member). The view only needs what the merge and the REST answers read: here every string
 //! of a member sits in one shared buffer, and a member costs its id, a flag byte, three list lengths and one offset
 //! per string. The identity attributes other than the SAML NameID only feed the matching index and are not kept.
 
-use serde::ser::{Serialize, SerializeSeq, Serializer};
+use std::collections::HashMap;
 
-use crate::merge::CloudIndex;
+use serde::Serialize;
+use serde::ser::{SerializeSeq, Serializer};
+use smallvec::SmallVec;
+
+use crate::email::{EmailKey, email_key, normalize_email, normalize_text};
 use crate::model::CloudMember;
 
 /// An enterprise's cloud members ready for the merge: their compact table and their match index. Built one member
@@ -292,6 +298,157 @@ impl CloudMembers {
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = CloudMemberRef<'_>> + '_ {
         (0..self.len()).map(|index| self.at(index))
+    }
+}
+
+/// Which identity attribute matched (SPEC §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityAttribute {
+    NameId,
+    EmailaddressClaim,
+    NameClaim,
+    Username,
+    ScimEmail,
+}
+
+impl IdentityAttribute {
+    pub fn describe(self) -> &'static str {
+        match self {
+            IdentityAttribute::NameId => "SAML NameID",
+            IdentityAttribute::EmailaddressClaim => "SAML emailaddress claim",
+            IdentityAttribute::NameClaim => "SAML name claim",
+            IdentityAttribute::Username => "SCIM username",
+            IdentityAttribute::ScimEmail => "SCIM emails value",
+        }
+    }
+}
+
+/// How an email matched the cloud side.
+pub(crate) struct CloudMatch {
+    pub(crate) winner: u32,
+    /// The identity attribute that matched, or `None` for a verified email.
+    pub(crate) attribute: Option<IdentityAttribute>,
+    pub(crate) tied_candidates: Box<[u32]>,
+}
+
+/// One cloud member an email can match: by an identity attribute, or (`None`) by a verified email.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    member: u32,
+    attribute: Option<IdentityAttribute>,
+}
+
+/// Normalised identity attributes and verified emails → the cloud members they belong to. Keys are 128 bits of the
+/// text's SHA-256 ([`EmailKey`]) rather than the text: one entry per address of every member adds up.
+#[derive(Default)]
+pub(crate) struct CloudIndex {
+    /// Cloud id of each member, for the lowest-id tie rule.
+    ids: Vec<i64>,
+    /// Almost every address belongs to one member: that one candidate is kept inline.
+    candidates: HashMap<EmailKey, SmallVec<[Candidate; 1]>>,
+}
+
+impl CloudIndex {
+    /// Adds the next member (its index is the number of members pushed before it).
+    pub(crate) fn push(&mut self, member: &CloudMember) {
+        let candidates = &mut self.candidates;
+        let index = self.ids.len() as u32;
+        self.ids.push(member.id);
+        {
+            if let Some(external) = &member.identity {
+                let singles = [
+                    (&external.name_id, IdentityAttribute::NameId),
+                    (&external.emailaddress, IdentityAttribute::EmailaddressClaim),
+                    (&external.name, IdentityAttribute::NameClaim),
+                    (&external.username, IdentityAttribute::Username),
+                ];
+                let values = singles
+                    .into_iter()
+                    .filter_map(|(value, attribute)| value.as_deref().map(|v| (v, attribute)))
+                    .chain(
+                        external
+                            .emails
+                            .iter()
+                            .map(|email| (email.as_str(), IdentityAttribute::ScimEmail)),
+                    );
+                for (value, attribute) in values {
+                    let key = normalize_text(value);
+                    if key.is_empty() {
+                        continue;
+                    }
+                    let entries = candidates.entry(email_key(&key)).or_default();
+                    // One entry per member and value: the first attribute in the documented order names the match.
+                    if !entries
+                        .iter()
+                        .any(|entry| entry.member == index && entry.attribute.is_some())
+                    {
+                        entries.push(Candidate {
+                            member: index,
+                            attribute: Some(attribute),
+                        });
+                    }
+                }
+            }
+            for email in &member.verified_emails {
+                if let Ok(email) = normalize_email(email) {
+                    let entries = candidates.entry(email_key(email.as_str())).or_default();
+                    let verified = Candidate {
+                        member: index,
+                        attribute: None,
+                    };
+                    if !entries.contains(&verified) {
+                        entries.push(verified);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back the spare capacity once every member is in.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.ids.shrink_to_fit();
+        self.candidates.shrink_to_fit();
+    }
+
+    fn lowest_id(&self, candidates: impl Iterator<Item = u32>) -> Option<u32> {
+        candidates.min_by_key(|&index| (self.ids[index as usize], index))
+    }
+
+    /// The cloud member a normalised email (given by its [`email_key`]) matches, if any.
+    pub(crate) fn find(&self, email: &EmailKey) -> Option<CloudMatch> {
+        let entries = self.candidates.get(email)?;
+        let by_identity = || entries.iter().filter(|entry| entry.attribute.is_some());
+        let (winner, attribute) = match self.lowest_id(by_identity().map(|entry| entry.member)) {
+            Some(winner) => {
+                let attribute = by_identity()
+                    .find(|entry| entry.member == winner)
+                    .and_then(|entry| entry.attribute)?;
+                (winner, Some(attribute))
+            }
+            None => (
+                self.lowest_id(entries.iter().map(|entry| entry.member))?,
+                None,
+            ),
+        };
+        let tied_candidates = if entries.len() > 1 {
+            let mut members: Vec<u32> = entries.iter().map(|entry| entry.member).collect();
+            members.sort_by_key(|&index| (self.ids[index as usize], index));
+            members.dedup();
+            members.into_boxed_slice()
+        } else {
+            Box::default()
+        };
+        Some(CloudMatch {
+            winner,
+            attribute,
+            // A member matched both by identity and by a verified email is one candidate, not a tie.
+            tied_candidates: if tied_candidates.len() > 1 {
+                tied_candidates
+            } else {
+                Box::default()
+            },
+        })
     }
 }
 

@@ -16,11 +16,11 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use crate::accounts::Accounts;
-use crate::cloud::{CloudDirectory, CloudMembers};
+use crate::cloud::{CloudDirectory, CloudIndex, CloudMembers};
 use crate::email::{EmailKey, email_key, normalize_email};
 use crate::merge::{
-    AccountRef, CloudIndex, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person,
-    PersonId, ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
+    AccountRef, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person, PersonId,
+    ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
     person_id,
 };
 
@@ -464,7 +464,7 @@ impl PeopleIndex {
                             }
                             let link = ServerLink {
                                 account,
-                                rule: found.rule,
+                                rule: MatchRule::of_cloud_match(found.attribute),
                                 tied,
                             };
                             (found.winner, link)

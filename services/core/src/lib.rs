@@ -1,7 +1,7 @@
 //! The domain of license-sync, free of I/O so that every rule can be unit-tested on its own.
 //!
 //! - [`accounts`]: an instance's accounts in the compact form the merged view keeps in memory.
-//! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory.
+//! - [`cloud`]: the cloud members in the compact form the merged view keeps in memory, and their match index.
 //! - [`members`]: validation of an import of cloud members.
 //! - [`model`]: server users, instance identity, cloud members.
 //! - [`email`]: the email normalisation every match uses.

@@ -27,8 +27,9 @@ use serde::Serialize;
 use smallvec::SmallVec;
 
 use crate::accounts::{Account, Accounts};
+pub use crate::cloud::IdentityAttribute;
 use crate::cloud::{CloudDirectory, CloudMembers};
-use crate::email::{EmailKey, InvalidEmail, email_key, normalize_email, normalize_text};
+use crate::email::{InvalidEmail, email_key, normalize_email, normalize_text};
 use crate::model::{CloudMember, ServerConsumption};
 
 /// The accounts of one GHES instance, as stored from its latest snapshot.
@@ -45,29 +46,6 @@ pub struct AccountRef {
     pub user: u32,
 }
 
-/// Which identity attribute matched (SPEC §4.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentityAttribute {
-    NameId,
-    EmailaddressClaim,
-    NameClaim,
-    Username,
-    ScimEmail,
-}
-
-impl IdentityAttribute {
-    pub fn describe(self) -> &'static str {
-        match self {
-            IdentityAttribute::NameId => "SAML NameID",
-            IdentityAttribute::EmailaddressClaim => "SAML emailaddress claim",
-            IdentityAttribute::NameClaim => "SAML name claim",
-            IdentityAttribute::Username => "SCIM username",
-            IdentityAttribute::ScimEmail => "SCIM emails value",
-        }
-    }
-}
-
 /// Why a GHES account belongs to its person.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
@@ -82,6 +60,16 @@ pub enum MatchRule {
     Unmatched,
     /// Its primary email is not a usable address, so it matches nothing.
     InvalidEmail { reason: InvalidEmailReason },
+}
+
+impl MatchRule {
+    /// The rule of a match with a cloud member: by an identity attribute, or (`None`) by a verified email.
+    pub(crate) fn of_cloud_match(attribute: Option<IdentityAttribute>) -> Self {
+        match attribute {
+            Some(attribute) => MatchRule::Identity { attribute },
+            None => MatchRule::VerifiedEmail,
+        }
+    }
 }
 
 /// [`InvalidEmail`] in a serialisable form.
@@ -363,133 +351,6 @@ impl Merged {
     }
 }
 
-/// How an email matched the cloud side.
-pub(crate) struct CloudMatch {
-    pub(crate) winner: u32,
-    pub(crate) rule: MatchRule,
-    pub(crate) tied_candidates: Box<[u32]>,
-}
-
-/// One cloud member an email can match: by an identity attribute, or (`None`) by a verified email.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Candidate {
-    member: u32,
-    attribute: Option<IdentityAttribute>,
-}
-
-/// Normalised identity attributes and verified emails → the cloud members they belong to. Keys are 128 bits of the
-/// text's SHA-256 ([`EmailKey`]) rather than the text: one entry per address of every member adds up.
-#[derive(Default)]
-pub(crate) struct CloudIndex {
-    /// Cloud id of each member, for the lowest-id tie rule.
-    ids: Vec<i64>,
-    /// Almost every address belongs to one member: that one candidate is kept inline.
-    candidates: HashMap<EmailKey, SmallVec<[Candidate; 1]>>,
-}
-
-impl CloudIndex {
-    /// Adds the next member (its index is the number of members pushed before it).
-    pub(crate) fn push(&mut self, member: &CloudMember) {
-        let candidates = &mut self.candidates;
-        let index = self.ids.len() as u32;
-        self.ids.push(member.id);
-        {
-            if let Some(external) = &member.identity {
-                let singles = [
-                    (&external.name_id, IdentityAttribute::NameId),
-                    (&external.emailaddress, IdentityAttribute::EmailaddressClaim),
-                    (&external.name, IdentityAttribute::NameClaim),
-                    (&external.username, IdentityAttribute::Username),
-                ];
-                let values = singles
-                    .into_iter()
-                    .filter_map(|(value, attribute)| value.as_deref().map(|v| (v, attribute)))
-                    .chain(
-                        external
-                            .emails
-                            .iter()
-                            .map(|email| (email.as_str(), IdentityAttribute::ScimEmail)),
-                    );
-                for (value, attribute) in values {
-                    let key = normalize_text(value);
-                    if key.is_empty() {
-                        continue;
-                    }
-                    let entries = candidates.entry(email_key(&key)).or_default();
-                    // One entry per member and value: the first attribute in the documented order names the match.
-                    if !entries
-                        .iter()
-                        .any(|entry| entry.member == index && entry.attribute.is_some())
-                    {
-                        entries.push(Candidate {
-                            member: index,
-                            attribute: Some(attribute),
-                        });
-                    }
-                }
-            }
-            for email in &member.verified_emails {
-                if let Ok(email) = normalize_email(email) {
-                    let entries = candidates.entry(email_key(email.as_str())).or_default();
-                    let verified = Candidate {
-                        member: index,
-                        attribute: None,
-                    };
-                    if !entries.contains(&verified) {
-                        entries.push(verified);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives back the spare capacity once every member is in.
-    pub(crate) fn shrink_to_fit(&mut self) {
-        self.ids.shrink_to_fit();
-        self.candidates.shrink_to_fit();
-    }
-
-    fn lowest_id(&self, candidates: impl Iterator<Item = u32>) -> Option<u32> {
-        candidates.min_by_key(|&index| (self.ids[index as usize], index))
-    }
-
-    /// The cloud member a normalised email (given by its [`email_key`]) matches, if any.
-    pub(crate) fn find(&self, email: &EmailKey) -> Option<CloudMatch> {
-        let entries = self.candidates.get(email)?;
-        let by_identity = || entries.iter().filter(|entry| entry.attribute.is_some());
-        let (winner, rule) = match self.lowest_id(by_identity().map(|entry| entry.member)) {
-            Some(winner) => {
-                let attribute = by_identity()
-                    .find(|entry| entry.member == winner)
-                    .and_then(|entry| entry.attribute)?;
-                (winner, MatchRule::Identity { attribute })
-            }
-            None => (
-                self.lowest_id(entries.iter().map(|entry| entry.member))?,
-                MatchRule::VerifiedEmail,
-            ),
-        };
-        let tied_candidates = if entries.len() > 1 {
-            let mut members: Vec<u32> = entries.iter().map(|entry| entry.member).collect();
-            members.sort_by_key(|&index| (self.ids[index as usize], index));
-            members.dedup();
-            members.into_boxed_slice()
-        } else {
-            Box::default()
-        };
-        Some(CloudMatch {
-            winner,
-            rule,
-            // A member matched both by identity and by a verified email is one candidate, not a tie.
-            tied_candidates: if tied_candidates.len() > 1 {
-                tied_candidates
-            } else {
-                Box::default()
-            },
-        })
-    }
-}
-
 /// A person being built, before sorting.
 pub(crate) struct Draft {
     pub(crate) cloud_member: Option<u32>,
@@ -544,7 +405,8 @@ pub fn merge(instances: &[InstanceUsers], cloud_input: &[CloudMember]) -> Merged
                 }
             };
             if let Some(found) = index.find(&email_key(email.as_str())) {
-                match found.rule {
+                let rule = MatchRule::of_cloud_match(found.attribute);
+                match rule {
                     MatchRule::Identity { .. } => stats.matched_by_identity += 1,
                     _ => stats.matched_by_verified_email += 1,
                 }
@@ -555,7 +417,7 @@ pub fn merge(instances: &[InstanceUsers], cloud_input: &[CloudMember]) -> Merged
                 }
                 drafts[found.winner as usize].links.push(ServerLink {
                     account,
-                    rule: found.rule,
+                    rule,
                     tied,
                 });
                 continue;

@@ -13,6 +13,8 @@ use uuid::Uuid;
 
 use crate::state::ErrorReport;
 
+pub use crate::trigger::TriggerKind;
+
 /// Jobs kept in memory (the active one is never evicted).
 pub const MAX_JOBS: usize = 50;
 
@@ -58,47 +60,6 @@ impl Trigger {
             Trigger::Schedule { .. } => TriggerKind::Schedule,
             Trigger::Cloud { .. } => TriggerKind::Cloud,
         }
-    }
-}
-
-/// Who started a job, without the details: what the job list shows (`trigger`) and what labels its metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(into = "&'static str")]
-pub enum TriggerKind {
-    Local,
-    Schedule,
-    Cloud,
-}
-
-impl TriggerKind {
-    pub const ALL: [TriggerKind; 3] = [
-        TriggerKind::Local,
-        TriggerKind::Schedule,
-        TriggerKind::Cloud,
-    ];
-
-    /// The word the job list shows: `local`, `schedule` or `cloud`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TriggerKind::Local => "local",
-            TriggerKind::Schedule => "schedule",
-            TriggerKind::Cloud => "cloud",
-        }
-    }
-
-    /// The `trigger` label of the metrics: the local Sync now (CLI `sync-now`) is `sync_now`.
-    pub fn metric_label(self) -> &'static str {
-        match self {
-            TriggerKind::Local => "sync_now",
-            TriggerKind::Schedule => "schedule",
-            TriggerKind::Cloud => "cloud",
-        }
-    }
-}
-
-impl From<TriggerKind> for &'static str {
-    fn from(kind: TriggerKind) -> Self {
-        kind.as_str()
     }
 }
 

@@ -34,7 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // Unauthenticated, like the health checks: restrict it at the network level.
-        .route("/metrics", get(crate::metrics::serve))
+        .route("/metrics", get(crate::scrape::serve))
         .route(
             "/enterprises/{enterprise}/consumed-licenses",
             get(licenses::consumed_licenses),
