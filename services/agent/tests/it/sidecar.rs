@@ -1,7 +1,7 @@
 //! The sidecar (`run`) in process, against a small fake aggregator that serves the three gRPC services the agent
 //! uses (`Enrollment`, `AgentControl`, `SnapshotIngest`) and records every call. The fake can be stopped and started
 //! again on the same port, made slow, or made to refuse, so that each delivery rule is checked exactly. The same
-//! behaviours are tested against the real aggregator in `tests/tests/sidecar.rs` (end to end).
+//! behaviours are tested against the real aggregator in `tests/tests/it/sidecar.rs` (end to end).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
