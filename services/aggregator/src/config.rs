@@ -52,6 +52,25 @@ pub struct AggregatorConfig {
     /// Most memory each enterprise's cache of serialised `consumed-licenses` pages may hold, in MiB (0 disables
     /// it). Pages of the current generation are served from it; a page of 100 users is 60–80 KB.
     pub page_cache_mib: u32,
+    /// Most REST connections open at once. At the cap a new client takes the place of the connection idle the
+    /// longest (one with no request in flight); when every connection is busy it waits in the listen queue. The
+    /// default keeps both ports and the database pool under the common 1024 open-file limit.
+    pub http_max_connections: usize,
+    /// How long a REST client may take to send a request's headers (slowloris), from the connection's start or the
+    /// end of its previous request (HTTP/1).
+    pub http_header_read_timeout_ms: u64,
+    /// A REST connection with no request in flight for this long is closed (kept-alive or never used).
+    pub http_idle_timeout_secs: u64,
+    /// Longest a REST request may take, body and answer included, except the body uploads (below).
+    pub http_request_timeout_secs: u64,
+    /// Longest a usage upload or members import may take (`max_upload_bytes` over a slow link).
+    pub http_upload_timeout_secs: u64,
+    /// Most gRPC connections open at once, with the same room-making rule as `http_max_connections`.
+    pub grpc_max_connections: usize,
+    /// A gRPC connection with no call (stream) open for this long is closed; agents reconnect when they next call.
+    pub grpc_idle_timeout_secs: u64,
+    /// Most calls one gRPC connection may have open at once (an agent needs two: its control stream and an upload).
+    pub grpc_max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -82,6 +101,14 @@ impl Default for AggregatorConfig {
             api_token_cache_secs: 10,
             database_max_connections: crate::store::DEFAULT_MAX_CONNECTIONS,
             page_cache_mib: 8,
+            http_max_connections: 512,
+            http_header_read_timeout_ms: 10_000,
+            http_idle_timeout_secs: 60,
+            http_request_timeout_secs: 60,
+            http_upload_timeout_secs: 900,
+            grpc_max_connections: 512,
+            grpc_idle_timeout_secs: 60,
+            grpc_max_concurrent_streams: 32,
         }
     }
 }
@@ -243,6 +270,67 @@ impl AggregatorConfig {
                 ),
             );
         }
+        let mut within =
+            |key: &str, value: u64, range: std::ops::RangeInclusive<u64>, why: &str| {
+                if !range.contains(&value) {
+                    refuse(
+                        key,
+                        format!(
+                            "must be between {} and {}{why}, got {value}",
+                            range.start(),
+                            range.end()
+                        ),
+                    );
+                }
+            };
+        within(
+            "http_max_connections",
+            self.http_max_connections as u64,
+            1..=65_536,
+            " (and below the process's open-file limit)",
+        );
+        within(
+            "grpc_max_connections",
+            self.grpc_max_connections as u64,
+            1..=65_536,
+            " (and below the process's open-file limit)",
+        );
+        within(
+            "http_header_read_timeout_ms",
+            self.http_header_read_timeout_ms,
+            100..=300_000,
+            "",
+        );
+        within(
+            "http_idle_timeout_secs",
+            self.http_idle_timeout_secs,
+            1..=3600,
+            "",
+        );
+        within(
+            "http_request_timeout_secs",
+            self.http_request_timeout_secs,
+            1..=3600,
+            "",
+        );
+        within(
+            "http_upload_timeout_secs",
+            self.http_upload_timeout_secs,
+            1..=86_400,
+            "",
+        );
+        within(
+            "grpc_idle_timeout_secs",
+            self.grpc_idle_timeout_secs,
+            1..=3600,
+            "",
+        );
+        within(
+            "grpc_max_concurrent_streams",
+            u64::from(self.grpc_max_concurrent_streams),
+            2..=10_000,
+            " (an agent holds its control stream while it uploads)",
+        );
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -332,6 +420,10 @@ mod tests {
             "control_poll_interval_ms = 10\n",
             "database_max_connections = 0\n",
             "page_cache_mib = 5000\n",
+            "http_max_connections = 0\n",
+            "http_header_read_timeout_ms = 10\n",
+            "http_idle_timeout_secs = 0\n",
+            "grpc_max_concurrent_streams = 1\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");

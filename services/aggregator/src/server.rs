@@ -1,17 +1,21 @@
-//! Binds the gRPC and HTTP listeners and runs both until shutdown.
+//! Binds the gRPC and HTTP listeners and runs both until shutdown, each under its connection limits (a cap on open
+//! connections, idle and header-read timeouts: `license_sync_serve`) so that idle or slow clients cannot exhaust the
+//! process's file descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use license_sync_proto::v1::FILE_DESCRIPTOR_SET;
 use license_sync_proto::v1::agent_control_server::AgentControlServer;
 use license_sync_proto::v1::enrollment_server::EnrollmentServer;
 use license_sync_proto::v1::snapshot_ingest_server::SnapshotIngestServer;
+use license_sync_serve::ConnectionLimits;
+use license_sync_serve::http::HttpLimits;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tower_http::trace::TraceLayer;
 
 use crate::app::App;
@@ -49,6 +53,11 @@ impl RunningServer {
     }
 }
 
+/// Streams a client may open and reset at once before its connection is closed.
+const GRPC_MAX_PENDING_RESETS: usize = 20;
+/// Largest header block of a call: a credential, a trace context and tonic's own headers fit many times over.
+const GRPC_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     // Ends when `true` is sent or the sender is gone.
     let _ = stop.wait_for(|stop| *stop).await;
@@ -68,6 +77,18 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let max_message_bytes = config.max_message_bytes;
+    let http_limits = HttpLimits {
+        connections: ConnectionLimits {
+            max_connections: config.http_max_connections,
+            idle_timeout: Duration::from_secs(config.http_idle_timeout_secs),
+        },
+        header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
+    };
+    let grpc_limits = ConnectionLimits {
+        max_connections: config.grpc_max_connections,
+        idle_timeout: Duration::from_secs(config.grpc_idle_timeout_secs),
+    };
+    let grpc_max_concurrent_streams = config.grpc_max_concurrent_streams;
     let app = App::new(store, config);
     let (stop, stop_rx) = watch::channel(false);
 
@@ -91,18 +112,25 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
     let enrollment = EnrollmentServer::new(EnrollmentService::new(Arc::clone(&app)));
     // Control streams end when `stop` turns true, so that the graceful shutdown below can finish.
     let control = AgentControlServer::new(ControlService::new(Arc::clone(&app), stop_rx.clone()));
+    // No total timeout here: control streams and uploads are long-lived by design (ingest bounds its own streams).
     let grpc = tonic::transport::Server::builder()
         // Long-lived control streams: find dead peers (a half-open TCP connection) without waiting for the OS.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // What one connection can make the server hold: streams, reset streams (the "rapid reset" attack), headers.
+        .max_concurrent_streams(grpc_max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_RESETS))
+        .http2_max_header_list_size(GRPC_MAX_HEADER_LIST_BYTES)
         .layer(app.metrics.grpc_layer())
+        // A connection is idle (and closed after `grpc_idle_timeout_secs`) while no call is open on it.
+        .layer(license_sync_serve::grpc::InFlightLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
         .add_service(enrollment)
         .add_service(control)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            license_sync_serve::grpc::incoming(grpc_listener, grpc_limits),
             stopped(stop_rx.clone()),
         );
     let grpc_task = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
@@ -121,10 +149,9 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
     ));
     let http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(stopped(http_stop))
-            .await
-            .context("HTTP server failed")
+        license_sync_serve::http::serve(http_listener, router, http_limits, stopped(http_stop))
+            .await;
+        Ok(())
     });
 
     Ok(RunningServer {

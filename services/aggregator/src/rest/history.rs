@@ -22,13 +22,30 @@ pub(super) struct HistoryQuery {
 /// The most days one history request may span (ten years).
 const MAX_HISTORY_DAYS: i64 = 3660;
 
+/// The days a request may name. Stored days are `YYYY-MM-DD` text compared as text, which orders only four-digit
+/// years; and no usage is older than 1970. Inside it, the default period's arithmetic cannot leave `time`'s range.
+const FIRST_DAY: time::Date = time::macros::date!(1970 - 01 - 01);
+const LAST_DAY: time::Date = time::macros::date!(9999 - 12 - 31);
+
+fn out_of_range(name: &str) -> ServiceError {
+    ServiceError::invalid(format!(
+        "`{name}` must be a day from {FIRST_DAY} to {LAST_DAY} (YYYY-MM-DD)"
+    ))
+}
+
 fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(value, &format).map_err(|_| {
+    // The value is echoed only as a bounded prefix: it is the caller's input.
+    let shown: String = value.chars().take(32).collect();
+    let date = time::Date::parse(value, &format).map_err(|_| {
         ServiceError::invalid(format!(
-            "`{name}` must be a date as YYYY-MM-DD, got {value:?}"
+            "`{name}` must be a date as YYYY-MM-DD from {FIRST_DAY} to {LAST_DAY}, got {shown:?}"
         ))
-    })
+    })?;
+    if !(FIRST_DAY..=LAST_DAY).contains(&date) {
+        return Err(out_of_range(name));
+    }
+    Ok(date)
 }
 
 /// Daily consumed, purchased and per-instance counts, and the highest count in the period ("max historical
@@ -45,7 +62,10 @@ pub(super) async fn usage_history(
     };
     let since = match query.since.as_deref() {
         Some(value) => parse_day("since", value)?,
-        None => until - time::Duration::days(89),
+        // Never before `FIRST_DAY`: the default period of an early `until` is shorter rather than out of range.
+        None => until
+            .checked_sub(time::Duration::days(89))
+            .map_or(FIRST_DAY, |since| since.max(FIRST_DAY)),
     };
     if since > until {
         return Err(ServiceError::invalid("`since` is after `until`"));

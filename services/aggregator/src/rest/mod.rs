@@ -3,15 +3,20 @@
 //! `IntoResponse` of [`ServiceError`]). One module per resource; pagination (`per_page`/`page`, the `Link` header)
 //! and body reading are here, shared by all of them.
 
+use std::any::Any;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::Request;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::Response;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -30,6 +35,14 @@ pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
 
 pub fn router(app: Arc<App>) -> Router {
+    let request_timeout = (
+        Duration::from_secs(app.config.http_request_timeout_secs),
+        "http_request_timeout_secs",
+    );
+    let upload_timeout = (
+        Duration::from_secs(app.config.http_upload_timeout_secs),
+        "http_upload_timeout_secs",
+    );
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -45,11 +58,11 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/enterprises/{enterprise}/server-usage",
-            post(upload::upload_usage),
+            post(upload::upload_usage).layer(timeout_layer(upload_timeout)),
         )
         .route(
             "/enterprises/{enterprise}/cloud-members",
-            put(members::import_cloud_members),
+            put(members::import_cloud_members).layer(timeout_layer(upload_timeout)),
         )
         .route(
             "/enterprises/{enterprise}/instances/{server_id}",
@@ -79,15 +92,65 @@ pub fn router(app: Arc<App>) -> Router {
             "/enterprises/{enterprise}/likely-duplicates",
             get(duplicates::likely_duplicates),
         )
+        // Every other route: the body uploads above keep their own, longer limit.
+        .route_layer(timeout_layer(request_timeout))
         // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
         .layer(DefaultBodyLimit::disable())
         .fallback(|| async { ServiceError::not_found("Not Found") })
+        // Inside the metrics layer, so that a panic is counted as the 500 it answers.
+        .layer(catch_panic_layer())
         // Last, so that it sees every route and the fallback (whose requests are labelled `unmatched`).
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&app.metrics),
             crate::metrics::track_http,
         ))
         .with_state(app)
+}
+
+/// Ends a request that takes longer than `limit` with a GitHub-style 503 naming the setting; dropping the handler
+/// rolls back what it had not committed.
+fn timeout_layer(
+    (limit, key): (Duration, &'static str),
+) -> axum::middleware::FromFnLayer<
+    impl Fn(Request, Next) -> futures::future::BoxFuture<'static, Response> + Clone,
+    (),
+    (Request,),
+> {
+    axum::middleware::from_fn(move |request: Request, next: Next| {
+        Box::pin(async move {
+            match tokio::time::timeout(limit, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ServiceError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the request took longer than {} s ({key}); retry later, or ask for less",
+                        limit.as_secs()
+                    ),
+                )
+                .into_response(),
+            }
+        }) as futures::future::BoxFuture<'static, Response>
+    })
+}
+
+/// Turns a panic in a handler into a GitHub-style 500. The panic's message is logged (bounded: it may quote
+/// input), never sent.
+fn catch_panic_layer() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> Response> {
+    fn answer(panic: Box<dyn Any + Send + 'static>) -> Response {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let message: String = message.chars().take(200).collect();
+        tracing::error!(panic = %message, "a REST handler panicked; answered 500");
+        ServiceError::new(
+            ErrorKind::Internal,
+            "internal error while answering this request; see the aggregator's log",
+        )
+        .into_response()
+    }
+    CatchPanicLayer::custom(answer)
 }
 
 async fn healthz() -> &'static str {
@@ -220,6 +283,35 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_github_style_500_without_the_panic_message() {
+        use tower::ServiceExt;
+        let router: Router = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    let secret = "someone@example.com";
+                    panic!("handler failed for {secret}");
+                    #[allow(unreachable_code)]
+                    "never"
+                }),
+            )
+            .layer(catch_panic_layer());
+        let request = axum::http::Request::get("/boom")
+            .body(Body::empty())
+            .expect("request");
+        let response = router.oneshot(request).await.expect("answered");
+        assert_eq!(response.status(), 500);
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        let message = body["message"].as_str().expect("message");
+        assert!(message.contains("internal error"), "{body}");
+        assert!(!message.contains("example.com"), "no panic message: {body}");
+        assert!(body["documentation_url"].is_string(), "{body}");
+    }
 
     #[test]
     fn link_header_has_github_relations() {

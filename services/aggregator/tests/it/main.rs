@@ -2,4 +2,5 @@
 //! instead of once per test file.
 
 mod control;
+mod servers;
 mod store_suite;

@@ -1,0 +1,241 @@
+//! The servers' own defences, over real sockets on `127.0.0.1:0`: idle and slow (slowloris) connections are closed,
+//! the connection cap makes room for a new client by closing the longest-idle connections, the gRPC port closes a
+//! connection that opens no stream, and a bad date is a 422 rather than a panic.
+
+use std::time::{Duration, Instant};
+
+use license_sync_aggregator::config::AggregatorConfig;
+use license_sync_aggregator::server::{self, RunningServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Long enough for anything that should happen; tests wait for events, never for this.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Harness {
+    server: Option<RunningServer>,
+    _dir: tempfile::TempDir,
+    owner_token: String,
+}
+
+impl Harness {
+    async fn start(configure: impl FnOnce(&mut AggregatorConfig)) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = AggregatorConfig {
+            database_url: format!("sqlite://{}", dir.path().join("aggregator.db").display()),
+            grpc_listen: "127.0.0.1:0".parse().expect("address"),
+            http_listen: "127.0.0.1:0".parse().expect("address"),
+            ..AggregatorConfig::default()
+        };
+        configure(&mut config);
+        config.validate().expect("valid configuration");
+        let server = server::start(config).await.expect("server starts");
+        let store = &server.app.store;
+        license_sync_aggregator::admin::create_enterprise(store, "acme", "Acme", 10)
+            .await
+            .expect("enterprise");
+        let owner_token = license_sync_aggregator::admin::create_api_token(store, "acme", "test")
+            .await
+            .expect("owner token");
+        Harness {
+            server: Some(server),
+            _dir: dir,
+            owner_token,
+        }
+    }
+
+    fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("running")
+    }
+
+    async fn shutdown(mut self) {
+        let server = self.server.take().expect("running");
+        tokio::time::timeout(PATIENCE, server.shutdown())
+            .await
+            .expect("shutdown finishes")
+            .expect("clean shutdown");
+    }
+}
+
+/// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it was
+/// still open after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    let harness = Harness::start(|config| {
+        config.http_idle_timeout_secs = 1;
+        config.http_header_read_timeout_ms = 30_000;
+    })
+    .await;
+    let mut stream = TcpStream::connect(harness.server().http_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = vec![0u8; 1024];
+    let read = stream.read(&mut answer).await.expect("answer");
+    assert!(
+        String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"),
+        "the request is answered first"
+    );
+    let closed = closed_within(&mut stream, PATIENCE).await;
+    let closed = closed.expect("the idle kept-alive connection is closed");
+    assert!(
+        closed >= Duration::from_millis(900),
+        "not before the idle timeout: {closed:?}"
+    );
+    harness.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_after_the_header_read_timeout() {
+    let harness = Harness::start(|config| {
+        config.http_idle_timeout_secs = 60;
+        config.http_header_read_timeout_ms = 500;
+    })
+    .await;
+    let mut stream = TcpStream::connect(harness.server().http_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .expect("request line");
+    // A header line every 100 ms, never the blank line that ends them.
+    let started = Instant::now();
+    let mut cut = None;
+    for line in 0..100 {
+        if stream
+            .write_all(format!("X-Slow-{line}: still coming\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            cut = Some(started.elapsed());
+            break;
+        }
+        if let Some(after) = closed_within(&mut stream, Duration::from_millis(100)).await {
+            cut = Some(started.elapsed().max(after));
+            break;
+        }
+    }
+    let cut = cut.expect("the slow client is cut");
+    assert!(
+        cut < Duration::from_secs(5),
+        "cut after the header-read timeout, not the idle one: {cut:?}"
+    );
+    harness.shutdown().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_the_longest_idle_connections_make_room_for_a_new_client() {
+    let harness = Harness::start(|config| {
+        config.http_max_connections = 4;
+        config.http_idle_timeout_secs = 60;
+    })
+    .await;
+    let address = harness.server().http_addr;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(address).await.expect("connect"));
+    }
+    // Let the server accept the first four before more arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = Vec::new();
+    for _ in 0..3 {
+        late.push(TcpStream::connect(address).await.expect("connect"));
+    }
+    let client = reqwest::Client::new();
+    let answer = tokio::time::timeout(
+        PATIENCE,
+        client.get(format!("http://{address}/healthz")).send(),
+    )
+    .await
+    .expect("a normal request is answered while idle sockets fill the cap")
+    .expect("HTTP request");
+    assert_eq!(answer.status(), 200);
+    let mut closed = 0;
+    for stream in &mut idle {
+        if closed_within(stream, Duration::from_millis(500))
+            .await
+            .is_some()
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 3,
+        "the oldest idle connections were closed to make room: {closed} of 4"
+    );
+    drop(late);
+    harness.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_grpc_port_closes_a_connection_that_opens_no_stream() {
+    let harness = Harness::start(|config| {
+        config.grpc_idle_timeout_secs = 1;
+    })
+    .await;
+    let mut stream = TcpStream::connect(harness.server().grpc_addr)
+        .await
+        .expect("connect");
+    // The HTTP/2 preface and an empty SETTINGS frame: a connection, but no stream.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let closed = closed_within(&mut stream, PATIENCE)
+        .await
+        .expect("the connection without a stream is closed");
+    assert!(closed >= Duration::from_millis(900), "{closed:?}");
+    harness.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_history_dates_out_of_range_are_refused_with_the_accepted_range() {
+    let harness = Harness::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    for query in [
+        "until=-9999-01-01",
+        "since=-9999-01-01",
+        "since=0001-01-01&until=0001-01-02",
+        "until=9999-12-31",
+    ] {
+        let answer = client
+            .get(format!(
+                "http://{}/enterprises/acme/usage-history?{query}",
+                harness.server().http_addr
+            ))
+            .bearer_auth(&harness.owner_token)
+            .send()
+            .await
+            .expect("answered, not a dropped connection");
+        let status = answer.status().as_u16();
+        let body: serde_json::Value = answer.json().await.expect("JSON body");
+        if query == "until=9999-12-31" {
+            // The last accepted day: answered (with an empty history).
+            assert_eq!(status, 200, "{query}: {body}");
+            continue;
+        }
+        assert_eq!(status, 422, "{query}: {body}");
+        let message = body["message"].as_str().expect("message");
+        assert!(
+            message.contains("1970-01-01") && message.contains("9999-12-31"),
+            "{query}: the accepted range is named: {message}"
+        );
+    }
+    harness.shutdown().await;
+}
