@@ -134,7 +134,7 @@ pub struct ExternalIdentity {
     #[serde(default)]
     pub username: Option<String>,
     /// Every value of the SCIM `emails` attribute.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_strings")]
     pub emails: Vec<String>,
 }
 
@@ -147,7 +147,7 @@ pub struct CloudMember {
     #[serde(default)]
     pub name: Option<String>,
     /// Verified email addresses of the account (SPEC §4.4).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_strings")]
     pub verified_emails: Vec<String>,
     #[serde(default)]
     pub identity: Option<ExternalIdentity>,
@@ -155,14 +155,153 @@ pub struct CloudMember {
     /// private repositories and pending invitations do; billing managers and guests do not (SPEC §3).
     pub consumes_license: bool,
     /// `org:Role` pairs, as GitHub's `github_com_member_roles`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_strings")]
     pub member_roles: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_strings")]
     pub enterprise_roles: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_strings")]
     pub orgs_with_pending_invites: Vec<String>,
     #[serde(default)]
     pub two_factor_auth: Option<bool>,
     #[serde(default)]
     pub visual_studio_subscription_user: bool,
+}
+
+/// The body of a cloud members import: a JSON array of members, or an object `{"members": [...]}`.
+///
+/// Deserialized in one pass straight into the members: the shape is told by the first token (`[` or `{`), so
+/// nothing is buffered. An untagged enum buffered the whole body as serde's `Content` before trying each shape,
+/// which held about 6× the body (`tests/json_memory.rs`). Other keys of the object are ignored, as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersImport(pub Vec<CloudMember>);
+
+impl<'de> Deserialize<'de> for MembersImport {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(MembersVisitor { wrapped: true })
+            .map(MembersImport)
+    }
+}
+
+/// Reads the members array, or (`wrapped`) an object holding it under `members`.
+#[derive(Clone, Copy)]
+struct MembersVisitor {
+    wrapped: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for MembersVisitor {
+    type Value = Vec<CloudMember>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+    type Value = Vec<CloudMember>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str(if self.wrapped {
+            "an array of cloud members or an object {\"members\": [...]}"
+        } else {
+            "an array of cloud members"
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::new();
+        while let Some(member) = seq.next_element()? {
+            if members.len() == members.capacity() {
+                // A quarter more, not double: a member is about as large in memory as in JSON, so a doubled
+                // vector's spare half alone could cost up to the body's size again.
+                members.reserve_exact(members.len() / 4 + 64);
+            }
+            members.push(member);
+        }
+        Ok(members)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Key {
+            Members,
+            #[serde(other)]
+            Other,
+        }
+        if !self.wrapped {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Map,
+                &self,
+            ));
+        }
+        let mut members = None;
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Members if members.is_some() => {
+                    return Err(serde::de::Error::duplicate_field("members"));
+                }
+                Key::Members => {
+                    members = Some(map.next_value_seed(MembersVisitor { wrapped: false })?);
+                }
+                Key::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        members.ok_or_else(|| serde::de::Error::missing_field("members"))
+    }
+}
+
+/// A list of strings without spare capacity: serde's `Vec` starts at four elements, and most of a member's lists
+/// (emails, roles) hold one, which tripled the heap of those lists in a large import.
+fn compact_strings<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    let mut strings = Vec::<String>::deserialize(deserializer)?;
+    strings.shrink_to_fit();
+    Ok(strings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn import(json: &str) -> Result<Vec<CloudMember>, serde_json::Error> {
+        serde_json::from_str::<MembersImport>(json).map(|MembersImport(members)| members)
+    }
+
+    #[test]
+    fn a_members_import_is_an_array_or_an_object_holding_one() {
+        let member = r#"{"id": 7, "login": "mona", "consumes_license": true, "verified_emails": ["m@x.example"]}"#;
+        let list = import(&format!("[{member}]")).expect("array");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].verified_emails.capacity(), 1, "no spare capacity");
+        let wrapped = import(&format!(
+            r#"{{"note": {{"a": [1]}}, "members": [{member}]}}"#
+        ))
+        .expect("object; other keys are ignored");
+        assert_eq!(wrapped, list);
+        assert!(import("[]").expect("empty").is_empty());
+        for refused in [
+            r#"{"other": []}"#,
+            r#"{"members": [], "members": []}"#,
+            r#"{"members": {"members": []}}"#,
+            r#""members""#,
+        ] {
+            let error = import(refused).expect_err(refused);
+            assert!(error.is_data(), "{refused}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_bad_member_is_reported_where_it_is_not_at_the_end_of_the_body() {
+        let body = "[\n{\"id\": 1, \"login\": \"a\", \"consumes_license\": true},\n{\"id\": 2},\n{\"id\": 3, \"login\": \"c\", \"consumes_license\": true}\n]";
+        let error = import(body).expect_err("the second member has no login");
+        assert!(error.is_data(), "{error}");
+        assert_eq!(error.line(), 3, "{error}");
+    }
 }

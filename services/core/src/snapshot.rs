@@ -213,6 +213,120 @@ pub struct UsageFile {
     pub users: Vec<ServerUser>,
 }
 
+impl UsageFileParseError {
+    /// At most the first 64 characters of the format are kept: the error is shown to whoever sent the body.
+    fn unsupported(format: String) -> Self {
+        const SHOWN: usize = 64;
+        match format.char_indices().nth(SHOWN) {
+            Some((end, _)) => Self::UnsupportedFormat(format!("{}…", &format[..end])),
+            None => Self::UnsupportedFormat(format),
+        }
+    }
+}
+
+/// Reads the string `format` field of a JSON body (the last one, as a JSON object read into a map keeps) and skips
+/// everything else without building it. `Body` is the top-level value, `Field` the value of a `format` key; any
+/// other shape answers `None`, as `Value::get("format")` followed by `as_str` did.
+#[derive(Clone, Copy)]
+enum FormatOf {
+    Body,
+    Field,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FormatOf {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Option<String>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FormatOf {
+    type Value = Option<String>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<Option<String>, A::Error> {
+        let mut format = None;
+        while let Some(key) = map.next_key::<FormatKey>()? {
+            match (self, key) {
+                (FormatOf::Body, FormatKey::Format) => {
+                    format = map.next_value_seed(FormatOf::Field)?
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(format)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Option<String>, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Option<String>, E> {
+        Ok(match self {
+            FormatOf::Body => None,
+            FormatOf::Field => Some(text.to_owned()),
+        })
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum FormatKey {
+    Format,
+    #[serde(other)]
+    Other,
+}
+
+/// Why a body is not a usage file.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageFileParseError {
+    /// Not JSON, or not the fields and types of a usage file (the error has the position).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// JSON without a string `format` field: probably not a usage file at all.
+    #[error("the body has no \"format\" field")]
+    NoFormat,
+    /// A `format` other than [`UsageFile::FORMAT`].
+    #[error("unsupported usage file format {0:?}; this aggregator reads {format:?}", format = UsageFile::FORMAT)]
+    UnsupportedFormat(String),
+}
+
 impl UsageFile {
     pub const FORMAT: &'static str = "license-sync-usage/v1";
 
@@ -224,6 +338,30 @@ impl UsageFile {
             user_count: snapshot.users.len() as u64,
             users_sha256: hex::encode(digest),
             users: snapshot.users,
+        }
+    }
+
+    /// Reads a usage file from JSON in one pass straight into the struct, so the parse holds little more than the
+    /// file's users (parsing a `Value` first for the format check held about 4× the body, `tests/json_memory.rs`).
+    /// Only when that fails is the body read again, without building anything, for its `format`: a body that is
+    /// not JSON, or JSON of another kind, is told as such rather than by the first field it lacks.
+    pub fn from_json(json: &[u8]) -> Result<Self, UsageFileParseError> {
+        match serde_json::from_slice::<UsageFile>(json) {
+            Ok(file) if file.format == Self::FORMAT => Ok(file),
+            Ok(file) => Err(UsageFileParseError::unsupported(file.format)),
+            Err(error) => {
+                let mut body = serde_json::Deserializer::from_slice(json);
+                let format = serde::de::DeserializeSeed::deserialize(FormatOf::Body, &mut body)
+                    .and_then(|format| body.end().map(|()| format));
+                Err(match format {
+                    Err(not_json) => UsageFileParseError::Json(not_json),
+                    Ok(None) => UsageFileParseError::NoFormat,
+                    Ok(Some(format)) if format != Self::FORMAT => {
+                        UsageFileParseError::unsupported(format)
+                    }
+                    Ok(Some(_)) => UsageFileParseError::Json(error),
+                })
+            }
         }
     }
 
@@ -332,6 +470,41 @@ mod tests {
             snapshot(vec![shifted_a]).digest(),
             snapshot(vec![shifted_b]).digest()
         );
+    }
+
+    #[test]
+    fn a_usage_file_is_read_in_one_pass_and_other_bodies_are_told_apart() {
+        let file = UsageFile::from_snapshot(snapshot(vec![user(1, "a")]));
+        let json = serde_json::to_vec(&file).expect("serialize");
+        assert_eq!(UsageFile::from_json(&json).expect("a usage file"), file);
+
+        let error = |body: &str| UsageFile::from_json(body.as_bytes()).expect_err(body);
+        for not_json in ["{\"format\": ", "[1, 2", "{} trailing"] {
+            assert!(
+                matches!(error(not_json), UsageFileParseError::Json(e) if e.is_syntax() || e.is_eof()),
+                "{not_json}"
+            );
+        }
+        for no_format in ["{}", "[]", "\"text\"", "{\"format\": 1, \"users\": []}"] {
+            assert!(
+                matches!(error(no_format), UsageFileParseError::NoFormat),
+                "{no_format}"
+            );
+        }
+        assert!(matches!(
+            error("{\"format\": \"other/v2\", \"users\": [{}]}"),
+            UsageFileParseError::UnsupportedFormat(format) if format == "other/v2"
+        ));
+        let long = format!("{{\"format\": \"{}\"}}", "x".repeat(1000));
+        let UsageFileParseError::UnsupportedFormat(shown) = error(&long) else {
+            panic!("an unsupported format");
+        };
+        assert_eq!(shown.chars().count(), 65, "a bounded prefix: {shown}");
+        // The right format but a field missing: the struct's own error, with its position.
+        let missing = String::from_utf8(json)
+            .expect("utf-8")
+            .replace("\"user_count\":1,", "");
+        assert!(matches!(error(&missing), UsageFileParseError::Json(e) if e.is_data()));
     }
 
     #[test]

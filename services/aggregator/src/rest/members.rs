@@ -6,8 +6,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use license_sync_core::members::validate_members;
-use license_sync_core::model::CloudMember;
-use serde::Deserialize;
+use license_sync_core::model::MembersImport;
 use serde_json::{Value, json};
 
 use super::{parse_json, read_body};
@@ -15,12 +14,6 @@ use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum MembersBody {
-    List(Vec<CloudMember>),
-    Wrapped { members: Vec<CloudMember> },
-}
 /// Replaces the enterprise's cloud members whole.
 pub(super) async fn import_cloud_members(
     State(app): State<Arc<App>>,
@@ -28,12 +21,12 @@ pub(super) async fn import_cloud_members(
     body: Body,
 ) -> ServiceResult<Json<Value>> {
     let bytes = read_body(&app, body).await?;
-    let members = match parse_json::<MembersBody>(
+    // One pass straight into the members (`MembersImport`), and the body freed before the store's write.
+    let MembersImport(members) = parse_json(
         &bytes,
         "a JSON array of cloud members (or {\"members\": [...]})",
-    )? {
-        MembersBody::List(members) | MembersBody::Wrapped { members } => members,
-    };
+    )?;
+    drop(bytes);
     validate_members(&members).map_err(|error| ServiceError::invalid(error.to_string()))?;
     app.store
         .replace_cloud_members(enterprise.id, &members)

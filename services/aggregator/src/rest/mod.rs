@@ -265,20 +265,23 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     what: &str,
 ) -> ServiceResult<T> {
-    serde_json::from_slice(bytes).map_err(|err| {
-        let problem = match err.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                "is not valid JSON"
-            }
-            serde_json::error::Category::Data => "does not have the expected fields and types",
-            serde_json::error::Category::Io => "could not be read",
-        };
-        ServiceError::invalid(format!(
-            "the body {problem} (line {}, column {}): expected {what}",
-            err.line(),
-            err.column()
-        ))
-    })
+    serde_json::from_slice(bytes).map_err(|error| json_error(&error, what))
+}
+
+/// The 422 for a body that did not parse as `what`: the kind of problem and its position, never the input.
+pub(super) fn json_error(error: &serde_json::Error, what: &str) -> ServiceError {
+    let problem = match error.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            "is not valid JSON"
+        }
+        serde_json::error::Category::Data => "does not have the expected fields and types",
+        serde_json::error::Category::Io => "could not be read",
+    };
+    ServiceError::invalid(format!(
+        "the body {problem} (line {}, column {}): expected {what}",
+        error.line(),
+        error.column()
+    ))
 }
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,10 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use license_sync_core::snapshot::UsageFile;
-use serde_json::Value;
+use license_sync_core::snapshot::{UsageFile, UsageFileParseError};
 use time::OffsetDateTime;
 
-use super::{parse_json, read_body};
+use super::{json_error, read_body};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
@@ -32,23 +31,19 @@ pub(super) async fn upload_usage(
         app.metrics.rejected(Rejection::MalformedFile);
         error
     };
-    let value: Value = parse_json(&bytes, what).map_err(malformed)?;
-    match value.get("format").and_then(Value::as_str) {
-        Some(UsageFile::FORMAT) => {}
-        Some(other) => {
-            return Err(malformed(ServiceError::invalid(format!(
-                "unsupported usage file format {other:?}; this aggregator reads {:?}",
-                UsageFile::FORMAT
-            ))));
-        }
-        None => {
-            return Err(malformed(ServiceError::invalid(format!(
-                "the body has no \"format\" field: expected {what}"
-            ))));
-        }
-    }
-    drop(value);
-    let file: UsageFile = parse_json(&bytes, what).map_err(malformed)?;
+    // One pass straight into the struct; the format is looked for only when that fails (`UsageFile::from_json`).
+    let file = UsageFile::from_json(&bytes).map_err(|error| {
+        malformed(match error {
+            UsageFileParseError::Json(error) => json_error(&error, what),
+            UsageFileParseError::NoFormat => {
+                ServiceError::invalid(format!("the body has no \"format\" field: expected {what}"))
+            }
+            unsupported @ UsageFileParseError::UnsupportedFormat(_) => {
+                ServiceError::invalid(unsupported.to_string())
+            }
+        })
+    })?;
+    drop(bytes);
     let instance = app
         .store
         .instance_for_upload(
