@@ -9,7 +9,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use license_sync_core::snapshot::UsageFile;
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use super::{parse_json, read_body};
 use crate::app::App;
@@ -51,12 +50,7 @@ pub(super) async fn upload_usage(
     let file: UsageFile = parse_json(&bytes, what).map_err(malformed)?;
     let instance = app
         .store
-        .instance_for_upload(
-            enterprise.id,
-            file.meta.instance.server_id,
-            &file.meta.instance.hostname,
-            OffsetDateTime::now_utc(),
-        )
+        .instance_for_upload(enterprise.id, file.meta.instance.server_id)
         .await?;
     let snapshot = match file.into_snapshot() {
         Ok(snapshot) => snapshot,

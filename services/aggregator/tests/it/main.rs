@@ -2,4 +2,5 @@
 //! instead of once per test file.
 
 mod control;
+mod store_faults;
 mod store_suite;
