@@ -32,7 +32,7 @@ use crate::app::App;
 pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::ingest::bearer_credential;
-use crate::store::{AckOutcome, AgentReport, Instance, SyncAckRecord};
+use crate::store::{AckOutcome, AgentReport, Instance, StoreError, SyncAckRecord};
 use crate::tokens;
 
 /// A control stream silent for this many heartbeat intervals is closed.
@@ -143,19 +143,27 @@ impl Enrollment for EnrollmentService {
                 &tokens::sha256_hex(&credential),
                 OffsetDateTime::now_utc(),
             )
-            .await
-            .map_err(ServiceError::from);
+            .await;
         let (enterprise, instance) = match redeemed {
             Ok(redeemed) => redeemed,
             Err(error) => {
+                // The log keeps the reason for the operator; the caller of another enterprise's server id gets the
+                // refused token's answer, so that enrollment cannot probe which server ids exist elsewhere.
+                let reason = error.to_string();
+                let answer = match error {
+                    StoreError::EnrolledElsewhere { .. } => {
+                        ServiceError::from(StoreError::EnrollmentTokenRefused)
+                    }
+                    error => ServiceError::from(error),
+                };
                 tracing::warn!(
                     %server_id,
                     %hostname,
-                    kind = error.kind.as_str(),
-                    error = %error.message,
+                    kind = answer.kind.as_str(),
+                    error = %reason,
                     "enrollment refused"
                 );
-                return Err(error.into());
+                return Err(answer.into());
             }
         };
         tracing::info!(

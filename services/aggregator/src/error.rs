@@ -9,6 +9,7 @@
 //! | `FailedPrecondition` | `FAILED_PRECONDITION`| 409  | snapshot older than the stored one                |
 //! | `AlreadyExists`      | `ALREADY_EXISTS`     | 409  | sync id reused with different content             |
 //! | `ResourceExhausted`  | `RESOURCE_EXHAUSTED` | 413  | snapshot or upload over the configured limits     |
+//! | `StorageFull`        | `UNAVAILABLE`        | 507  | the database's disk is full; the agent retries    |
 //! | `Unavailable`        | `UNAVAILABLE`        | 503  | database unreachable; the caller should retry     |
 //! | `Internal`           | `INTERNAL`           | 500  | a bug; the message is logged, not returned        |
 
@@ -30,6 +31,10 @@ pub enum ErrorKind {
     FailedPrecondition,
     AlreadyExists,
     ResourceExhausted,
+    /// The aggregator's own disk is full: not the caller's fault and not final. gRPC `UNAVAILABLE`, because the
+    /// agent reads `RESOURCE_EXHAUSTED` as "this snapshot is too large" and gives up, while it retries
+    /// `UNAVAILABLE` with backoff and keeps the delivery; HTTP 507 Insufficient Storage says what it is.
+    StorageFull,
     Unavailable,
     Internal,
 }
@@ -44,7 +49,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
             ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
             ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
-            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::StorageFull | ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::Internal => tonic::Code::Internal,
         }
     }
@@ -57,6 +62,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::FailedPrecondition | ErrorKind::AlreadyExists => StatusCode::CONFLICT,
             ErrorKind::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,6 +78,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::StorageFull => "storage_full",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
         }
@@ -122,39 +129,11 @@ impl ServiceError {
     }
 }
 
+/// Classified once, by the store (`StoreError`'s `From<sqlx::Error>`).
 impl From<sqlx::Error> for ServiceError {
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed => {
-                tracing::warn!(%error, "database unavailable");
-                ServiceError::new(
-                    ErrorKind::Unavailable,
-                    "the database is unavailable; retry later",
-                )
-            }
-            sqlx::Error::Database(db) if is_busy(db.as_ref()) => {
-                tracing::warn!(%error, "database busy");
-                ServiceError::new(ErrorKind::Unavailable, "the database is busy; retry later")
-            }
-            _ => ServiceError::internal("accessing the database", error),
-        }
+        crate::store::StoreError::from(error).into()
     }
-}
-
-/// Transient conflicts the caller should retry: SQLite's SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their
-/// extended codes, PostgreSQL's serialization failure, deadlock and lock-not-available SQLSTATEs.
-fn is_busy(error: &dyn sqlx::error::DatabaseError) -> bool {
-    let Some(code) = error.code() else {
-        return false;
-    };
-    if matches!(code.as_ref(), "40001" | "40P01" | "55P03") {
-        return true;
-    }
-    code.parse::<i32>()
-        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 impl From<license_sync_core::snapshot::SnapshotError> for ServiceError {
@@ -218,6 +197,7 @@ mod tests {
                 tonic::Code::ResourceExhausted,
                 413,
             ),
+            (ErrorKind::StorageFull, tonic::Code::Unavailable, 507),
             (ErrorKind::Unavailable, tonic::Code::Unavailable, 503),
             (ErrorKind::Internal, tonic::Code::Internal, 500),
         ];

@@ -553,6 +553,27 @@ fn resync_replaces_upload_adds_and_older_or_foreign_snapshots_change_nothing() {
         export.to_str().expect("utf-8"),
     ])
     .expect("export");
+    // An upload does not create its instance: refused until an owner adds it, and nothing is counted.
+    let unknown = upload(&export);
+    assert_eq!(unknown.status(), 404);
+    assert!(
+        unknown.text().expect("body").contains("instance add"),
+        "the refusal says how to add the instance"
+    );
+    assert_eq!(setup.consumed()["total_seats_consumed"], 7);
+    setup
+        .aggregator
+        .admin(&[
+            "instance",
+            "add",
+            "--enterprise",
+            "acme",
+            "--server-id",
+            &d.server_id,
+            "--hostname",
+            &d.hostname,
+        ])
+        .expect("instance add");
     let created = upload(&export);
     assert_eq!(created.status(), 201);
     assert_eq!(setup.consumed()["total_seats_consumed"], 8);

@@ -157,8 +157,19 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Ready means the store can read and write: a store that can no longer write (full disk) answers 503, so that
+/// a load balancer sends agents elsewhere and an operator sees why, and 200 again once a write goes through,
+/// without a restart.
 async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
-    app.store.ping().await?;
+    let not_ready = |error: crate::store::StoreError| {
+        let error = ServiceError::from(error);
+        ServiceError::new(
+            ErrorKind::Unavailable,
+            format!("not ready: {}", error.message),
+        )
+    };
+    app.store.ping().await.map_err(not_ready)?;
+    app.store.probe_write().await.map_err(not_ready)?;
     Ok("ready")
 }
 

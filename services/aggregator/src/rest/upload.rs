@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use license_sync_core::snapshot::{UsageFile, UsageFileParseError};
-use time::OffsetDateTime;
 
 use super::{json_error, read_body};
 use crate::app::App;
@@ -46,12 +45,7 @@ pub(super) async fn upload_usage(
     drop(bytes);
     let instance = app
         .store
-        .instance_for_upload(
-            enterprise.id,
-            file.meta.instance.server_id,
-            &file.meta.instance.hostname,
-            OffsetDateTime::now_utc(),
-        )
+        .instance_for_upload(enterprise.id, file.meta.instance.server_id)
         .await?;
     let snapshot = match file.into_snapshot() {
         Ok(snapshot) => snapshot,

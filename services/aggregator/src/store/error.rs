@@ -28,8 +28,10 @@ pub enum StoreError {
         generated_at: OffsetDateTime,
         stored: OffsetDateTime,
     },
-    #[error("instance {server_id} of an upload belongs to another enterprise")]
-    UploadForOtherEnterprise { server_id: Uuid },
+    /// Unknown, or another enterprise's: deliberately one answer for the two, so that an upload learns nothing
+    /// about other enterprises' server ids.
+    #[error("no instance {server_id} in the uploader's enterprise")]
+    UploadForUnknownInstance { server_id: Uuid },
     #[error("instance {server_id} is enrolled in another enterprise")]
     EnrolledElsewhere { server_id: Uuid },
     /// Unknown, used or expired: deliberately one answer for the three.
@@ -71,8 +73,95 @@ pub enum StoreError {
         context: &'static str,
         detail: String,
     },
+    /// SQLITE_FULL, or PostgreSQL's class 53 (insufficient resources: disk full, out of memory, too many
+    /// connections).
+    #[error("the database cannot grow: {0}")]
+    DiskFull(sqlx::Error),
+    /// A transient conflict (SQLITE_BUSY/LOCKED, serialization failure, deadlock, lock not available).
+    #[error("the database is busy: {0}")]
+    Busy(sqlx::Error),
+    /// The connection or the server went away (I/O, pool timeout, PostgreSQL class 08 and 57P0x).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    /// The database refused a value of the request (PostgreSQL classes 22 and 23, SQLite's constraint, mismatch and
+    /// too-big codes). `code` is the SQLSTATE or SQLite code; the database's own message is not kept, since it can
+    /// quote the value (an email, in a unique violation's detail).
+    #[error("the database refused a value (code {code}{})", constraint.as_deref().map(|c| format!(", constraint {c}")).unwrap_or_default())]
+    Refused {
+        code: String,
+        constraint: Option<String>,
+    },
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+/// Classifies a database failure by what the caller can do about it, from each backend's own codes: SQLite's
+/// primary result codes (the low byte of the extended code) and PostgreSQL's SQLSTATE classes. (PostgreSQL's codes
+/// are not numbers with a low byte: 22021 read as SQLite's code is 5, "busy", and an agent retried a NUL byte in a
+/// login for ever.)
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        let class = match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => Class::Unavailable,
+            sqlx::Error::Database(db) => classify(db.as_ref()),
+            _ => Class::Other,
+        };
+        match class {
+            Class::DiskFull => StoreError::DiskFull(error),
+            Class::Busy => StoreError::Busy(error),
+            Class::Unavailable => StoreError::Unavailable(error),
+            Class::Refused => {
+                let (code, constraint) = match &error {
+                    sqlx::Error::Database(db) => (
+                        db.code().map(|code| code.into_owned()).unwrap_or_default(),
+                        db.constraint().map(str::to_owned),
+                    ),
+                    _ => (String::new(), None),
+                };
+                StoreError::Refused { code, constraint }
+            }
+            Class::Other => StoreError::Database(error),
+        }
+    }
+}
+
+enum Class {
+    DiskFull,
+    Busy,
+    Unavailable,
+    Refused,
+    Other,
+}
+
+fn classify(error: &dyn sqlx::error::DatabaseError) -> Class {
+    let Some(code) = error.code() else {
+        return Class::Other;
+    };
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // Primary result codes: https://www.sqlite.org/rescode.html
+        return match code.parse::<i32>().map(|code| code & 0xff) {
+            Ok(5 | 6) => Class::Busy,          // SQLITE_BUSY, SQLITE_LOCKED
+            Ok(13) => Class::DiskFull,         // SQLITE_FULL
+            Ok(10 | 14) => Class::Unavailable, // SQLITE_IOERR, SQLITE_CANTOPEN
+            Ok(18..=20) => Class::Refused,     // SQLITE_TOOBIG, SQLITE_CONSTRAINT, SQLITE_MISMATCH
+            _ => Class::Other,
+        };
+    }
+    // SQLSTATE: https://www.postgresql.org/docs/current/errcodes-appendix.html
+    match code.as_ref() {
+        "40001" | "40P01" | "55P03" => Class::Busy,
+        "57P01" | "57P02" | "57P03" => Class::Unavailable,
+        sqlstate if sqlstate.starts_with("08") => Class::Unavailable,
+        sqlstate if sqlstate.starts_with("53") => Class::DiskFull,
+        sqlstate if sqlstate.starts_with("22") || sqlstate.starts_with("23") => Class::Refused,
+        _ => Class::Other,
+    }
 }
 
 impl StoreError {
@@ -120,11 +209,11 @@ impl From<StoreError> for ServiceError {
                     rfc3339(stored),
                 ),
             ),
-            StoreError::UploadForOtherEnterprise { server_id } => {
-                ServiceError::permission_denied(format!(
-                    "instance {server_id} belongs to another enterprise; upload its usage there"
-                ))
-            }
+            StoreError::UploadForUnknownInstance { server_id } => ServiceError::not_found(format!(
+                "no instance {server_id} in this enterprise: add it first (`license-sync-aggregator instance add \
+                 --enterprise SLUG --server-id {server_id} --hostname HOST`, or enroll its agent with an enrollment \
+                 token), then upload the file again"
+            )),
             StoreError::EnrolledElsewhere { server_id } => {
                 ServiceError::permission_denied(format!(
                     "instance {server_id} is enrolled in another enterprise; retire it there first"
@@ -169,7 +258,50 @@ impl From<StoreError> for ServiceError {
             ),
             StoreError::Encode { context, source } => ServiceError::internal(context, source),
             StoreError::Corrupt { context, detail } => ServiceError::internal(context, detail),
-            StoreError::Database(source) => source.into(),
+            StoreError::DiskFull(source) => {
+                tracing::error!(error = %source, "the database cannot grow");
+                ServiceError::new(
+                    ErrorKind::StorageFull,
+                    "the aggregator's database disk is full: free space on the aggregator's volume (or raise the \
+                     database's quota); nothing was stored, and the agent will send the snapshot again",
+                )
+            }
+            StoreError::Busy(source) => {
+                tracing::warn!(error = %source, "database busy");
+                ServiceError::new(ErrorKind::Unavailable, "the database is busy; retry later")
+            }
+            StoreError::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                ServiceError::new(
+                    ErrorKind::Unavailable,
+                    "the database is unavailable; retry later",
+                )
+            }
+            StoreError::Refused { code, constraint } => {
+                let what = match code.as_str() {
+                    "22021" => {
+                        "a text field (a login, email, name or hostname) holds a NUL byte or invalid UTF-8"
+                    }
+                    "22001" => "a text field is longer than the database allows",
+                    "22003" => "a number is out of the database's range",
+                    _ if code.starts_with("23")
+                        || code.parse::<i32>().is_ok_and(|c| c & 0xff == 19) =>
+                    {
+                        "a value conflicts with a stored one or breaks a constraint"
+                    }
+                    _ => "a value is not one the database can store",
+                };
+                let constraint = constraint
+                    .map(|constraint| format!(", constraint {constraint}"))
+                    .unwrap_or_default();
+                ServiceError::invalid(format!(
+                    "the database refused this request: {what} (code {code}{constraint}); correct the input, \
+                     sending the same data again will not help"
+                ))
+            }
+            StoreError::Database(source) => {
+                ServiceError::internal("accessing the database", source)
+            }
         }
     }
 }

@@ -307,6 +307,10 @@ pub type DynStore = Arc<dyn Store>;
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;
+    /// Proves the store can write: one committed write transaction that stores [`WRITE_PROBE_BYTES`] in a probe
+    /// row and deletes it again, so it needs fresh pages (a one-row UPDATE fits in pages the database already has,
+    /// and a rolled-back transaction may never reach the disk). For readiness.
+    async fn probe_write(&self) -> StoreResult<()>;
 
     /// Fails with `AlreadyExists` when the slug is taken.
     async fn create_enterprise(
@@ -344,13 +348,13 @@ pub trait Store: Send + Sync + 'static {
         credential_sha256: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Instance>;
-    /// Finds or creates (without a credential) the instance a manual upload is for.
+    /// The enterprise's instance (retired or not) a manual upload is for. An upload never creates one (an instance
+    /// is created by `instance add` or enrollment); an unknown server id and another enterprise's are one answer,
+    /// `UploadForUnknownInstance`, so that an upload cannot probe other enterprises' server ids.
     async fn instance_for_upload(
         &self,
         enterprise_id: i64,
         server_id: Uuid,
-        hostname: &str,
-        now: OffsetDateTime,
     ) -> StoreResult<Instance>;
     async fn instance_for_credential(
         &self,
@@ -506,6 +510,25 @@ pub async fn open(database_url: &str) -> ServiceResult<DynStore> {
 /// enterprise queue on its row, so more sessions add waiting, not throughput: measured with `--compare-replicas 3`,
 /// one replica syncs no faster with 16 than with 6, and three replicas of 8 each come within noise of one.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
+/// What [`Store::probe_write`] stores and deletes: 16 pages of 4 KiB, enough that the probe needs pages the
+/// database does not have free when its disk is full.
+pub const WRITE_PROBE_BYTES: usize = 64 * 1024;
+
+/// The pools' `before_acquire` check: a connection still inside a transaction is closed, never handed out. A write
+/// that failed (SQLITE_FULL during a statement or at COMMIT) can leave SQLite having rolled the transaction back
+/// itself while sqlx still counts it open; the rollback sqlx queues on drop then fails, and a reused connection
+/// refused every later `BEGIN` ("attempted to call begin_with at non-zero transaction depth") until a restart.
+fn discard_if_in_transaction<C: sqlx::Connection>(
+    connection: &mut C,
+    _meta: sqlx::pool::PoolConnectionMetadata,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
+    let reusable = !connection.is_in_transaction();
+    if !reusable {
+        tracing::warn!("closing a database connection left inside a failed transaction");
+    }
+    Box::pin(std::future::ready(Ok(reusable)))
+}
 
 /// Like [`open`], with at most `max_connections` connections to PostgreSQL (SQLite ignores it).
 pub async fn open_with_max_connections(

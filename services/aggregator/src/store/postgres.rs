@@ -51,6 +51,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .before_acquire(super::discard_if_in_transaction)
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Unreachable {

@@ -43,7 +43,7 @@ macro_rules! sql_store {
             use $crate::store::{
                 AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
                 Enterprise, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
-                StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, time_to_unix_ms,
+                StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, WRITE_PROBE_BYTES, time_to_unix_ms,
                 unix_ms_to_time,
             };
 
@@ -317,6 +317,24 @@ macro_rules! sql_store {
                     Ok(())
                 }
 
+                async fn probe_write(&self) -> StoreResult<()> {
+                    // Random bytes: PostgreSQL would compress zeros to nothing.
+                    let payload: Vec<u8> = std::iter::repeat_with(|| Uuid::new_v4().into_bytes())
+                        .take(WRITE_PROBE_BYTES / 16)
+                        .flatten()
+                        .collect();
+                    let _write = self.write_guard().await;
+                    let mut tx = self.begin_write().await?;
+                    sqlx::query("DELETE FROM write_probe").execute(&mut *tx).await?;
+                    sqlx::query("INSERT INTO write_probe (payload) VALUES ($1)")
+                        .bind(payload)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM write_probe").execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
                 async fn create_enterprise(
                     &self,
                     slug: &str,
@@ -450,31 +468,10 @@ macro_rules! sql_store {
                     &self,
                     enterprise_id: i64,
                     server_id: Uuid,
-                    hostname: &str,
-                    now: OffsetDateTime,
                 ) -> StoreResult<Instance> {
-                    let _write = self.write_guard().await;
-                    let mut tx = self.begin_write().await?;
-                    sqlx::query(
-                        "INSERT INTO instances (enterprise_id, server_id, hostname, created_at) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (server_id) DO NOTHING",
-                    )
-                    .bind(enterprise_id)
-                    .bind(server_id.to_string())
-                    .bind(hostname)
-                    .bind(now.unix_timestamp())
-                    .execute(&mut *tx)
-                    .await?;
-                    let instance = instance_by_server_id_in(&mut tx, server_id)
+                    self.instance_by_server_id(enterprise_id, server_id)
                         .await?
-                        .ok_or_else(|| {
-                            StoreError::corrupt("registering an uploaded instance", "row vanished")
-                        })?;
-                    if instance.enterprise_id != enterprise_id {
-                        return Err(StoreError::UploadForOtherEnterprise { server_id });
-                    }
-                    tx.commit().await?;
-                    Ok(instance)
+                        .ok_or(StoreError::UploadForUnknownInstance { server_id })
                 }
 
                 async fn instance_for_credential(

@@ -46,11 +46,19 @@ sql_store! {
 
 impl SqliteStore {
     pub async fn open(database_url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(database_url)
-            .map_err(|source| StoreError::InvalidUrl {
+        let options = SqliteConnectOptions::from_str(database_url).map_err(|source| {
+            StoreError::InvalidUrl {
                 backend: "SQLite",
                 source,
-            })?
+            }
+        })?;
+        Self::open_with(options).await
+    }
+
+    /// Opens with `options` plus the store's own settings (journal, durability, busy timeout); tests add pragmas
+    /// (`max_page_count`, to fill the disk).
+    pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -61,6 +69,7 @@ impl SqliteStore {
             .pragma("cache_size", "-512");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .before_acquire(super::discard_if_in_transaction)
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Unreachable {

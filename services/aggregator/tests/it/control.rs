@@ -8,7 +8,7 @@ use std::time::Duration;
 use license_sync_aggregator::config::AggregatorConfig;
 use license_sync_aggregator::server::{self, RunningServer};
 use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
-use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
+use license_sync_core::snapshot::{Snapshot, SnapshotMeta, UsageFile};
 use license_sync_proto::convert::{server_user, snapshot_header};
 use license_sync_proto::v1::agent_control_client::AgentControlClient;
 use license_sync_proto::v1::enrollment_client::EnrollmentClient;
@@ -583,11 +583,110 @@ async fn enrollment_is_single_use_and_re_enrollment_rotates_the_credential() {
         })
         .await
         .expect_err("acme's instance");
-    assert_eq!(stolen.code(), Code::PermissionDenied);
+    // Answered as a refused token, so that the answer does not say the server id exists in another enterprise.
+    let bogus = client
+        .enroll(EnrollRequest {
+            enrollment_token: "lse_no-such-token".into(),
+            server_id: Uuid::new_v4().to_string(),
+            hostname: "ghes-9.example.com".into(),
+            ghes_version: String::new(),
+        })
+        .await
+        .expect_err("unknown token");
+    assert_eq!(stolen.code(), Code::Unauthenticated, "{stolen:?}");
+    assert_eq!(stolen.message(), bogus.message());
+    assert!(
+        !stolen.message().contains("another enterprise"),
+        "{stolen:?}"
+    );
     harness
         .check_connection(&rotated)
         .await
         .expect("acme's credential still works");
+    harness.shutdown().await;
+}
+
+/// A usage file names its server id: the upload answers 404 alike for another enterprise's server id and for an
+/// unknown one (no existence oracle), and creates no instance (no squatting a server id by uploading first).
+#[tokio::test]
+async fn uploads_for_unknown_or_foreign_server_ids_are_one_404_and_create_nothing() {
+    let harness = Harness::start(|_| {}).await;
+    let store = &harness.server().app.store;
+    license_sync_aggregator::admin::create_enterprise(store, "other", "Other", 1)
+        .await
+        .expect("enterprise");
+    let other_token = license_sync_aggregator::admin::create_api_token(store, "other", "test")
+        .await
+        .expect("token");
+    let acme_server = Uuid::new_v4();
+    harness.enrolled(acme_server, "ghes-1.example.com").await;
+    let upload = |server_id: Uuid| {
+        let file = UsageFile::from_snapshot(snapshot(server_id, "ghes-x.example.com"));
+        let body = serde_json::to_string(&file).expect("json");
+        let harness = &harness;
+        let token = other_token.clone();
+        async move {
+            harness
+                .rest(
+                    reqwest::Method::POST,
+                    "/enterprises/other/server-usage",
+                    Some(&token),
+                    Some(&body),
+                )
+                .await
+        }
+    };
+
+    let (foreign_status, foreign) = upload(acme_server).await;
+    let unknown_server = Uuid::new_v4();
+    let (unknown_status, unknown) = upload(unknown_server).await;
+    assert_eq!(foreign_status, 404, "{foreign}");
+    assert_eq!(unknown_status, 404, "{unknown}");
+    let neutral = |body: &Value, server_id: Uuid| {
+        body["message"]
+            .as_str()
+            .expect("message")
+            .replace(&server_id.to_string(), "ID")
+    };
+    assert_eq!(
+        neutral(&foreign, acme_server),
+        neutral(&unknown, unknown_server)
+    );
+    assert!(
+        unknown["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("instance add")),
+        "{unknown}"
+    );
+
+    let (status, listed) = harness
+        .rest(
+            reqwest::Method::GET,
+            "/enterprises/other/license-sync-status",
+            Some(&other_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    assert!(
+        !listed.to_string().contains(&unknown_server.to_string()),
+        "the upload created no instance: {listed}"
+    );
+    assert!(
+        store
+            .instance_by_server_id(
+                store
+                    .enterprise_by_slug("other")
+                    .await
+                    .expect("read")
+                    .expect("exists")
+                    .id,
+                unknown_server
+            )
+            .await
+            .expect("read")
+            .is_none()
+    );
     harness.shutdown().await;
 }
 

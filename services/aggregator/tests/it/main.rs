@@ -3,4 +3,5 @@
 
 mod control;
 mod servers;
+mod store_faults;
 mod store_suite;

@@ -209,12 +209,41 @@ pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
         .map_err(ServiceError::from)
         .expect_err("belongs to acme");
     assert_eq!(stolen.kind, ErrorKind::PermissionDenied);
+    // An upload for another enterprise's server id is answered exactly as one for an unknown server id, and
+    // creates nothing.
     let upload = store
-        .instance_for_upload(other.id, server_id, "ghes-1", OffsetDateTime::now_utc())
+        .instance_for_upload(other.id, server_id)
         .await
         .map_err(ServiceError::from)
         .expect_err("belongs to acme");
-    assert_eq!(upload.kind, ErrorKind::PermissionDenied);
+    assert_eq!(upload.kind, ErrorKind::NotFound);
+    let unknown_id = Uuid::new_v4();
+    let unknown = store
+        .instance_for_upload(other.id, unknown_id)
+        .await
+        .map_err(ServiceError::from)
+        .expect_err("unknown");
+    assert_eq!(unknown.kind, ErrorKind::NotFound);
+    assert_eq!(
+        upload.message.replace(&server_id.to_string(), "ID"),
+        unknown.message.replace(&unknown_id.to_string(), "ID")
+    );
+    assert!(unknown.message.contains("instance add"), "{unknown}");
+    assert!(
+        store
+            .instance_by_server_id(other.id, unknown_id)
+            .await
+            .expect("read")
+            .is_none(),
+        "an upload creates no instance"
+    );
+    assert!(
+        store
+            .list_instances(other.id)
+            .await
+            .expect("list")
+            .is_empty()
+    );
 }
 
 pub async fn commit_replaces_the_snapshot_whole(store: DynStore) {
@@ -946,20 +975,6 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
         Err(ErrorKind::NotFound),
         "another enterprise's instance"
     );
-    let uploaded = Uuid::new_v4();
-    store
-        .instance_for_upload(acme.id, uploaded, "ghes-upload", OffsetDateTime::now_utc())
-        .await
-        .expect("upload instance");
-    assert_eq!(
-        kind(
-            store
-                .create_sync_request(acme.id, uploaded, Uuid::new_v4(), now)
-                .await
-        ),
-        Err(ErrorKind::FailedPrecondition),
-        "no agent to ask"
-    );
     let request_id = Uuid::new_v4();
     let request = store
         .create_sync_request(acme.id, enrolled, request_id, now)
@@ -976,7 +991,7 @@ pub async fn sync_requests_need_an_active_enrolled_instance(store: DynStore) {
     );
     assert!(
         store
-            .sync_request(acme.id, uploaded, request_id)
+            .sync_request(acme.id, Uuid::new_v4(), request_id)
             .await
             .expect("read")
             .is_none()
@@ -1442,6 +1457,45 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
     assert_eq!(renamed.instances[0].hostname, "ghes-b-renamed");
 }
 
+/// A NUL byte in a login: SQLite stores it, PostgreSQL refuses it (SQLSTATE 22021). Either way the answer is final
+/// (stored, or INVALID_ARGUMENT naming the kind of bad value), never "busy, retry", which an agent retried for ever.
+pub async fn a_value_the_database_refuses_is_bad_input_not_busy(store: DynStore) {
+    let acme = store
+        .create_enterprise("acme", "Acme", 10, OffsetDateTime::now_utc())
+        .await
+        .expect("create");
+    let server_id = Uuid::new_v4();
+    let instance = store
+        .enroll_instance(acme.id, server_id, "ghes-1", "c", OffsetDateTime::now_utc())
+        .await
+        .expect("enroll");
+    let nul = snapshot(server_id, 1_700_000_000, vec![user(1, "mo\0na")]);
+    let sha = hex::encode(nul.digest());
+    let outcome = store
+        .commit_snapshot(SnapshotCommit {
+            instance_id: instance.id,
+            snapshot: &nul,
+            users_sha256: &sha,
+            via: Arrival::Connect,
+            now: OffsetDateTime::now_utc(),
+        })
+        .await
+        .map_err(ServiceError::from);
+    match outcome {
+        Ok(CommitOutcome::Applied { .. }) => {}
+        Err(error) => {
+            assert_eq!(error.kind, ErrorKind::InvalidArgument, "{error}");
+            assert!(error.message.contains("NUL byte"), "{error}");
+            assert!(error.message.contains("will not help"), "{error}");
+            assert!(
+                !error.message.contains("mo\0na"),
+                "the value is not echoed: {error}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 macro_rules! store_suite {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -1478,6 +1532,7 @@ macro_rules! store_suite {
             case!(sync_requests_are_claimed_once);
             case!(undelivered_sync_requests_expire);
             case!(merge_changes_name_only_what_changed_after_a_generation);
+            case!(a_value_the_database_refuses_is_bad_input_not_busy);
         }
     };
 }
