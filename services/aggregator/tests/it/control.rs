@@ -28,20 +28,21 @@ use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
 /// Long enough for anything that should happen; tests wait for events, never for this.
-const PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
-struct Harness {
+/// An aggregator on `127.0.0.1:0` with enterprise `acme`; also the harness of the `servers` tests.
+pub(crate) struct Harness {
     server: Option<RunningServer>,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
     base: String,
     grpc: String,
-    owner_token: String,
+    pub(crate) owner_token: String,
 }
 
 impl Harness {
     /// An aggregator with enterprise `acme` and its owner token; `configure` adjusts the configuration.
-    async fn start(configure: impl FnOnce(&mut AggregatorConfig)) -> Harness {
+    pub(crate) async fn start(configure: impl FnOnce(&mut AggregatorConfig)) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = AggregatorConfig {
             database_url: format!("sqlite://{}", dir.path().join("aggregator.db").display()),
@@ -69,12 +70,12 @@ impl Harness {
         }
     }
 
-    fn server(&self) -> &RunningServer {
+    pub(crate) fn server(&self) -> &RunningServer {
         self.server.as_ref().expect("running")
     }
 
     /// Stops the server; it must finish even with control streams open.
-    async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let server = self.server.take().expect("running");
         tokio::time::timeout(PATIENCE, server.shutdown())
             .await

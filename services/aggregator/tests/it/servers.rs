@@ -4,58 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use license_sync_aggregator::config::AggregatorConfig;
-use license_sync_aggregator::server::{self, RunningServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Long enough for anything that should happen; tests wait for events, never for this.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-struct Harness {
-    server: Option<RunningServer>,
-    _dir: tempfile::TempDir,
-    owner_token: String,
-}
-
-impl Harness {
-    async fn start(configure: impl FnOnce(&mut AggregatorConfig)) -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = AggregatorConfig {
-            database_url: format!("sqlite://{}", dir.path().join("aggregator.db").display()),
-            grpc_listen: "127.0.0.1:0".parse().expect("address"),
-            http_listen: "127.0.0.1:0".parse().expect("address"),
-            ..AggregatorConfig::default()
-        };
-        configure(&mut config);
-        config.validate().expect("valid configuration");
-        let server = server::start(config).await.expect("server starts");
-        let store = &server.app.store;
-        license_sync_aggregator::admin::create_enterprise(store, "acme", "Acme", 10)
-            .await
-            .expect("enterprise");
-        let owner_token = license_sync_aggregator::admin::create_api_token(store, "acme", "test")
-            .await
-            .expect("owner token");
-        Harness {
-            server: Some(server),
-            _dir: dir,
-            owner_token,
-        }
-    }
-
-    fn server(&self) -> &RunningServer {
-        self.server.as_ref().expect("running")
-    }
-
-    async fn shutdown(mut self) {
-        let server = self.server.take().expect("running");
-        tokio::time::timeout(PATIENCE, server.shutdown())
-            .await
-            .expect("shutdown finishes")
-            .expect("clean shutdown");
-    }
-}
+use crate::control::{Harness, PATIENCE};
 
 /// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it was
 /// still open after `within`.
