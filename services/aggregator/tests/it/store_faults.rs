@@ -7,16 +7,16 @@ use std::sync::Arc;
 
 use license_sync_aggregator::app::App;
 use license_sync_aggregator::config::AggregatorConfig;
-use license_sync_aggregator::error::{ErrorKind, ServiceError};
-use license_sync_aggregator::store::{
-    Arrival, CommitOutcome, DynStore, SnapshotCommit, SqliteStore,
-};
+use license_sync_aggregator::error::ErrorKind;
+use license_sync_aggregator::store::{Arrival, CommitOutcome, DynStore, SqliteStore};
 use license_sync_core::model::{InstanceIdentity, ServerUser, SourceReport, UserRole};
 use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
 use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::store_suite::commit_now;
 
 /// Pages of 4 KiB the test database may have: room for the schema and a few small rows.
 const MAX_PAGES: &str = "400";
@@ -48,24 +48,6 @@ fn snapshot(server_id: Uuid, generated_at: OffsetDateTime, users: usize) -> Snap
             })
             .collect(),
     }
-}
-
-async fn commit(
-    store: &DynStore,
-    instance_id: i64,
-    snapshot: &Snapshot,
-) -> Result<CommitOutcome, ServiceError> {
-    let sha = hex::encode(snapshot.digest());
-    store
-        .commit_snapshot(SnapshotCommit {
-            instance_id,
-            snapshot,
-            users_sha256: &sha,
-            via: Arrival::Connect,
-            now: OffsetDateTime::now_utc(),
-        })
-        .await
-        .map_err(ServiceError::from)
 }
 
 async fn readyz(http: &reqwest::Client, base: &str) -> u16 {
@@ -136,7 +118,7 @@ async fn a_full_disk_is_reported_and_writes_recover_once_space_is_freed() {
 
     // Every write fails with a full disk, said so, and retryable for the agent; readiness says not ready.
     for attempt in 0..10 {
-        let full = commit(
+        let full = commit_now(
             &store,
             instance.id,
             &snapshot(server_id, OffsetDateTime::now_utc(), 300),
@@ -165,7 +147,7 @@ async fn a_full_disk_is_reported_and_writes_recover_once_space_is_freed() {
         .expect("free space");
     filler.close().await.expect("close filler");
     for attempt in 0..10 {
-        let outcome = commit(
+        let outcome = commit_now(
             &store,
             instance.id,
             &snapshot(server_id, OffsetDateTime::now_utc(), 300),

@@ -59,11 +59,12 @@ fn member(id: i64, login: &str) -> CloudMember {
     }
 }
 
-async fn commit(
+/// Commits a snapshot as a streamed sync received now; the whole error, as a caller of the store sees it.
+pub(crate) async fn commit_now(
     store: &DynStore,
     instance_id: i64,
     snapshot: &Snapshot,
-) -> Result<CommitOutcome, ErrorKind> {
+) -> Result<CommitOutcome, ServiceError> {
     let sha = hex::encode(snapshot.digest());
     store
         .commit_snapshot(SnapshotCommit {
@@ -74,7 +75,17 @@ async fn commit(
             now: OffsetDateTime::now_utc(),
         })
         .await
-        .map_err(|err| ServiceError::from(err).kind)
+        .map_err(ServiceError::from)
+}
+
+async fn commit(
+    store: &DynStore,
+    instance_id: i64,
+    snapshot: &Snapshot,
+) -> Result<CommitOutcome, ErrorKind> {
+    commit_now(store, instance_id, snapshot)
+        .await
+        .map_err(|err| err.kind)
 }
 
 async fn stored_logins(store: &DynStore, enterprise_id: i64) -> Vec<String> {
