@@ -294,6 +294,13 @@ pub fn status_error(endpoint: &str, status: tonic::Status) -> AgentError {
         Code::InvalidArgument | Code::OutOfRange => AgentError::SnapshotRejected { message },
         Code::FailedPrecondition => AgentError::StaleSnapshot { message },
         Code::AlreadyExists => AgentError::SyncIdConflict { message },
+        // The aggregator is busy (too many streams open), not refusing the snapshot: gRPC's retry-throttling key.
+        Code::ResourceExhausted if status.metadata().contains_key("grpc-retry-pushback-ms") => {
+            AgentError::AggregatorUnavailable {
+                endpoint,
+                reason: message,
+            }
+        }
         Code::ResourceExhausted => AgentError::SnapshotTooLarge { message },
         Code::DeadlineExceeded => AgentError::AggregatorTimeout {
             endpoint,
@@ -342,5 +349,16 @@ mod tests {
             ),
             AgentError::SnapshotTooLarge { .. }
         ));
+        let mut busy = tonic::Status::resource_exhausted("too many snapshot streams open");
+        busy.metadata_mut().insert(
+            "grpc-retry-pushback-ms",
+            tonic::metadata::MetadataValue::from_static("5000"),
+        );
+        let error = status_error("http://a", busy);
+        assert!(error.is_retryable(), "{error}");
+        assert!(
+            error.to_string().contains("too many snapshot streams"),
+            "{error}"
+        );
     }
 }

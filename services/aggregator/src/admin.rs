@@ -89,9 +89,9 @@ pub async fn add_instance(
     hostname: &str,
 ) -> anyhow::Result<(Instance, String)> {
     let enterprise = enterprise(store, slug).await?;
-    if hostname.trim().is_empty() || hostname.chars().any(char::is_whitespace) {
-        anyhow::bail!("--hostname must be the instance's host name, without spaces");
-    }
+    // The snapshots' one hostname rule.
+    let hostname = license_sync_core::snapshot::validate_hostname(hostname)
+        .map_err(|error| anyhow::anyhow!("--hostname: {error}"))?;
     let credential = tokens::generate(tokens::INSTANCE_CREDENTIAL_PREFIX);
     let instance = store
         .enroll_instance(

@@ -71,7 +71,34 @@ pub struct AggregatorConfig {
     pub grpc_idle_timeout_secs: u64,
     /// Most calls one gRPC connection may have open at once (an agent needs two: its control stream and an upload).
     pub grpc_max_concurrent_streams: u32,
+
+    // Ingest stream limits (issue 11): what one instance credential can make the aggregator hold.
+    /// Most snapshot streams open at once per instance credential (an agent sends one snapshot at a time).
+    pub ingest_max_streams_per_instance: usize,
+    /// Most snapshot streams open at once in this process, all instances together.
+    pub ingest_max_streams: usize,
+    /// Most bytes (encoded messages) one snapshot stream may carry. Unset: enough for `max_snapshot_users` users of
+    /// the largest fields ([`AggregatorConfig::max_stream_bytes`]).
+    pub ingest_max_stream_bytes: Option<u64>,
+    /// Most messages (header, batches, trailer) one snapshot stream may carry. Unset: batches averaging at least
+    /// [`MIN_USERS_PER_BATCH`] users ([`AggregatorConfig::max_stream_messages`]).
+    pub ingest_max_stream_messages: Option<u64>,
+    /// Longest a snapshot stream may stay open, first message to trailer, whatever it sends (the idle timeout alone
+    /// is reset by every message).
+    pub ingest_stream_max_secs: u64,
 }
+
+/// Largest encoded size of one user row on the wire: a login of [`MAX_LOGIN_CHARS`] and an email of
+/// [`MAX_EMAIL_CHARS`] characters of 4 UTF-8 bytes each (1,680 bytes), every other field at its largest, and the
+/// row's share of the batch framing; a unit test encodes such a row to hold this bound.
+///
+/// [`MAX_LOGIN_CHARS`]: license_sync_core::snapshot::MAX_LOGIN_CHARS
+/// [`MAX_EMAIL_CHARS`]: license_sync_core::snapshot::MAX_EMAIL_CHARS
+pub const MAX_WIRE_USER_BYTES: u64 = 1_800;
+/// Room for a stream's header, trailer and message framing in the default byte budget.
+pub const STREAM_FRAMING_BYTES: u64 = 1024 * 1024;
+/// The batch size the default message budget assumes at least on average (the agent's default is 1000).
+pub const MIN_USERS_PER_BATCH: u64 = 10;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +136,11 @@ impl Default for AggregatorConfig {
             grpc_max_connections: 512,
             grpc_idle_timeout_secs: 60,
             grpc_max_concurrent_streams: 32,
+            ingest_max_streams_per_instance: 2,
+            ingest_max_streams: 64,
+            ingest_max_stream_bytes: None,
+            ingest_max_stream_messages: None,
+            ingest_stream_max_secs: 600,
         }
     }
 }
@@ -138,6 +170,26 @@ fn list_problems(problems: &[ConfigProblem]) -> String {
 }
 
 impl AggregatorConfig {
+    /// `ingest_max_stream_bytes`, or when unset `max_snapshot_users` × [`MAX_WIRE_USER_BYTES`] +
+    /// [`STREAM_FRAMING_BYTES`] (about 3.4 GiB for 2,000,000 users): an honest snapshot never reaches it.
+    pub fn max_stream_bytes(&self) -> u64 {
+        self.ingest_max_stream_bytes.unwrap_or_else(|| {
+            (self.max_snapshot_users as u64)
+                .saturating_mul(MAX_WIRE_USER_BYTES)
+                .saturating_add(STREAM_FRAMING_BYTES)
+        })
+    }
+
+    /// `ingest_max_stream_messages`, or when unset ⌈`max_snapshot_users` / [`MIN_USERS_PER_BATCH`]⌉ + 2 (header
+    /// and trailer): 200,002 by default, which bounds a stream of empty batches.
+    pub fn max_stream_messages(&self) -> u64 {
+        self.ingest_max_stream_messages.unwrap_or_else(|| {
+            (self.max_snapshot_users as u64)
+                .div_ceil(MIN_USERS_PER_BATCH)
+                .saturating_add(2)
+        })
+    }
+
     /// Defaults, then the file (if any), then `LICENSE_SYNC_AGGREGATOR_*` variables (e.g. `LICENSE_SYNC_AGGREGATOR_DATABASE_URL`).
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut figment = Figment::from(Serialized::defaults(AggregatorConfig::default()));
@@ -331,6 +383,41 @@ impl AggregatorConfig {
             2..=10_000,
             " (an agent holds its control stream while it uploads)",
         );
+        within(
+            "ingest_max_streams",
+            self.ingest_max_streams as u64,
+            1..=100_000,
+            "",
+        );
+        within(
+            "ingest_max_streams_per_instance",
+            self.ingest_max_streams_per_instance as u64,
+            1..=(self.ingest_max_streams.max(1) as u64),
+            " (at most `ingest_max_streams`)",
+        );
+        within(
+            "ingest_stream_max_secs",
+            self.ingest_stream_max_secs,
+            1..=86_400,
+            "",
+        );
+        if let Some(bytes) = self.ingest_max_stream_bytes {
+            within(
+                "ingest_max_stream_bytes",
+                bytes,
+                (self.max_message_bytes as u64)..=u64::MAX,
+                " (at least `max_message_bytes`, so that one full batch fits; unset derives it from \
+                 `max_snapshot_users`)",
+            );
+        }
+        if let Some(messages) = self.ingest_max_stream_messages {
+            within(
+                "ingest_max_stream_messages",
+                messages,
+                3..=u64::MAX,
+                " (a header, one batch and a trailer; unset derives it from `max_snapshot_users`)",
+            );
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -424,6 +511,11 @@ mod tests {
             "http_header_read_timeout_ms = 10\n",
             "http_idle_timeout_secs = 0\n",
             "grpc_max_concurrent_streams = 1\n",
+            "ingest_max_streams = 0\n",
+            "ingest_max_streams_per_instance = 65\n",
+            "ingest_stream_max_secs = 0\n",
+            "ingest_max_stream_bytes = 1000\n",
+            "ingest_max_stream_messages = 2\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
@@ -434,6 +526,54 @@ mod tests {
         std::fs::write(&path, "no_such_key = 1\n").expect("write");
         let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
         assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn stream_budgets_default_to_what_the_largest_honest_snapshot_needs() {
+        use license_sync_core::model::{ServerUser, UserRole};
+        use license_sync_core::snapshot::{MAX_EMAIL_CHARS, MAX_LOGIN_CHARS};
+        use license_sync_proto::v1::{SnapshotChunk, UserBatch, snapshot_chunk::Chunk};
+        use prost::Message as _;
+        let time = time::OffsetDateTime::now_utc();
+        let largest = ServerUser {
+            id: i64::MIN,
+            login: "😀".repeat(MAX_LOGIN_CHARS),
+            email: "😀".repeat(MAX_EMAIL_CHARS),
+            role: UserRole::SiteAdmin,
+            suspended: true,
+            dormant: true,
+            created_at: Some(time),
+            last_active: Some(time),
+            two_factor_enabled: Some(true),
+        };
+        let batch = |users: usize| SnapshotChunk {
+            chunk: Some(Chunk::Users(UserBatch {
+                users: vec![license_sync_proto::convert::server_user(&largest); users],
+            })),
+        };
+        for users in [1, 1000] {
+            let bytes = batch(users).encoded_len() as u64;
+            assert!(
+                bytes <= users as u64 * MAX_WIRE_USER_BYTES,
+                "{users} users: {bytes} bytes"
+            );
+        }
+        let config = AggregatorConfig::default();
+        assert_eq!(
+            config.max_stream_bytes(),
+            2_000_000 * MAX_WIRE_USER_BYTES + STREAM_FRAMING_BYTES
+        );
+        assert_eq!(config.max_stream_messages(), 200_002);
+        let small = AggregatorConfig {
+            max_snapshot_users: 25,
+            ingest_max_stream_messages: Some(7),
+            ..AggregatorConfig::default()
+        };
+        assert_eq!(
+            small.max_stream_bytes(),
+            25 * MAX_WIRE_USER_BYTES + STREAM_FRAMING_BYTES
+        );
+        assert_eq!(small.max_stream_messages(), 7);
     }
 
     #[test]

@@ -45,7 +45,6 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_AGENT_VERSION_CHARS: usize = 64;
 const MAX_JOB_ID_CHARS: usize = 128;
 const MAX_REASON_CHARS: usize = 1000;
-const MAX_HOSTNAME_CHARS: usize = 253;
 
 /// A server id sent by an agent: a UUID, not the nil one.
 fn parse_server_id(text: &str) -> ServiceResult<Uuid> {
@@ -64,24 +63,9 @@ fn parse_server_id(text: &str) -> ServiceResult<Uuid> {
     Ok(server_id)
 }
 
+/// Enrollment accepts surrounding spaces; otherwise the hostname follows the snapshots' one rule.
 fn validate_hostname(hostname: &str) -> ServiceResult<&str> {
-    let hostname = hostname.trim();
-    if hostname.is_empty() {
-        return Err(ServiceError::invalid(
-            "hostname is empty: set `instance.hostname` in the agent's configuration",
-        ));
-    }
-    if hostname.chars().count() > MAX_HOSTNAME_CHARS
-        || hostname
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(ServiceError::invalid(format!(
-            "hostname {hostname:?} is not a host name (at most {MAX_HOSTNAME_CHARS} characters, no spaces or \
-             control characters): fix `instance.hostname` in the agent's configuration"
-        )));
-    }
-    Ok(hostname)
+    license_sync_core::snapshot::validate_hostname(hostname.trim()).map_err(ServiceError::from)
 }
 
 fn validate_ghes_version(version: &str) -> ServiceResult<&str> {
@@ -650,7 +634,9 @@ mod tests {
             Some("ghes.example.com")
         );
         for bad in ["", "   ", "ghes 1", "ghes\u{7}", &"h".repeat(254)] {
-            assert!(validate_hostname(bad).is_err(), "{bad:?}");
+            let error = validate_hostname(bad).expect_err("refused");
+            assert_eq!(error.kind, ErrorKind::InvalidArgument, "{bad:?}");
+            assert!(error.message.contains("hostname"), "{}", error.message);
         }
         assert!(validate_ghes_version("3.14.2").is_ok());
         assert!(validate_ghes_version(&"9".repeat(65)).is_err());

@@ -11,6 +11,8 @@
 //! | `ResourceExhausted`  | `RESOURCE_EXHAUSTED` | 413  | snapshot or upload over the configured limits     |
 //! | `StorageFull`        | `UNAVAILABLE`        | 507  | the database's disk is full; the agent retries    |
 //! | `Unavailable`        | `UNAVAILABLE`        | 503  | database unreachable; the caller should retry     |
+//! | `Cancelled`          | `CANCELLED`          | 499  | the client cut its stream (crash, reset)          |
+//! | `Busy`               | `RESOURCE_EXHAUSTED` | 429  | too many snapshot streams open; retry later       |
 //! | `Internal`           | `INTERNAL`           | 500  | a bug; the message is logged, not returned        |
 
 use axum::Json;
@@ -21,6 +23,12 @@ use serde_json::json;
 /// Where GitHub-style error bodies point.
 pub const DOCUMENTATION_URL: &str =
     "https://github.com/license-sync/license-sync/blob/main/README.md#rest-api";
+
+/// 499, nginx's "client closed request" (not in the `http` crate's list).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -36,8 +44,18 @@ pub enum ErrorKind {
     /// `UNAVAILABLE` with backoff and keeps the delivery; HTTP 507 Insufficient Storage says what it is.
     StorageFull,
     Unavailable,
+    /// The client went away mid-call (a crashed agent, a reset stream): not a refusal of what it sent, so not
+    /// counted as a client error. HTTP 499 is nginx's "client closed request"; no client is left to read it.
+    Cancelled,
+    /// Too many snapshot streams open (`ingest_max_streams*`): nothing is wrong with the snapshot. gRPC
+    /// `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms` metadata (gRPC's retry-throttling key), which tells the
+    /// agent to retry with backoff instead of giving up as it does for a snapshot that is too large.
+    Busy,
     Internal,
 }
+
+/// The `grpc-retry-pushback-ms` of a [`ErrorKind::Busy`] answer: a sync ends in seconds to minutes.
+pub const BUSY_RETRY_PUSHBACK_MS: &str = "5000";
 
 impl ErrorKind {
     pub fn grpc_code(self) -> tonic::Code {
@@ -50,6 +68,8 @@ impl ErrorKind {
             ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
             ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
             ErrorKind::StorageFull | ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::Cancelled => tonic::Code::Cancelled,
+            ErrorKind::Busy => tonic::Code::ResourceExhausted,
             ErrorKind::Internal => tonic::Code::Internal,
         }
     }
@@ -64,6 +84,8 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Cancelled => CLIENT_CLOSED_REQUEST,
+            ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,6 +102,8 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::StorageFull => "storage_full",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Busy => "busy",
             ErrorKind::Internal => "internal",
         }
     }
@@ -149,7 +173,14 @@ impl From<license_sync_core::snapshot::SnapshotError> for ServiceError {
 
 impl From<ServiceError> for tonic::Status {
     fn from(error: ServiceError) -> Self {
-        tonic::Status::new(error.kind.grpc_code(), error.message)
+        let mut status = tonic::Status::new(error.kind.grpc_code(), error.message);
+        if error.kind == ErrorKind::Busy {
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from_static(BUSY_RETRY_PUSHBACK_MS),
+            );
+        }
+        status
     }
 }
 
@@ -199,6 +230,8 @@ mod tests {
             ),
             (ErrorKind::StorageFull, tonic::Code::Unavailable, 507),
             (ErrorKind::Unavailable, tonic::Code::Unavailable, 503),
+            (ErrorKind::Cancelled, tonic::Code::Cancelled, 499),
+            (ErrorKind::Busy, tonic::Code::ResourceExhausted, 429),
             (ErrorKind::Internal, tonic::Code::Internal, 500),
         ];
         for (kind, code, status) in table {
@@ -207,6 +240,11 @@ mod tests {
             let grpc: tonic::Status = ServiceError::new(kind, "boom").into();
             assert_eq!(grpc.code(), code);
             assert_eq!(grpc.message(), "boom");
+            assert_eq!(
+                grpc.metadata().get("grpc-retry-pushback-ms").is_some(),
+                kind == ErrorKind::Busy,
+                "{kind:?}"
+            );
         }
     }
 }

@@ -124,6 +124,10 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         .layer(app.metrics.grpc_layer())
         // A connection is idle (and closed after `grpc_idle_timeout_secs`) while no call is open on it.
         .layer(license_sync_serve::grpc::InFlightLayer)
+        // Marks request bodies cut in transport, so that ingest counts a crashed agent's stream as cancelled.
+        .layer(tower::util::MapRequestLayer::new(
+            crate::ingest::watch_for_cuts,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)

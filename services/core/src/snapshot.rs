@@ -47,6 +47,44 @@ impl Default for SnapshotLimits {
     }
 }
 
+/// Longest login accepted, in characters. GitHub allows 39, but GHES keeps LDAP and SAML user names (normalised,
+/// sometimes with a domain) that can be longer; 100 leaves room for those and still bounds what one row holds.
+pub const MAX_LOGIN_CHARS: usize = 100;
+/// Longest email address accepted, in characters: RFC 5321's 64-character local part, `@` and 255-character domain.
+pub const MAX_EMAIL_CHARS: usize = 320;
+/// Longest hostname accepted, in characters: the DNS limit on a name.
+pub const MAX_HOSTNAME_CHARS: usize = 253;
+/// Longest GHES version accepted (`3.14.2`, with room for pre-release and build suffixes).
+pub const MAX_GHES_VERSION_CHARS: usize = 64;
+/// Longest license kind accepted (`enterprise`, `trial`, …: a short word).
+pub const MAX_LICENSE_KIND_CHARS: usize = 64;
+/// Most characters of a refused value an error shows: enough to recognise it, never the whole of an oversized one.
+pub const SHOWN_CHARS: usize = 64;
+
+/// At most [`SHOWN_CHARS`] characters of `text`, with `…` when cut.
+pub fn shown_prefix(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Where a refused field is: the header, or a user row (1-based, in the order sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldPlace {
+    Header,
+    UserRow(usize),
+}
+
+impl std::fmt::Display for FieldPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldPlace::Header => f.write_str("the snapshot header"),
+            FieldPlace::UserRow(row) => write!(f, "user row {row}"),
+        }
+    }
+}
+
 /// Why a snapshot was refused. Each message says what was wrong and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SnapshotError {
@@ -54,8 +92,26 @@ pub enum SnapshotError {
         "the snapshot's hostname is empty: set the instance hostname in the agent's configuration"
     )]
     EmptyHostname,
-    #[error("the snapshot's hostname {0:?} contains whitespace or control characters")]
+    /// The hostname (at most [`SHOWN_CHARS`] of it) with spaces, control characters or over [`MAX_HOSTNAME_CHARS`].
+    #[error(
+        "the hostname {0:?} is not a host name (at most {MAX_HOSTNAME_CHARS} characters, no spaces or control \
+         characters): fix `instance.hostname` in the agent's configuration"
+    )]
     InvalidHostname(String),
+    /// A text field over its limit. `shown` is a bounded prefix of the value, or `None` for an email address
+    /// (errors are logged, and logs never carry an address).
+    #[error(
+        "{place}: `{field}` has {chars} characters, over the limit of {max}{}; fix the value at the source \
+         (GHES) or leave the account out of the snapshot",
+        shown.as_ref().map(|shown| format!(" ({shown:?})")).unwrap_or_default()
+    )]
+    FieldTooLong {
+        place: FieldPlace,
+        field: &'static str,
+        chars: usize,
+        max: usize,
+        shown: Option<String>,
+    },
     #[error("the snapshot's server_id is the nil UUID: configure the instance's real server id")]
     NilServerId,
     #[error(
@@ -106,17 +162,75 @@ impl Snapshot {
     }
 }
 
-impl SnapshotMeta {
-    pub fn validate(&self, now: OffsetDateTime) -> Result<(), SnapshotError> {
-        let hostname = &self.instance.hostname;
-        if hostname.trim().is_empty() {
-            return Err(SnapshotError::EmptyHostname);
-        }
-        if hostname
+/// The one hostname rule, for snapshots (streamed or uploaded) and enrollment alike: not empty, at most
+/// [`MAX_HOSTNAME_CHARS`] characters, no whitespace or control characters. Callers that accept surrounding spaces
+/// (enrollment) trim first.
+pub fn validate_hostname(hostname: &str) -> Result<&str, SnapshotError> {
+    if hostname.trim().is_empty() {
+        return Err(SnapshotError::EmptyHostname);
+    }
+    if hostname.chars().count() > MAX_HOSTNAME_CHARS
+        || hostname
             .chars()
             .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(SnapshotError::InvalidHostname(hostname.clone()));
+    {
+        return Err(SnapshotError::InvalidHostname(shown_prefix(hostname)));
+    }
+    Ok(hostname)
+}
+
+/// `value` has at most `max` characters. `show` says whether a prefix of the value may appear in the error.
+fn check_length(
+    place: FieldPlace,
+    field: &'static str,
+    value: &str,
+    max: usize,
+    show: bool,
+) -> Result<(), SnapshotError> {
+    // Bytes bound characters from above: most values are decided without counting.
+    if value.len() <= max {
+        return Ok(());
+    }
+    let chars = value.chars().count();
+    if chars <= max {
+        return Ok(());
+    }
+    Err(SnapshotError::FieldTooLong {
+        place,
+        field,
+        chars,
+        max,
+        shown: show.then(|| shown_prefix(value)),
+    })
+}
+
+/// The length limits of one user row (`row` is 1-based), checked as each batch arrives so that an oversized row
+/// is refused before the rest of the stream is held.
+pub fn validate_user_fields(row: usize, user: &ServerUser) -> Result<(), SnapshotError> {
+    let place = FieldPlace::UserRow(row);
+    check_length(place, "login", &user.login, MAX_LOGIN_CHARS, true)?;
+    check_length(place, "email", &user.email, MAX_EMAIL_CHARS, false)
+}
+
+impl SnapshotMeta {
+    pub fn validate(&self, now: OffsetDateTime) -> Result<(), SnapshotError> {
+        validate_hostname(&self.instance.hostname)?;
+        let header = FieldPlace::Header;
+        check_length(
+            header,
+            "ghes_version",
+            &self.instance.ghes_version,
+            MAX_GHES_VERSION_CHARS,
+            true,
+        )?;
+        if let Some(license) = &self.license {
+            check_length(
+                header,
+                "license.kind",
+                &license.kind,
+                MAX_LICENSE_KIND_CHARS,
+                true,
+            )?;
         }
         if self.instance.server_id.is_nil() {
             return Err(SnapshotError::NilServerId);
@@ -133,7 +247,7 @@ impl SnapshotMeta {
     }
 }
 
-/// Checks the user rows: the count limit, unique ids and non-empty logins.
+/// Checks the user rows: the count limit, unique ids, non-empty logins and field lengths.
 pub fn validate_users(users: &[ServerUser], limits: &SnapshotLimits) -> Result<(), SnapshotError> {
     if users.len() > limits.max_users {
         return Err(SnapshotError::TooManyUsers {
@@ -154,6 +268,7 @@ pub fn validate_users(users: &[ServerUser], limits: &SnapshotLimits) -> Result<(
         if user.login.trim().is_empty() {
             return Err(SnapshotError::EmptyLogin { row, id: user.id });
         }
+        validate_user_fields(row, user)?;
     }
     Ok(())
 }
@@ -214,13 +329,10 @@ pub struct UsageFile {
 }
 
 impl UsageFileParseError {
-    /// At most the first 64 characters of the format are kept: the error is shown to whoever sent the body.
+    /// At most the first [`SHOWN_CHARS`] characters of the format are kept: the error is shown to whoever sent the
+    /// body.
     fn unsupported(format: String) -> Self {
-        const SHOWN: usize = 64;
-        match format.char_indices().nth(SHOWN) {
-            Some((end, _)) => Self::UnsupportedFormat(format!("{}…", &format[..end])),
-            None => Self::UnsupportedFormat(format),
-        }
+        Self::UnsupportedFormat(shown_prefix(&format))
     }
 }
 
@@ -435,6 +547,111 @@ mod tests {
                 second: 3
             }
         );
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_with_field_limit_row_and_a_bounded_prefix() {
+        let mut long_login = user(2, "b");
+        long_login.login = "l".repeat(MAX_LOGIN_CHARS + 1);
+        let error = snapshot(vec![user(1, "a"), long_login])
+            .validate(&SnapshotLimits::default(), OffsetDateTime::now_utc())
+            .expect_err("login too long");
+        let message = error.to_string();
+        assert!(
+            matches!(
+                &error,
+                SnapshotError::FieldTooLong {
+                    place: FieldPlace::UserRow(2),
+                    field: "login",
+                    chars: 101,
+                    max: 100,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            message.starts_with("user row 2: `login` has 101 characters, over the limit of 100"),
+            "{message}"
+        );
+        assert!(
+            !message.contains(&"l".repeat(SHOWN_CHARS + 1)),
+            "a bounded prefix: {message}"
+        );
+        // At the limit, in characters (not bytes): 100 two-byte characters pass.
+        let mut at_limit = user(1, "a");
+        at_limit.login = "é".repeat(MAX_LOGIN_CHARS);
+        assert_eq!(validate_user_fields(1, &at_limit), Ok(()));
+
+        let mut long_email = user(1, "a");
+        long_email.email = format!("{}@example.com", "e".repeat(MAX_EMAIL_CHARS));
+        let error = validate_user_fields(7, &long_email).expect_err("email too long");
+        let message = error.to_string();
+        assert!(message.contains("user row 7: `email`"), "{message}");
+        assert!(
+            !message.contains("@example.com") && !message.contains("eeee"),
+            "no address shown: {message}"
+        );
+
+        let mut header = snapshot(vec![]);
+        header.meta.instance.ghes_version = "9".repeat(MAX_GHES_VERSION_CHARS + 1);
+        let message = header
+            .meta
+            .validate(OffsetDateTime::now_utc())
+            .expect_err("version")
+            .to_string();
+        assert!(
+            message.starts_with("the snapshot header: `ghes_version` has 65"),
+            "{message}"
+        );
+        let mut header = snapshot(vec![]);
+        header.meta.license = Some(InstanceLicense {
+            seats: None,
+            seats_used: 0,
+            kind: "k".repeat(MAX_LICENSE_KIND_CHARS + 1),
+            expires_at: None,
+        });
+        assert!(matches!(
+            header.meta.validate(OffsetDateTime::now_utc()),
+            Err(SnapshotError::FieldTooLong {
+                field: "license.kind",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn hostnames_follow_one_rule_and_errors_show_a_bounded_prefix() {
+        assert_eq!(
+            validate_hostname("ghes.example.com"),
+            Ok("ghes.example.com")
+        );
+        assert_eq!(
+            validate_hostname(&"h".repeat(MAX_HOSTNAME_CHARS)).map(str::len),
+            Ok(253)
+        );
+        for empty in ["", "   "] {
+            assert_eq!(validate_hostname(empty), Err(SnapshotError::EmptyHostname));
+        }
+        for bad in ["ghes 1", "ghes\u{7}", " ghes"] {
+            assert!(
+                matches!(
+                    validate_hostname(bad),
+                    Err(SnapshotError::InvalidHostname(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let huge = "h".repeat(5_000_000);
+        let error = validate_hostname(&huge).expect_err("too long");
+        let SnapshotError::InvalidHostname(shown) = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(shown.chars().count(), SHOWN_CHARS + 1);
+        assert!(error.to_string().len() < 400, "{error}");
+        let mut snap = snapshot(vec![]);
+        snap.meta.instance.hostname = huge;
+        assert_eq!(snap.meta.validate(OffsetDateTime::now_utc()), Err(error));
     }
 
     #[test]

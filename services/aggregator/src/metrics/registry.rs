@@ -109,10 +109,14 @@ pub enum Rejection {
     MalformedFile,
     /// A snapshot of another instance than the credential's.
     WrongInstance,
+    /// A login, email, version or other text field over its length limit.
+    FieldTooLong,
+    /// A stream over its byte, message or time budget (`ingest_max_stream_*`, `ingest_stream_max_secs`).
+    StreamBudget,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::InvalidIdentity,
         Rejection::ClockSkew,
         Rejection::DuplicateUserId,
@@ -125,6 +129,8 @@ impl Rejection {
         Rejection::MalformedStream,
         Rejection::MalformedFile,
         Rejection::WrongInstance,
+        Rejection::FieldTooLong,
+        Rejection::StreamBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +147,8 @@ impl Rejection {
             Rejection::MalformedStream => "malformed_stream",
             Rejection::MalformedFile => "malformed_file",
             Rejection::WrongInstance => "wrong_instance",
+            Rejection::FieldTooLong => "field_too_long",
+            Rejection::StreamBudget => "stream_budget",
         }
     }
 
@@ -152,6 +160,7 @@ impl Rejection {
             SnapshotError::GeneratedInFuture { .. } => Rejection::ClockSkew,
             SnapshotError::DuplicateUserId { .. } => Rejection::DuplicateUserId,
             SnapshotError::EmptyLogin { .. } => Rejection::EmptyLogin,
+            SnapshotError::FieldTooLong { .. } => Rejection::FieldTooLong,
             SnapshotError::TooManyUsers { .. } => Rejection::TooManyUsers,
             SnapshotError::CountMismatch { .. } => Rejection::CountMismatch,
             SnapshotError::DigestMismatch => Rejection::DigestMismatch,
@@ -220,6 +229,7 @@ pub struct Metrics {
     grpc_duration: HistogramFamily<GrpcMethodLabels>,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: HistogramFamily<HttpRouteLabels>,
+    ingest_streams_open: Gauge,
     /// `/package.Service/Method` of every method served, so that a client cannot create label values.
     grpc_methods: HashSet<String>,
     /// Serialises scrapes: each one clears and refills the database gauges before encoding them.
@@ -355,6 +365,13 @@ impl Metrics {
             Unit::Seconds,
             http_duration.clone(),
         );
+        let ingest_streams_open = Gauge::default();
+        registry.register(
+            "license_sync_ingest_streams_open",
+            "Snapshot streams open now (each holds a slot of ingest_max_streams and of its instance's \
+             ingest_max_streams_per_instance)",
+            ingest_streams_open.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "license_sync_build_info",
@@ -400,6 +417,7 @@ impl Metrics {
             grpc_duration,
             http_requests,
             http_duration,
+            ingest_streams_open,
             grpc_methods: grpc_methods(grpc_descriptor_sets),
             scrape: tokio::sync::Mutex::new(()),
             states_cache: Mutex::new(HashMap::new()),
@@ -424,6 +442,12 @@ impl Metrics {
                 result: kind.as_str(),
             })
             .inc();
+    }
+
+    /// How many snapshot streams are open now.
+    pub fn set_ingest_streams_open(&self, open: usize) {
+        self.ingest_streams_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
     pub fn rejected(&self, reason: Rejection) {

@@ -34,6 +34,12 @@ pub enum StoreError {
     UploadForUnknownInstance { server_id: Uuid },
     #[error("instance {server_id} is enrolled in another enterprise")]
     EnrolledElsewhere { server_id: Uuid },
+    /// Another live instance of the same enterprise has this hostname (person ids and metrics are keyed by it).
+    #[error("hostname {hostname:?} is used by live instance {other_server_id} of the enterprise")]
+    HostnameTaken {
+        hostname: String,
+        other_server_id: String,
+    },
     /// Unknown, used or expired: deliberately one answer for the three.
     #[error("no unused, unexpired enrollment token with this hash")]
     EnrollmentTokenRefused,
@@ -214,6 +220,17 @@ impl From<StoreError> for ServiceError {
                  --enterprise SLUG --server-id {server_id} --hostname HOST`, or enroll its agent with an enrollment \
                  token), then upload the file again"
             )),
+            StoreError::HostnameTaken {
+                hostname,
+                other_server_id,
+            } => ServiceError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "hostname {hostname:?} is already used by instance {other_server_id} of this enterprise: retire \
+                     that instance if it was replaced (`license-sync-aggregator instance retire --enterprise SLUG \
+                     --server-id {other_server_id}`), or fix `instance.hostname` in this agent's configuration"
+                ),
+            ),
             StoreError::EnrolledElsewhere { server_id } => {
                 ServiceError::permission_denied(format!(
                     "instance {server_id} is enrolled in another enterprise; retire it there first"

@@ -66,7 +66,7 @@ macro_rules! sql_store {
 
                     // The instance row lock serialises commits of one instance across replicas.
                     let stored = sqlx::query(concat!(
-                        "SELECT enterprise_id, generated_at_ms, retired_at FROM instances WHERE id = $1",
+                        "SELECT enterprise_id, generated_at_ms, retired_at, hostname FROM instances WHERE id = $1",
                         $for_update
                     ))
                     .bind(commit.instance_id)
@@ -98,6 +98,15 @@ macro_rules! sql_store {
                     if stored.try_get::<Option<i64>, _>("retired_at")?.is_some() {
                         return Err(StoreError::InstanceRetired);
                     }
+                    let renamed = stored.try_get::<String, _>("hostname")? != meta.instance.hostname;
+                    check_hostname_free(
+                        &mut tx,
+                        enterprise_id,
+                        commit.instance_id,
+                        &meta.instance.hostname,
+                        renamed,
+                    )
+                    .await?;
                     let new_generated_ms = time_to_unix_ms(meta.generated_at);
                     if let Some(stored_ms) = stored.try_get::<Option<i64>, _>("generated_at_ms")?
                         && stored_ms > new_generated_ms
@@ -202,6 +211,39 @@ macro_rules! sql_store {
                 row.as_ref().map(instance_from_row).transpose()
             }
 
+            /// Refuses `hostname` when another live instance of the enterprise has it. `taking` (the instance
+            /// gets a hostname it did not have, or comes back from retirement) first takes the enterprise row lock,
+            /// so that two instances taking one hostname at once are serialised and the second sees the first
+            /// (SQLite's writers are serialised already). A commit that keeps its hostname only reads: it cannot
+            /// create a clash, and commits of an enterprise's instances keep running side by side.
+            async fn check_hostname_free(
+                tx: &mut Transaction<'_>,
+                enterprise_id: i64,
+                instance_id: i64,
+                hostname: &str,
+                taking: bool,
+            ) -> StoreResult<()> {
+                if taking {
+                    $store::lock_enterprise(tx, enterprise_id).await?;
+                }
+                let other: Option<String> = sqlx::query_scalar(
+                    "SELECT server_id FROM instances WHERE enterprise_id = $1 AND hostname = $2 AND id <> $3 \
+                     AND retired_at IS NULL ORDER BY id LIMIT 1",
+                )
+                .bind(enterprise_id)
+                .bind(hostname)
+                .bind(instance_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+                match other {
+                    Some(other_server_id) => Err(StoreError::HostnameTaken {
+                        hostname: hostname.to_owned(),
+                        other_server_id,
+                    }),
+                    None => Ok(()),
+                }
+            }
+
             /// Enrolls or re-enrolls an instance inside the caller's transaction (see [`Store::enroll_instance`]).
             async fn enroll_in(
                 tx: &mut Transaction<'_>,
@@ -238,6 +280,9 @@ macro_rules! sql_store {
                     return Err(StoreError::EnrolledElsewhere { server_id });
                 }
                 let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
+                let instance_id: i64 = existing.try_get("id")?;
+                // Enrollments are rare: always under the enterprise lock (a new instance takes its hostname too).
+                check_hostname_free(tx, enterprise_id, instance_id, hostname, true).await?;
                 sqlx::query(
                     "UPDATE instances SET credential_sha256 = $1, hostname = $2, \
                      ghes_version = COALESCE($3, ghes_version), retired_at = NULL WHERE server_id = $4",
@@ -251,7 +296,7 @@ macro_rules! sql_store {
                 let previous_hostname: String = existing.try_get("hostname")?;
                 if was_retired || previous_hostname != hostname {
                     // Its stored users count again, or under another hostname.
-                    $store::bump_users_generation(tx, enterprise_id, existing.try_get("id")?).await?;
+                    $store::bump_users_generation(tx, enterprise_id, instance_id).await?;
                 }
                 instance_by_server_id_in(tx, server_id)
                     .await?

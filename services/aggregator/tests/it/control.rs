@@ -70,6 +70,21 @@ impl Harness {
         }
     }
 
+    pub(crate) fn grpc_url(&self) -> &str {
+        &self.grpc
+    }
+
+    /// `GET /metrics` as scraped.
+    pub(crate) async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("GET /metrics");
+        response.text().await.expect("metrics body")
+    }
+
     pub(crate) fn server(&self) -> &RunningServer {
         self.server.as_ref().expect("running")
     }
@@ -115,12 +130,12 @@ impl Harness {
             .await
     }
 
-    async fn owner_get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn owner_get(&self, path: &str) -> (u16, Value) {
         self.rest(reqwest::Method::GET, path, Some(&self.owner_token), None)
             .await
     }
 
-    async fn enrollment_token(&self) -> String {
+    pub(crate) async fn enrollment_token(&self) -> String {
         let (status, body) = self
             .owner_post("/enterprises/acme/enrollment-tokens", None)
             .await;
@@ -128,7 +143,7 @@ impl Harness {
         body["token"].as_str().expect("token").to_owned()
     }
 
-    async fn enroll(
+    pub(crate) async fn enroll(
         &self,
         token: &str,
         server_id: Uuid,
@@ -152,7 +167,7 @@ impl Harness {
     }
 
     /// A new instance enrolled with a fresh token; returns its credential.
-    async fn enrolled(&self, server_id: Uuid, hostname: &str) -> String {
+    pub(crate) async fn enrolled(&self, server_id: Uuid, hostname: &str) -> String {
         let token = self.enrollment_token().await;
         self.enroll(&token, server_id, hostname)
             .await
@@ -173,7 +188,11 @@ impl Harness {
         Ok(client.check_connection(request).await?.into_inner())
     }
 
-    async fn upload(&self, credential: &str, snapshot: &Snapshot) -> Result<(), tonic::Status> {
+    pub(crate) async fn upload(
+        &self,
+        credential: &str,
+        snapshot: &Snapshot,
+    ) -> Result<(), tonic::Status> {
         let mut client = SnapshotIngestClient::connect(self.grpc.clone())
             .await
             .expect("connect");
@@ -352,7 +371,7 @@ impl Session {
     }
 }
 
-fn bearer(credential: &str) -> MetadataValue<tonic::metadata::Ascii> {
+pub(crate) fn bearer(credential: &str) -> MetadataValue<tonic::metadata::Ascii> {
     format!("Bearer {credential}").parse().expect("metadata")
 }
 
@@ -363,7 +382,7 @@ fn hello() -> agent_message::Message {
     })
 }
 
-fn snapshot(server_id: Uuid, hostname: &str) -> Snapshot {
+pub(crate) fn snapshot(server_id: Uuid, hostname: &str) -> Snapshot {
     Snapshot {
         meta: SnapshotMeta {
             sync_id: Uuid::new_v4(),
@@ -390,7 +409,7 @@ fn snapshot(server_id: Uuid, hostname: &str) -> Snapshot {
     }
 }
 
-fn chunks(snapshot: &Snapshot) -> Vec<SnapshotChunk> {
+pub(crate) fn chunks(snapshot: &Snapshot) -> Vec<SnapshotChunk> {
     vec![
         SnapshotChunk {
             chunk: Some(Chunk::Header(snapshot_header(&snapshot.meta))),

@@ -2,6 +2,7 @@
 //! instead of once per test file.
 
 mod control;
+mod ingest;
 mod servers;
 mod store_faults;
 mod store_suite;

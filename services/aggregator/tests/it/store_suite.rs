@@ -43,6 +43,12 @@ fn snapshot(server_id: Uuid, generated_at: i64, users: Vec<ServerUser>) -> Snaps
     }
 }
 
+/// `snapshot` under another hostname: instances of one enterprise never share one.
+fn hosted(mut snapshot: Snapshot, hostname: &str) -> Snapshot {
+    snapshot.meta.instance.hostname = hostname.to_owned();
+    snapshot
+}
+
 fn member(id: i64, login: &str) -> CloudMember {
     CloudMember {
         id,
@@ -472,7 +478,7 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
     commit(
         &store,
         second.id,
-        &snapshot(two, 1_700_000_000, vec![user(1, "b")]),
+        &hosted(snapshot(two, 1_700_000_000, vec![user(1, "b")]), "ghes-2"),
     )
     .await
     .expect("applied");
@@ -500,6 +506,125 @@ pub async fn retired_instances_stop_counting(store: DynStore) {
         .await
         .expect("re-enroll");
     assert_eq!(stored_logins(&store, acme.id).await, ["a", "b"]);
+}
+
+fn snapshot_of(server_id: Uuid, hostname: &str, generated_at: i64) -> Snapshot {
+    hosted(
+        snapshot(server_id, generated_at, vec![user(1, hostname)]),
+        hostname,
+    )
+}
+
+pub async fn hostnames_are_unique_among_live_instances_of_an_enterprise(store: DynStore) {
+    let now = OffsetDateTime::now_utc();
+    let acme = store
+        .create_enterprise("acme", "Acme", 10, now)
+        .await
+        .expect("create");
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let first = store
+        .enroll_instance(acme.id, a, "ghes-a", "ca", now)
+        .await
+        .expect("enroll a");
+    let second = store
+        .enroll_instance(acme.id, b, "ghes-b", "cb", now)
+        .await
+        .expect("enroll b");
+    // A snapshot renaming B to A's hostname is refused, naming A and what to do; nothing of it is stored.
+    let taken = commit_now(&store, second.id, &snapshot_of(b, "ghes-a", 1_700_000_000))
+        .await
+        .expect_err("hostname taken");
+    assert_eq!(taken.kind, ErrorKind::FailedPrecondition);
+    assert!(taken.message.contains(&a.to_string()), "{}", taken.message);
+    assert!(
+        taken.message.contains("instance.hostname"),
+        "{}",
+        taken.message
+    );
+    assert!(stored_logins(&store, acme.id).await.is_empty());
+    // So is an enrollment of another instance under it, and re-enrolling B under it.
+    for (server_id, credential) in [(c, "cc"), (b, "cb2")] {
+        let error = store
+            .enroll_instance(acme.id, server_id, "ghes-a", credential, now)
+            .await
+            .map_err(ServiceError::from)
+            .expect_err("enrollment under a taken hostname");
+        assert_eq!(error.kind, ErrorKind::FailedPrecondition);
+        assert!(error.message.contains(&a.to_string()), "{}", error.message);
+    }
+    // The refused enrollment created nothing and left B's credential as it was.
+    assert!(
+        store
+            .instance_by_server_id(acme.id, c)
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        store
+            .instance_for_credential("cb")
+            .await
+            .expect("lookup")
+            .is_some()
+    );
+    // The same instance keeps its hostname; another enterprise may use it.
+    commit(&store, first.id, &snapshot_of(a, "ghes-a", 1_700_000_000))
+        .await
+        .expect("own hostname");
+    let beta = store
+        .create_enterprise("beta", "Beta", 10, now)
+        .await
+        .expect("create");
+    store
+        .enroll_instance(beta.id, Uuid::new_v4(), "ghes-a", "cx", now)
+        .await
+        .expect("another enterprise");
+    // Once A is retired its hostname is free.
+    store
+        .retire_instance(acme.id, a, now)
+        .await
+        .expect("retire");
+    commit(&store, second.id, &snapshot_of(b, "ghes-a", 1_700_000_001))
+        .await
+        .expect("free after retirement");
+    let revived = store
+        .enroll_instance(acme.id, a, "ghes-a", "ca2", now)
+        .await
+        .map_err(ServiceError::from)
+        .expect_err("coming back under a hostname taken since");
+    assert!(
+        revived.message.contains(&b.to_string()),
+        "{}",
+        revived.message
+    );
+
+    // Two instances taking one new hostname at once: exactly one gets it.
+    let (d, e) = (Uuid::new_v4(), Uuid::new_v4());
+    let dee = store
+        .enroll_instance(acme.id, d, "ghes-d", "cd", now)
+        .await
+        .expect("enroll d");
+    let eee = store
+        .enroll_instance(acme.id, e, "ghes-e", "ce", now)
+        .await
+        .expect("enroll e");
+    let (snap_d, snap_e) = (
+        snapshot_of(d, "ghes-shared", 1_700_000_000),
+        snapshot_of(e, "ghes-shared", 1_700_000_000),
+    );
+    let (from_d, from_e) = tokio::join!(
+        commit(&store, dee.id, &snap_d),
+        commit(&store, eee.id, &snap_e)
+    );
+    let refused: Vec<ErrorKind> = [from_d, from_e]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert_eq!(
+        refused,
+        [ErrorKind::FailedPrecondition],
+        "exactly one of the two is refused"
+    );
 }
 
 pub async fn cloud_members_are_replaced_whole(store: DynStore) {
@@ -1376,7 +1501,10 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
     commit(
         &store,
         b.id,
-        &snapshot(server_b, 1_700_000_000, vec![user(1, "b1")]),
+        &hosted(
+            snapshot(server_b, 1_700_000_000, vec![user(1, "b1")]),
+            "ghes-b",
+        ),
     )
     .await
     .expect("b");
@@ -1405,7 +1533,10 @@ pub async fn merge_changes_name_only_what_changed_after_a_generation(store: DynS
     commit(
         &store,
         b.id,
-        &snapshot(server_b, 1_700_000_100, vec![user(1, "b1"), user(2, "b2")]),
+        &hosted(
+            snapshot(server_b, 1_700_000_100, vec![user(1, "b1"), user(2, "b2")]),
+            "ghes-b",
+        ),
     )
     .await
     .expect("b again");
@@ -1532,6 +1663,7 @@ macro_rules! store_suite {
             case!(a_commit_failing_midway_leaves_the_previous_snapshot);
             case!(failed_attempts_are_recorded_without_touching_users);
             case!(retired_instances_stop_counting);
+            case!(hostnames_are_unique_among_live_instances_of_an_enterprise);
             case!(cloud_members_are_replaced_whole);
             case!(usage_history_keeps_the_latest_count_and_the_daily_maximum);
             case!(enrollment_tokens_are_single_use);
