@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use license_sync_core::model::{ServerUser, UserRole};
+use license_sync_core::model::ServerUser;
 use license_sync_core::snapshot::Snapshot;
 use license_sync_proto::convert::server_user;
 use license_sync_proto::v1::snapshot_chunk::Chunk;
@@ -18,6 +18,7 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::control::{Harness, PATIENCE, bearer, chunks, snapshot};
+use crate::store_suite::user;
 
 const UPLOAD_METHOD: &str = "/licensesync.v1.SnapshotIngest/UploadSnapshot";
 
@@ -89,17 +90,7 @@ fn batch(users: &[ServerUser]) -> SnapshotChunk {
 
 fn users(count: i64) -> Vec<ServerUser> {
     (1..=count)
-        .map(|id| ServerUser {
-            id,
-            login: format!("user{id}"),
-            email: format!("user{id}@example.com"),
-            role: UserRole::User,
-            suspended: false,
-            dormant: false,
-            created_at: None,
-            last_active: None,
-            two_factor_enabled: None,
-        })
+        .map(|id| user(id, &format!("user{id}")))
         .collect()
 }
 
@@ -149,6 +140,19 @@ async fn consumed(harness: &Harness) -> u64 {
         .await;
     assert_eq!(status, 200, "{body}");
     body["total_seats_consumed"].as_u64().expect("count")
+}
+
+/// Ends a test of refusals: `count` were counted under `reason`, and nothing was stored.
+async fn refused_and_nothing_stored(harness: Harness, reason: &str, count: f64) {
+    let metrics = harness.metrics().await;
+    let label = format!("reason=\"{reason}\"");
+    assert_eq!(
+        sample(&metrics, "license_sync_rows_rejected_total", &[&label]),
+        Some(count),
+        "{metrics}"
+    );
+    assert_eq!(consumed(&harness).await, 0);
+    harness.shutdown().await;
 }
 
 #[tokio::test]
@@ -302,18 +306,7 @@ async fn stream_budgets_refuse_what_is_over_them_and_store_nothing() {
     );
     assert!(started.elapsed() < PATIENCE);
 
-    let metrics = harness.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "license_sync_rows_rejected_total",
-            &["reason=\"stream_budget\""]
-        ),
-        Some(3.0),
-        "{metrics}"
-    );
-    assert_eq!(consumed(&harness).await, 0);
-    harness.shutdown().await;
+    refused_and_nothing_stored(harness, "stream_budget", 3.0).await;
 }
 
 #[tokio::test]
@@ -372,18 +365,7 @@ async fn oversized_fields_are_refused_as_their_batch_arrives_without_echoing_the
     );
     assert!(refused.message().len() < 400, "{}", refused.message());
 
-    let metrics = harness.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "license_sync_rows_rejected_total",
-            &["reason=\"field_too_long\""]
-        ),
-        Some(2.0),
-        "{metrics}"
-    );
-    assert_eq!(consumed(&harness).await, 0);
-    harness.shutdown().await;
+    refused_and_nothing_stored(harness, "field_too_long", 2.0).await;
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use license_sync_core::snapshot::{Snapshot, SnapshotMeta};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-fn user(id: i64, login: &str) -> ServerUser {
+pub(crate) fn user(id: i64, login: &str) -> ServerUser {
     ServerUser {
         id,
         login: login.to_owned(),
