@@ -16,7 +16,7 @@ use license_sync_proto::v1::{SnapshotChunk, SnapshotTrailer, SyncReceipt, UserBa
 use serde::Serialize;
 use time::OffsetDateTime;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -207,10 +207,31 @@ pub async fn connect_channel(
             })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
+        // Read at every connect: a renewed certificate is used from the next connection on.
+        if let (Some(cert_path), Some(key_path)) = (&config.client_cert, &config.client_key) {
+            let read = |key, path: &std::path::PathBuf, what| {
+                std::fs::read(path).map_err(|source| ConfigError::Unreadable {
+                    what,
+                    key,
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let cert = read(
+                "aggregator.client_cert",
+                cert_path,
+                "the client certificate",
+            )?;
+            let key = read("aggregator.client_key", key_path, "the client key")?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
         endpoint = endpoint.tls_config(tls).map_err(|error| {
             invalid_config(
                 "aggregator.ca_cert",
-                &format!("cannot be used for TLS: {}", error_chain(&error)),
+                &format!(
+                    "(or aggregator.client_cert/client_key) cannot be used for TLS: {}",
+                    error_chain(&error)
+                ),
             )
         })?;
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use license_sync_core::snapshot::{Snapshot, SnapshotLimits};
+use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -123,9 +124,15 @@ impl App {
         }
     }
 
-    /// The instance a credential belongs to.
-    pub async fn authenticate_instance(&self, credential: &str) -> ServiceResult<Instance> {
-        self.store
+    /// The instance a credential belongs to. With a client CA configured (mTLS), the call's client certificate
+    /// (`client_certificates`, from [`crate::tls::client_certificates`]) must be bound to that instance too.
+    pub async fn authenticate_instance(
+        &self,
+        credential: &str,
+        client_certificates: Option<&[CertificateDer<'static>]>,
+    ) -> ServiceResult<Instance> {
+        let instance = self
+            .store
             .instance_for_credential(&tokens::sha256_hex(credential))
             .await?
             .ok_or_else(|| {
@@ -134,7 +141,11 @@ impl App {
                      the agent again with a new enrollment token (`license-sync-aggregator enrollment-token create`), \
                      or issue a credential with `license-sync-aggregator instance add` and configure the agent with it",
                 )
-            })
+            })?;
+        if self.config.tls_client_ca_path.is_some() {
+            crate::tls::check_instance_certificate(client_certificates, instance.server_id)?;
+        }
+        Ok(instance)
     }
 
     /// Validates and commits a snapshot for an instance; the one path for streamed and uploaded snapshots.

@@ -2,7 +2,7 @@
 //! environment variables (the environment wins), validated before anything starts.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -86,6 +86,31 @@ pub struct AggregatorConfig {
     /// Longest a snapshot stream may stay open, first message to trailer, whatever it sends (the idle timeout alone
     /// is reset by every message).
     pub ingest_stream_max_secs: u64,
+    // TLS and mTLS (issue 11). Unset: both ports speak plain text, for a TLS-terminating ingress in front.
+    /// PEM certificate chain (leaf first) served on both ports; set together with `tls_key_path`.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key of `tls_cert_path` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_path: Option<PathBuf>,
+    /// PEM CA certificate(s) that issue the agents' client certificates: mTLS on the gRPC port, each certificate
+    /// bound to one instance by the SAN URI `license-sync://instance/<server_id>`. Needs `tls_cert_path`.
+    pub tls_client_ca_path: Option<PathBuf>,
+    /// With `tls_client_ca_path`: `required` refuses a TLS handshake without a client certificate from the CA;
+    /// `optional` lets agents without one connect to enroll, while every call with an instance credential still
+    /// needs the instance's certificate.
+    pub tls_client_auth: TlsClientAuth,
+    /// A TLS handshake not finished within this long is closed (a client stalling it holds a connection).
+    pub tls_handshake_timeout_ms: u64,
+    /// How often the certificate, key and client CA files are re-read; a change is served from the next handshake.
+    pub tls_reload_interval_secs: u64,
+}
+
+/// Whether agents must present a client certificate in the TLS handshake of the gRPC port.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsClientAuth {
+    #[default]
+    Required,
+    Optional,
 }
 
 /// Largest encoded size of one user row on the wire: a login of [`MAX_LOGIN_CHARS`] and an email of
@@ -141,6 +166,12 @@ impl Default for AggregatorConfig {
             ingest_max_stream_bytes: None,
             ingest_max_stream_messages: None,
             ingest_stream_max_secs: 600,
+            tls_cert_path: None,
+            tls_key_path: None,
+            tls_client_ca_path: None,
+            tls_client_auth: TlsClientAuth::Required,
+            tls_handshake_timeout_ms: 10_000,
+            tls_reload_interval_secs: 5,
         }
     }
 }
@@ -416,6 +447,38 @@ impl AggregatorConfig {
                 messages,
                 3..=u64::MAX,
                 " (a header, one batch and a trailer; unset derives it from `max_snapshot_users`)",
+            );
+        }
+        within(
+            "tls_handshake_timeout_ms",
+            self.tls_handshake_timeout_ms,
+            100..=300_000,
+            "",
+        );
+        within(
+            "tls_reload_interval_secs",
+            self.tls_reload_interval_secs,
+            1..=3600,
+            "",
+        );
+        match (&self.tls_cert_path, &self.tls_key_path) {
+            (Some(_), None) => refuse(
+                "tls_key_path",
+                "must be set with `tls_cert_path`: give the PEM private key of the certificate"
+                    .to_owned(),
+            ),
+            (None, Some(_)) => refuse(
+                "tls_cert_path",
+                "must be set with `tls_key_path`: give the PEM certificate chain of the key"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        if self.tls_client_ca_path.is_some() && self.tls_cert_path.is_none() {
+            refuse(
+                "tls_client_ca_path",
+                "needs TLS: set `tls_cert_path` and `tls_key_path` too (client certificates exist only in TLS)"
+                    .to_owned(),
             );
         }
         if let Some(url) = &self.public_url

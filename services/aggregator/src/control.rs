@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::tls;
 // Re-exported where callers (the control tests) have always found it; `enrollment` does not import `control`.
 pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -104,6 +105,7 @@ impl Enrollment for EnrollmentService {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        let client_certificates = tls::client_certificates(&request);
         let request = request.into_inner();
         let token = request.enrollment_token.trim();
         if token.is_empty() {
@@ -113,6 +115,12 @@ impl Enrollment for EnrollmentService {
             .into());
         }
         let server_id = parse_server_id(&request.server_id)?;
+        // With mTLS, enrolling needs no certificate (an agent may get its certificate after its server id is known,
+        // and `tls_client_auth = "required"` refuses it at the handshake anyway), but one presented must be bound to
+        // the instance enrolled: one instance's certificate cannot enroll another.
+        if self.app.config.tls_client_ca_path.is_some() && client_certificates.is_some() {
+            tls::check_instance_certificate(client_certificates.as_deref(), server_id)?;
+        }
         let hostname = validate_hostname(&request.hostname)?;
         let ghes_version = validate_ghes_version(&request.ghes_version)?;
         let credential = tokens::generate(tokens::INSTANCE_CREDENTIAL_PREFIX);
@@ -168,7 +176,10 @@ impl Enrollment for EnrollmentService {
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let instance = self
+            .app
+            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .await?;
         let enterprise = self
             .app
             .store
@@ -214,7 +225,10 @@ impl AgentControl for ControlService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let instance = self
+            .app
+            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .await?;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session {
             app: Arc::clone(&self.app),

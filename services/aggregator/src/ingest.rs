@@ -28,6 +28,7 @@ use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::{Metrics, Rejection};
 use crate::store::{Arrival, Instance};
+use crate::tls;
 
 pub struct IngestService {
     app: Arc<App>,
@@ -242,7 +243,10 @@ impl IngestService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> ServiceResult<crate::app::Receipt> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let instance = self
+            .app
+            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .await?;
         let span = tracing::Span::current();
         span.record("enterprise_id", instance.enterprise_id);
         span.record("server_id", tracing::field::display(instance.server_id));

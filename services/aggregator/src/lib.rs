@@ -16,5 +16,6 @@ pub mod scrape;
 pub mod server;
 pub mod store;
 pub mod time_format;
+pub mod tls;
 pub mod tokens;
 pub mod view;

@@ -1,6 +1,7 @@
 //! Binds the gRPC and HTTP listeners and runs both until shutdown, each under its connection limits (a cap on open
 //! connections, idle and header-read timeouts: `license_sync_serve`) so that idle or slow clients cannot exhaust the
-//! process's file descriptors.
+//! process's file descriptors. With `tls_cert_path` both ports serve TLS (`crate::tls`), reloaded from the files
+//! while running; without it they speak plain text, for a TLS-terminating ingress in front.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::app::App;
 use crate::config::AggregatorConfig;
 use crate::control::{ControlService, EnrollmentService};
 use crate::ingest::IngestService;
+use crate::tls::AggregatorTls;
 use crate::{rest, store};
 
 /// A running aggregator. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -64,6 +66,9 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
+    // First: a certificate that cannot be served is refused before anything listens.
+    let tls = AggregatorTls::start(&config)?;
+    let tls_reload_interval = Duration::from_secs(config.tls_reload_interval_secs);
     let store =
         store::open_with_max_connections(&config.database_url, config.database_max_connections)
             .await
@@ -132,12 +137,24 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         .add_service(reflection)
         .add_service(ingest)
         .add_service(enrollment)
-        .add_service(control)
-        .serve_with_incoming_shutdown(
-            license_sync_serve::grpc::incoming(grpc_listener, grpc_limits),
-            stopped(stop_rx.clone()),
-        );
-    let grpc_task = tokio::spawn(async move { grpc.await.context("gRPC server failed") });
+        .add_service(control);
+    let grpc_stop = stopped(stop_rx.clone());
+    let grpc_task = match &tls {
+        Some(tls) => {
+            let incoming = license_sync_serve::grpc::incoming_with_tls(
+                grpc_listener,
+                grpc_limits,
+                tls.grpc.clone(),
+            );
+            let grpc = grpc.serve_with_incoming_shutdown(incoming, grpc_stop);
+            tokio::spawn(async move { grpc.await.context("gRPC server failed") })
+        }
+        None => {
+            let incoming = license_sync_serve::grpc::incoming(grpc_listener, grpc_limits);
+            let grpc = grpc.serve_with_incoming_shutdown(incoming, grpc_stop);
+            tokio::spawn(async move { grpc.await.context("gRPC server failed") })
+        }
+    };
 
     // Request logs name the path only: a query string is the caller's input and may hold an email address (e.g. an
     // owner asking for `license-explanations?account=<an address>`).
@@ -152,11 +169,25 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         },
     ));
     let http_stop = stop_rx.clone();
+    let http_tls = tls.as_ref().map(|tls| tls.http.clone());
     let http_task = tokio::spawn(async move {
-        license_sync_serve::http::serve(http_listener, router, http_limits, stopped(http_stop))
-            .await;
+        license_sync_serve::http::serve_with_tls(
+            http_listener,
+            router,
+            http_limits,
+            http_tls,
+            stopped(http_stop),
+        )
+        .await;
         Ok(())
     });
+    if let Some(tls) = tls {
+        tokio::spawn(tls.watch_files(
+            tls_reload_interval,
+            Arc::clone(&app.metrics),
+            stop_rx.clone(),
+        ));
+    }
 
     Ok(RunningServer {
         grpc_addr,

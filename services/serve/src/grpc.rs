@@ -1,26 +1,37 @@
 //! The connection limits for tonic's server: [`incoming`] is the stream of admitted connections to pass to
-//! `serve_with_incoming_shutdown`, and [`InFlightLayer`] marks each call in flight on its connection (found through
-//! the connection info tonic puts in the request's extensions), so that a connection with no call open is idle.
+//! `serve_with_incoming_shutdown` ([`incoming_with_tls`] after their TLS handshake), and [`InFlightLayer`] marks each
+//! call in flight on its connection (found through the connection info tonic puts in the request's extensions), so
+//! that a connection with no call open is idle. The same connection info carries the client's certificate chain
+//! ([`GrpcConnection::peer_certificates`]), since tonic's `Request::peer_certs` only knows tonic's own TLS.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::future::BoxFuture;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::tls::{MaybeTls, ServerTls};
 use crate::{Activity, ConnectionLimit, ConnectionLimits, InFlightBody, TrackedIo};
 
-/// An admitted gRPC connection.
-pub struct GrpcIo(TrackedIo<TcpStream>);
+/// An admitted gRPC connection, after its TLS handshake if the server has TLS.
+pub struct GrpcIo {
+    io: MaybeTls<TrackedIo<TcpStream>>,
+    peer_certificates: Option<Arc<[CertificateDer<'static>]>>,
+}
 
-/// What tonic puts in each request's extensions for [`InFlightLayer`].
+/// What tonic puts in each request's extensions: for [`InFlightLayer`], and the client's address and certificates.
 #[derive(Clone, Debug)]
 pub struct GrpcConnection {
     activity: Arc<Activity>,
     pub tcp: TcpConnectInfo,
+    /// The certificate chain the client presented in its TLS handshake (leaf first), verified against the server's
+    /// client CA; `None` in plain text or when the client presented none.
+    pub peer_certificates: Option<Arc<[CertificateDer<'static>]>>,
 }
 
 impl Connected for GrpcIo {
@@ -28,8 +39,9 @@ impl Connected for GrpcIo {
 
     fn connect_info(&self) -> GrpcConnection {
         GrpcConnection {
-            activity: self.0.activity(),
-            tcp: self.0.get_ref().connect_info(),
+            activity: self.io.get_ref().activity(),
+            tcp: self.io.get_ref().get_ref().connect_info(),
+            peer_certificates: self.peer_certificates.clone(),
         }
     }
 }
@@ -40,7 +52,7 @@ impl AsyncRead for GrpcIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -50,21 +62,21 @@ impl AsyncWrite for GrpcIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -72,11 +84,11 @@ impl AsyncWrite for GrpcIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
@@ -90,7 +102,64 @@ pub fn incoming(
     futures::stream::unfold((listener, limit), |(listener, limit)| async move {
         let stream = crate::accept(&listener).await;
         let io = limit.admit(stream).await;
-        Some((Ok(GrpcIo(io)), (listener, limit)))
+        Some((
+            Ok(GrpcIo {
+                io: MaybeTls::Plain(io),
+                peer_certificates: None,
+            }),
+            (listener, limit),
+        ))
+    })
+}
+
+/// [`incoming`] over TLS: each admitted connection is handed on after its handshake, which runs in a task of its
+/// own within the handshake timeout, so that a client stalling its handshake delays no other. The accept loop
+/// stops (and the listening socket closes) when tonic drops the stream.
+pub fn incoming_with_tls(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    tls: ServerTls,
+) -> impl Stream<Item = Result<GrpcIo, std::io::Error>> {
+    let (handed_on, receiver) = mpsc::channel::<GrpcIo>(16);
+    tokio::spawn(async move {
+        let limit = ConnectionLimit::new(limits);
+        loop {
+            let stream = tokio::select! {
+                () = handed_on.closed() => break,
+                stream = crate::accept(&listener) => stream,
+            };
+            let io = tokio::select! {
+                () = handed_on.closed() => break,
+                io = limit.admit(stream) => io,
+            };
+            let handed_on = handed_on.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                // A server that stopped (the stream was dropped) needs no more handshakes.
+                let handshake = tokio::select! {
+                    handshake = tls.accept(io) => handshake,
+                    () = handed_on.closed() => return,
+                };
+                match handshake {
+                    Ok(stream) => {
+                        let io = MaybeTls::Tls(Box::new(stream));
+                        let peer_certificates = io.peer_certificates();
+                        // A closed channel means the server stopped: the connection is dropped with it.
+                        let _ = handed_on
+                            .send(GrpcIo {
+                                io,
+                                peer_certificates,
+                            })
+                            .await;
+                    }
+                    Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+                }
+            });
+        }
+    });
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        let io = receiver.recv().await?;
+        Some((Ok(io), receiver))
     })
 }
 

@@ -1,6 +1,7 @@
-//! An HTTP server (HTTP/1.1 and HTTP/2 cleartext, as `axum::serve`) with the connection limits of the crate, the
-//! HTTP/1 header-read timeout and bounded HTTP/2 connections, and a graceful shutdown: on the signal it stops
-//! accepting, closes idle connections, lets requests in flight finish and returns when every connection is closed.
+//! An HTTP server (HTTP/1.1 and HTTP/2, in cleartext as `axum::serve` or over TLS) with the connection limits of the
+//! crate, the HTTP/1 header-read timeout, the TLS handshake timeout and bounded HTTP/2 connections, and a graceful
+//! shutdown: on the signal it stops accepting, closes idle connections, lets requests in flight finish and returns
+//! when every connection is closed.
 
 use std::future::Future;
 use std::pin::pin;
@@ -14,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::tls::ServerTls;
 use crate::{ConnectionLimit, ConnectionLimits};
 
 /// HTTP/2 streams one connection may have open: a client needing more opens another connection, which the cap
@@ -42,6 +44,18 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with_tls(listener, router, limits, None, shutdown).await;
+}
+
+/// [`serve`], over TLS when `tls` is set. Each handshake runs in its connection's task, within the handshake
+/// timeout, so a client that never finishes one holds only its own (capped, evictable) connection.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()>,
+) {
     let limit = ConnectionLimit::new(limits.connections);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -58,6 +72,8 @@ pub async fn serve(
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
     let graceful = GracefulShutdown::new();
+    // Tells connections still in their TLS handshake to give up, so that they do not hold up the shutdown.
+    let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let mut shutdown = pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -80,12 +96,27 @@ pub async fn serve(
                 )
             }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        // Watched from before the handshake: the graceful shutdown also waits for connections still in one.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let mut stopping_seen = stopping_seen.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let io = tokio::select! {
+                io = crate::tls::handshake(tls.as_ref(), io) => io,
+                _ = stopping_seen.wait_for(|stopping| *stopping) => return,
+            };
+            let io = match io {
+                Ok(io) => io,
+                Err(error) => {
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return;
+                }
+            };
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 // Idle and header timeouts, evictions and clients going away end up here: not worth more.
                 tracing::debug!(error = %error, "HTTP connection ended");
             }
@@ -93,5 +124,6 @@ pub async fn serve(
     }
     // Closes the listening socket at once, so new clients are refused rather than queued during the drain.
     drop(listener);
+    let _ = stopping.send(true);
     graceful.shutdown().await;
 }

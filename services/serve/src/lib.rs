@@ -13,7 +13,9 @@
 //!   end of the previous request (hyper's own timer).
 //!
 //! [`http::serve`] runs an HTTP server (HTTP/1 and HTTP/2) with these limits and a graceful shutdown;
-//! [`grpc::incoming`] and [`grpc::InFlightLayer`] give tonic's server the same limits.
+//! [`grpc::incoming`] and [`grpc::InFlightLayer`] give tonic's server the same limits. Both serve TLS when given a
+//! [`tls::ServerTls`] (`http::serve_with_tls`, `grpc::incoming_with_tls`): the handshake runs on the admitted
+//! connection, so every limit above holds for it, and it has a deadline of its own.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +33,9 @@ use tokio::time::{Instant, Sleep};
 pub mod grpc;
 pub mod http;
 mod in_flight;
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
+pub mod tls;
 
 pub use in_flight::{InFlight, InFlightBody};
 

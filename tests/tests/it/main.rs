@@ -9,4 +9,5 @@ mod metrics;
 mod replicas;
 mod sidecar;
 mod sync_path;
+mod tls;
 mod traces;

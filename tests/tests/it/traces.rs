@@ -52,7 +52,10 @@ fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 /// An enterprise `acme` and one instance; returns the instance's server id and credential.
-fn enterprise_with_instance(aggregator: &Aggregator, hostname: &str) -> (String, String) {
+pub(crate) fn enterprise_with_instance(
+    aggregator: &Aggregator,
+    hostname: &str,
+) -> (String, String) {
     aggregator
         .admin(&["enterprise", "create", "--slug", "acme", "--seats", "10"])
         .expect("enterprise");

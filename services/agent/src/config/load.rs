@@ -131,6 +131,12 @@ impl AgentConfig {
             if let Some(path) = &mut aggregator.ca_cert {
                 resolve("aggregator.ca_cert", path);
             }
+            if let Some(path) = &mut aggregator.client_cert {
+                resolve("aggregator.client_cert", path);
+            }
+            if let Some(path) = &mut aggregator.client_key {
+                resolve("aggregator.client_key", path);
+            }
         }
         if let Some(agent) = &mut self.agent {
             resolve("agent.state_dir", &mut agent.state_dir);

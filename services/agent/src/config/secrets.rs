@@ -145,6 +145,8 @@ mod tests {
             credential: Some(secret),
             credential_file: None,
             ca_cert: None,
+            client_cert: None,
+            client_key: None,
             batch_size: 10,
             timeout: std::time::Duration::from_secs(1),
         };

@@ -177,6 +177,13 @@ pub struct AggregatorConfig {
     /// Extra PEM root(s) to trust for an `https` endpoint.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate presented to an `https` endpoint that requires mTLS (issued by the aggregator's
+    /// client CA with the SAN URI `license-sync://instance/<server_id>`); set with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// Users per gRPC message.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,

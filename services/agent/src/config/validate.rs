@@ -387,6 +387,31 @@ impl AggregatorConfig {
             }
             problems.check_file("aggregator.ca_cert", path);
         }
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => problems.add(
+                "aggregator.client_key",
+                "must be set with `aggregator.client_cert`: give the PEM private key of the client certificate",
+            ),
+            (None, Some(_)) => problems.add(
+                "aggregator.client_cert",
+                "must be set with `aggregator.client_key`: give the PEM client certificate of the key",
+            ),
+            _ => {}
+        }
+        for (key, path) in [
+            ("aggregator.client_cert", &self.client_cert),
+            ("aggregator.client_key", &self.client_key),
+        ] {
+            if let Some(path) = path {
+                if self.endpoint.scheme() != "https" {
+                    problems.add(
+                        key,
+                        "is set but `aggregator.endpoint` is not https://: a client certificate needs TLS",
+                    );
+                }
+                problems.check_file(key, path);
+            }
+        }
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
             problems.add(
                 "aggregator.batch_size",

@@ -267,6 +267,7 @@ fn bad_urls_and_settings_are_all_reported_at_once() {
                 endpoint = "http://127.0.0.1:50051"
                 credential = "lsi_x"
                 ca_cert = "ca.pem"
+                client_cert = "client.pem"
                 batch_size = 0
                 "#,
         )
@@ -281,6 +282,9 @@ fn bad_urls_and_settings_are_all_reported_at_once() {
             "source.poll_max_ms",
             "source.max_attempts",
             "aggregator.ca_cert",
+            // A client certificate needs its key, an https endpoint and an existing file.
+            "aggregator.client_key",
+            "aggregator.client_cert",
             "aggregator.batch_size",
         ] {
             assert!(

@@ -84,6 +84,11 @@ struct VersionLabels {
     version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsCertificateLabels {
+    certificate: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Why a snapshot was refused by validation: a small fixed set, the `reason` of
@@ -230,6 +235,10 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_duration: HistogramFamily<HttpRouteLabels>,
     ingest_streams_open: Gauge,
+    /// TLS (issue 11): reloads of the certificate files that failed (the old certificate stays), and the served
+    /// certificate's not-after (no series without TLS).
+    tls_reload_failures: Counter,
+    tls_certificate_expiry: Family<TlsCertificateLabels, Gauge>,
     /// `/package.Service/Method` of every method served, so that a client cannot create label values.
     grpc_methods: HashSet<String>,
     /// Serialises scrapes: each one clears and refills the database gauges before encoding them.
@@ -372,6 +381,19 @@ impl Metrics {
              ingest_max_streams_per_instance)",
             ingest_streams_open.clone(),
         );
+        let tls_reload_failures = Counter::default();
+        registry.register(
+            "license_sync_tls_reload_failures",
+            "Reloads of changed TLS certificate, key or client CA files that failed; the previous certificate stays served",
+            tls_reload_failures.clone(),
+        );
+        let tls_certificate_expiry = Family::<TlsCertificateLabels, Gauge>::default();
+        registry.register_with_unit(
+            "license_sync_tls_certificate_expiry_timestamp",
+            "Unix time at which the served TLS certificate expires (its not-after); absent without TLS",
+            Unit::Seconds,
+            tls_certificate_expiry.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "license_sync_build_info",
@@ -418,6 +440,8 @@ impl Metrics {
             http_requests,
             http_duration,
             ingest_streams_open,
+            tls_reload_failures,
+            tls_certificate_expiry,
             grpc_methods: grpc_methods(grpc_descriptor_sets),
             scrape: tokio::sync::Mutex::new(()),
             states_cache: Mutex::new(HashMap::new()),
@@ -456,6 +480,20 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// Changed TLS files could not be loaded.
+    pub fn tls_reload_failed(&self) {
+        self.tls_reload_failures.inc();
+    }
+
+    /// The served TLS certificate's not-after, in Unix seconds.
+    pub fn set_tls_certificate_expiry(&self, not_after_unix_secs: i64) {
+        self.tls_certificate_expiry
+            .get_or_create(&TlsCertificateLabels {
+                certificate: "server",
+            })
+            .set(not_after_unix_secs);
     }
 
     pub fn merge_finished(&self, elapsed: Duration) {

@@ -6,3 +6,4 @@ mod ingest;
 mod servers;
 mod store_faults;
 mod store_suite;
+mod tls;

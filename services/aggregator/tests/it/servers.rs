@@ -11,7 +11,7 @@ use crate::control::{Harness, PATIENCE};
 
 /// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it was
 /// still open after `within`.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+pub(crate) async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     let mut buffer = [0u8; 4096];
     loop {

@@ -81,6 +81,8 @@ pub fn aggregator_config(endpoint: &str, batch_size: usize) -> AggregatorConfig 
         credential: Some(Secret::new("lsi_test_credential")),
         credential_file: None,
         ca_cert: None,
+        client_cert: None,
+        client_key: None,
         batch_size,
         timeout: Duration::from_secs(10),
     }
