@@ -71,6 +71,56 @@ pub struct AggregatorConfig {
     pub grpc_idle_timeout_secs: u64,
     /// Most calls one gRPC connection may have open at once (an agent needs two: its control stream and an upload).
     pub grpc_max_concurrent_streams: u32,
+
+    // Token lifecycle and failed-authentication limits (`tokens`).
+    /// A bearer token `GET /metrics` requires (`Authorization: Bearer …`); unset, `/metrics` is open (restrict it
+    /// at the network level then).
+    pub metrics_token: Option<MetricsToken>,
+    /// Refused credentials (REST token, enrollment token, instance credential, metrics token) one client address may
+    /// have per minute before its further refusals are answered 429 / `RESOURCE_EXHAUSTED` until the minute ends.
+    pub auth_failures_per_minute: u32,
+    /// Most client addresses whose failures are counted at once (about 100 bytes each).
+    pub auth_failure_tracked_addresses: u64,
+}
+
+/// The `metrics_token` secret: `Debug` and `Serialize` print `"***"`, so neither a log line nor a dump of the
+/// configuration shows it; read only through [`MetricsToken::expose`].
+#[derive(Clone)]
+pub struct MetricsToken(secrecy::SecretString);
+
+impl<'de> Deserialize<'de> for MetricsToken {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|token| MetricsToken(token.into()))
+    }
+}
+
+impl MetricsToken {
+    pub fn new(token: &str) -> Self {
+        MetricsToken(secrecy::SecretString::from(token.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        secrecy::ExposeSecret::expose_secret(&self.0)
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Only the defaults (where it is unset) are ever serialised, to seed figment.
+impl Serialize for MetricsToken {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
+impl PartialEq for MetricsToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -109,6 +159,9 @@ impl Default for AggregatorConfig {
             grpc_max_connections: 512,
             grpc_idle_timeout_secs: 60,
             grpc_max_concurrent_streams: 32,
+            metrics_token: None,
+            auth_failures_per_minute: 20,
+            auth_failure_tracked_addresses: 100_000,
         }
     }
 }
@@ -331,6 +384,27 @@ impl AggregatorConfig {
             2..=10_000,
             " (an agent holds its control stream while it uploads)",
         );
+        within(
+            "auth_failures_per_minute",
+            u64::from(self.auth_failures_per_minute),
+            1..=100_000,
+            "",
+        );
+        within(
+            "auth_failure_tracked_addresses",
+            self.auth_failure_tracked_addresses,
+            100..=10_000_000,
+            "",
+        );
+        if let Some(token) = &self.metrics_token
+            && (token.expose().trim().len() < 16 || token.expose().chars().any(char::is_whitespace))
+        {
+            refuse(
+                "metrics_token",
+                "must be at least 16 characters without spaces (e.g. `openssl rand -hex 24`)"
+                    .to_owned(),
+            );
+        }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {

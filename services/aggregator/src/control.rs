@@ -32,6 +32,7 @@ use crate::app::App;
 pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::ingest::bearer_credential;
+use crate::metrics::AuthSurface;
 use crate::store::{AckOutcome, AgentReport, Instance, StoreError, SyncAckRecord};
 use crate::tokens;
 
@@ -120,6 +121,7 @@ impl Enrollment for EnrollmentService {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        let client = crate::auth_limit::grpc_client_address(&request);
         let request = request.into_inner();
         let token = request.enrollment_token.trim();
         if token.is_empty() {
@@ -163,6 +165,13 @@ impl Enrollment for EnrollmentService {
                     error = %reason,
                     "enrollment refused"
                 );
+                let answer = if answer.kind == ErrorKind::Unauthenticated {
+                    self.app
+                        .auth_limiter
+                        .refused(client, AuthSurface::Enroll, answer)
+                } else {
+                    answer
+                };
                 return Err(answer.into());
             }
         };
@@ -184,7 +193,8 @@ impl Enrollment for EnrollmentService {
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let client = crate::auth_limit::grpc_client_address(&request);
+        let instance = self.app.authenticate_instance(&credential, client).await?;
         let enterprise = self
             .app
             .store
@@ -230,7 +240,8 @@ impl AgentControl for ControlService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let client = crate::auth_limit::grpc_client_address(&request);
+        let instance = self.app.authenticate_instance(&credential, client).await?;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session {
             app: Arc::clone(&self.app),

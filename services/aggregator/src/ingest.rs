@@ -96,7 +96,8 @@ impl IngestService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> ServiceResult<crate::app::Receipt> {
         let credential = bearer_credential(&request)?;
-        let instance = self.app.authenticate_instance(&credential).await?;
+        let client = crate::auth_limit::grpc_client_address(&request);
+        let instance = self.app.authenticate_instance(&credential, client).await?;
         let span = tracing::Span::current();
         span.record("enterprise_id", instance.enterprise_id);
         span.record("server_id", tracing::field::display(instance.server_id));

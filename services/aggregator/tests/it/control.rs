@@ -35,8 +35,8 @@ pub(crate) struct Harness {
     server: Option<RunningServer>,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
-    base: String,
-    grpc: String,
+    pub(crate) base: String,
+    pub(crate) grpc: String,
     pub(crate) owner_token: String,
 }
 
@@ -83,7 +83,7 @@ impl Harness {
             .expect("clean shutdown");
     }
 
-    async fn rest(
+    pub(crate) async fn rest(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -120,7 +120,7 @@ impl Harness {
             .await
     }
 
-    async fn enrollment_token(&self) -> String {
+    pub(crate) async fn enrollment_token(&self) -> String {
         let (status, body) = self
             .owner_post("/enterprises/acme/enrollment-tokens", None)
             .await;
@@ -128,7 +128,7 @@ impl Harness {
         body["token"].as_str().expect("token").to_owned()
     }
 
-    async fn enroll(
+    pub(crate) async fn enroll(
         &self,
         token: &str,
         server_id: Uuid,
@@ -152,14 +152,14 @@ impl Harness {
     }
 
     /// A new instance enrolled with a fresh token; returns its credential.
-    async fn enrolled(&self, server_id: Uuid, hostname: &str) -> String {
+    pub(crate) async fn enrolled(&self, server_id: Uuid, hostname: &str) -> String {
         let token = self.enrollment_token().await;
         self.enroll(&token, server_id, hostname)
             .await
             .expect("enrolled")
     }
 
-    async fn check_connection(
+    pub(crate) async fn check_connection(
         &self,
         credential: &str,
     ) -> Result<CheckConnectionResponse, tonic::Status> {

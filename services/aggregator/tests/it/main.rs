@@ -5,3 +5,4 @@ mod control;
 mod servers;
 mod store_faults;
 mod store_suite;
+mod tokens;
