@@ -439,3 +439,66 @@ async fn below_the_limit_a_refused_credential_is_the_plain_refusal() {
     assert_eq!(refused.code(), Code::Unauthenticated);
     harness.shutdown().await;
 }
+
+/// Migration 0006 on a database with tokens made before it: they become `admin` without expiry, and descriptions
+/// repeated within an enterprise (the old default "owner token") get the token's id appended, so that names are
+/// unique; a description used once, or once per enterprise, stays the name.
+#[tokio::test]
+async fn tokens_made_before_scopes_become_admin_with_unique_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("old.db").display());
+    let all = sqlx::migrate!("./migrations/sqlite");
+    let before_scopes = sqlx::migrate::Migrator {
+        migrations: all
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < 6)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate!("./migrations/sqlite")
+    };
+    let options = url
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .expect("url")
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("pool");
+    before_scopes.run(&pool).await.expect("migrations 1-5");
+    sqlx::query(
+        "INSERT INTO enterprises (id, slug, name, seats_purchased, created_at) \
+         VALUES (1, 'acme', 'Acme', 1, 0), (2, 'other', 'Other', 1, 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("enterprises");
+    sqlx::query(
+        "INSERT INTO api_tokens (id, enterprise_id, token_sha256, description, created_at) VALUES \
+         (1, 1, 'h1', 'owner token', 0), (2, 1, 'h2', 'owner token', 0), (3, 1, 'h3', 'ci', 0), \
+         (4, 2, 'h4', 'owner token', 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("old tokens");
+    pool.close().await;
+
+    let store = license_sync_aggregator::store::open(&url)
+        .await
+        .expect("migrated");
+    let describe = |tokens: Vec<license_sync_aggregator::store::ApiToken>| {
+        tokens
+            .into_iter()
+            .map(|token| (token.name, token.scope, token.expires_at))
+            .collect::<Vec<_>>()
+    };
+    let acme = describe(store.list_api_tokens(1).await.expect("list"));
+    assert_eq!(
+        acme,
+        [
+            ("owner token #1".to_owned(), TokenScope::Admin, None),
+            ("owner token #2".to_owned(), TokenScope::Admin, None),
+            ("ci".to_owned(), TokenScope::Admin, None),
+        ]
+    );
+    let other = describe(store.list_api_tokens(2).await.expect("list"));
+    assert_eq!(other, [("owner token".to_owned(), TokenScope::Admin, None)]);
+}
