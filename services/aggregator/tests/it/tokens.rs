@@ -127,12 +127,24 @@ async fn an_expired_token_is_refused_with_401_saying_so_without_echoing_it() {
 }
 
 #[tokio::test]
-async fn a_revoked_token_is_refused_within_the_cache_window() {
+async fn a_revoked_token_is_refused_by_every_replica_within_the_cache_window() {
     let harness = Harness::start(|config| config.api_token_cache_secs = 1).await;
+    // A second replica on the same database, with its own token cache.
+    let replica =
+        license_sync_aggregator::server::start(harness.server().app.config.as_ref().clone())
+            .await
+            .expect("second replica");
+    let replica_base = format!("http://{}", replica.http_addr);
     let token = read_token(&harness, "soon revoked").await;
     let path = "/enterprises/acme/license-sync-status";
-    let (status, body) = harness.rest(Method::GET, path, Some(&token), None).await;
-    assert_eq!(status, 200, "{body}");
+    let http = reqwest::Client::new();
+    let bases = [harness.base.clone(), replica_base];
+    let status_at = |base: &str| http.get(format!("{base}{path}")).bearer_auth(&token).send();
+    // Both replicas check the token, and cache it.
+    for base in &bases {
+        let status = status_at(base).await.expect("request").status();
+        assert_eq!(status, 200, "{base}");
+    }
     let store = &harness.server().app.store;
     let enterprise = admin::enterprise(store, "acme").await.expect("acme");
     let revoked_at = Instant::now();
@@ -144,24 +156,27 @@ async fn a_revoked_token_is_refused_within_the_cache_window() {
         )
         .await
         .expect("revoked");
-    loop {
-        let (status, _) = harness.rest(Method::GET, path, Some(&token), None).await;
-        if status == 401 {
-            break;
+    for base in &bases {
+        loop {
+            let status = status_at(base).await.expect("request").status();
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200, "{base}");
+            assert!(
+                revoked_at.elapsed() < PATIENCE,
+                "{base}: the revoked token still works"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(status, 200);
-        assert!(
-            revoked_at.elapsed() < PATIENCE,
-            "the revoked token still works"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The cache trusts a check for 1 s; the margin is for a slow machine, far below PATIENCE.
+    // The caches trust a check for 1 s; the margin is for a slow machine, far below PATIENCE.
     assert!(
         revoked_at.elapsed() < Duration::from_secs(3),
-        "refused only after {:?}",
+        "refused everywhere only after {:?}",
         revoked_at.elapsed()
     );
+    replica.shutdown().await.expect("replica stops");
     harness.shutdown().await;
 }
 
