@@ -498,6 +498,9 @@ mod tests {
             "http_header_read_timeout_ms = 10\n",
             "http_idle_timeout_secs = 0\n",
             "grpc_max_concurrent_streams = 1\n",
+            "metrics_token = \"short\"\n",
+            "auth_failures_per_minute = 0\n",
+            "auth_failure_tracked_addresses = 1\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
@@ -508,6 +511,23 @@ mod tests {
         std::fs::write(&path, "no_such_key = 1\n").expect("write");
         let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
         assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn the_metrics_token_loads_from_the_file_and_never_prints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("aggregator.toml");
+        let secret = "metrics-secret-0123456789";
+        std::fs::write(&path, format!("metrics_token = \"{secret}\"\n")).expect("write");
+        let config = AggregatorConfig::load(Some(&path)).expect("loads");
+        assert_eq!(
+            config.metrics_token.as_ref().map(MetricsToken::expose),
+            Some(secret)
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(secret) && debug.contains("***"), "{debug}");
+        let serialized = serde_json::to_string(&config).expect("serialises");
+        assert!(!serialized.contains(secret), "{serialized}");
     }
 
     #[test]
