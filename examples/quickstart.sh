@@ -28,7 +28,7 @@ trap cleanup EXIT INT TERM
 
 echo "== creating enterprise 'acme' (20 purchased seats), an owner token and the cloud members"
 "$aggregator" enterprise create --slug acme --name "Acme Corp" --seats 20 >/dev/null
-token="$("$aggregator" token create --enterprise acme 2>/dev/null)"
+token="$("$aggregator" token create --enterprise acme --name quickstart 2>/dev/null)"
 "$aggregator" members import --enterprise acme --file examples/cloud-members.json
 
 echo "== starting the aggregator on http://$http_addr (gRPC $grpc_addr)"

@@ -32,7 +32,7 @@ export LICENSE_SYNC_AGGREGATOR_GRPC_LISTEN=127.0.0.1:0
 export LICENSE_SYNC_AGGREGATOR_HTTP_LISTEN=127.0.0.1:0
 export RUST_LOG=info
 "$bin/license-sync-aggregator" enterprise create --slug bench --seats "$users" >/dev/null
-token="$("$bin/license-sync-aggregator" token create --enterprise bench 2>/dev/null)"
+token="$("$bin/license-sync-aggregator" token create --enterprise bench --name bench 2>/dev/null)"
 server_id=4a0c2f8e-0d7b-4f52-9a61-2b1e5c3d7f90
 credential="$("$bin/license-sync-aggregator" instance add --enterprise bench --server-id $server_id --hostname bench.example.com 2>/dev/null)"
 "$bin/license-sync-aggregator" serve >"$work/ready" 2>"$work/aggregator.log" &

@@ -37,7 +37,7 @@ fi
 "$agg" members import --enterprise "$enterprise" --file /opt/license-sync-demo/cloud-members.json
 
 if [ ! -s "$out/owner-rest-token" ]; then
-    "$agg" token create --enterprise "$enterprise" --description "compose demo owner" 2>/dev/null \
+    "$agg" token create --enterprise "$enterprise" --name "compose demo owner $(date -u +%Y%m%dT%H%M%SZ)" 2>/dev/null \
         | write_file "$out/owner-rest-token"
     echo "bootstrap: owner REST token written to the bootstrap volume (owner-rest-token)"
 fi

@@ -322,6 +322,11 @@ pub fn status_error(endpoint: &str, status: tonic::Status) -> AgentError {
                 reason: message,
             }
         }
+        // With `retry-after`, the aggregator throttles refused credentials from this address (only refusals are
+        // throttled): the credential is what is wrong, not the snapshot.
+        Code::ResourceExhausted if status.metadata().contains_key("retry-after") => {
+            AgentError::AggregatorCredentials { message }
+        }
         Code::ResourceExhausted => AgentError::SnapshotTooLarge { message },
         Code::DeadlineExceeded => AgentError::AggregatorTimeout {
             endpoint,
@@ -381,5 +386,13 @@ mod tests {
             error.to_string().contains("too many snapshot streams"),
             "{error}"
         );
+        let mut throttled = tonic::Status::resource_exhausted("too many failed authentications");
+        throttled
+            .metadata_mut()
+            .insert("retry-after", tonic::metadata::MetadataValue::from(42_u64));
+        assert!(matches!(
+            status_error("http://a", throttled),
+            AgentError::AggregatorCredentials { .. }
+        ));
     }
 }

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::ServiceError;
-use crate::store::{DynStore, Enterprise, Instance};
+use crate::store::{ApiToken, DynStore, Enterprise, Instance, NewApiToken, TokenScope};
 use crate::tokens;
 use license_sync_core::members::validate_members;
 
@@ -61,24 +61,76 @@ pub async fn create_enterprise(
         .map_err(ServiceError::from)?)
 }
 
-/// Returns the new token; only its hash is stored.
-pub async fn create_api_token(
+/// Most characters of a token's name: it is shown in `token list`, and names one token for `token revoke`.
+pub const MAX_TOKEN_NAME_CHARS: usize = 100;
+
+/// An `admin` token without expiry (tests, the load generator); returns the token, of which only the hash is stored.
+pub async fn create_api_token(store: &DynStore, slug: &str, name: &str) -> anyhow::Result<String> {
+    let new = NewApiToken {
+        name,
+        scope: TokenScope::Admin,
+        expires_at: None,
+    };
+    Ok(
+        issue_api_token(store, slug, &new, OffsetDateTime::now_utc())
+            .await?
+            .1,
+    )
+}
+
+/// Creates a REST token; returns its record and the token itself, shown once (only its hash is stored).
+pub async fn issue_api_token(
     store: &DynStore,
     slug: &str,
-    description: &str,
-) -> anyhow::Result<String> {
+    new: &NewApiToken<'_>,
+    now: OffsetDateTime,
+) -> anyhow::Result<(ApiToken, String)> {
+    let name = new.name.trim();
+    if name.is_empty()
+        || name.chars().count() > MAX_TOKEN_NAME_CHARS
+        || name.chars().any(char::is_control)
+    {
+        anyhow::bail!(
+            "--name must be 1 to {MAX_TOKEN_NAME_CHARS} characters without control characters (e.g. \"ci reports\")"
+        );
+    }
+    if let Some(expires_at) = new.expires_at
+        && expires_at <= now
+    {
+        anyhow::bail!(
+            "the expiry {} is not in the future: pass a later --expires-at or a positive --expires-in-days",
+            crate::time_format::rfc3339(expires_at)
+        );
+    }
     let enterprise = enterprise(store, slug).await?;
     let token = tokens::generate(tokens::API_TOKEN_PREFIX);
-    store
+    let record = store
         .create_api_token(
             enterprise.id,
             &tokens::sha256_hex(&token),
-            description,
-            OffsetDateTime::now_utc(),
+            &NewApiToken {
+                name,
+                ..new.clone()
+            },
+            now,
         )
         .await
         .map_err(ServiceError::from)?;
-    Ok(token)
+    Ok((record, token))
+}
+
+/// A token's record as `token list` prints it and REST shows it: never the secret or its hash.
+pub fn api_token_json(token: &ApiToken) -> serde_json::Value {
+    let time = |time: Option<OffsetDateTime>| time.map(crate::time_format::rfc3339);
+    serde_json::json!({
+        "id": token.id,
+        "name": token.name,
+        "scope": token.scope.as_str(),
+        "created_at": crate::time_format::rfc3339(token.created_at),
+        "expires_at": time(token.expires_at),
+        "last_used_at": time(token.last_used_at),
+        "revoked_at": time(token.revoked_at),
+    })
 }
 
 /// Enrolls (or re-enrolls, rotating the credential) an instance; returns the new credential.

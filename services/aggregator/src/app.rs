@@ -1,6 +1,7 @@
 //! The application core shared by the gRPC and REST front ends: the one commit path every snapshot takes, which
 //! hands each committed snapshot to the merged views ([`crate::view`]).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,10 +12,11 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::auth::ApiTokens;
+use crate::auth_limit::FailedAuthLimiter;
 use crate::body_pool::BodyPool;
 use crate::config::AggregatorConfig;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
-use crate::metrics::{Metrics, Rejection};
+use crate::metrics::{AuthSurface, Metrics, Rejection};
 use crate::store::{
     Arrival, CommitOutcome, DynStore, Enterprise, Instance, SnapshotCommit, SyncRequest,
     no_active_instance,
@@ -42,6 +44,8 @@ pub struct App {
     pub views: Arc<Views>,
     /// The REST API token check and its cache.
     pub api_tokens: ApiTokens,
+    /// Counts refused credentials per client address and throttles the addresses over the limit.
+    pub auth_limiter: FailedAuthLimiter,
     /// The instance id of each "Sync now" request created by this process, so that a control stream held here
     /// delivers it at once (streams on other replicas find it by polling the database).
     sync_wakeups: tokio::sync::broadcast::Sender<i64>,
@@ -60,11 +64,18 @@ impl App {
     pub fn new(store: DynStore, config: AggregatorConfig) -> Arc<Self> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::for_served_services());
+        let auth_limiter = FailedAuthLimiter::new(
+            config.auth_failures_per_minute,
+            config.auth_failure_tracked_addresses,
+            Arc::clone(&metrics),
+        );
         Arc::new(App {
             api_tokens: ApiTokens::new(
                 store.clone(),
                 std::time::Duration::from_secs(config.api_token_cache_secs),
+                auth_limiter.clone(),
             ),
+            auth_limiter,
             views: Arc::new(Views::new(
                 store.clone(),
                 Arc::clone(&config),
@@ -124,24 +135,28 @@ impl App {
         }
     }
 
-    /// The instance a credential belongs to. With a client CA configured (mTLS), the call's client certificate
+    /// The instance of a live credential. A refused credential counts against `client`'s failed-authentication
+    /// limit (see `auth_limit`). With a client CA configured (mTLS), the call's client certificate
     /// (`client_certificates`, from [`crate::tls::client_certificates`]) must be bound to that instance too.
     pub async fn authenticate_instance(
         &self,
         credential: &str,
         client_certificates: Option<&[CertificateDer<'static>]>,
+        client: Option<IpAddr>,
     ) -> ServiceResult<Instance> {
         let instance = self
             .store
             .instance_for_credential(&tokens::sha256_hex(credential))
-            .await?
-            .ok_or_else(|| {
-                ServiceError::unauthenticated(
+            .await?;
+        let instance = instance.ok_or_else(|| {
+            let refusal = ServiceError::unauthenticated(
                     "unknown or revoked instance credential (the instance was enrolled again or retired): enroll \
                      the agent again with a new enrollment token (`license-sync-aggregator enrollment-token create`), \
                      or issue a credential with `license-sync-aggregator instance add` and configure the agent with it",
-                )
-            })?;
+            );
+            self.auth_limiter
+                .refused(client, AuthSurface::InstanceCredential, refusal)
+        })?;
         if self.config.tls_client_ca_path.is_some() {
             crate::tls::check_instance_certificate(client_certificates, instance.server_id)?;
         }

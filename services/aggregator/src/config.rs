@@ -102,6 +102,55 @@ pub struct AggregatorConfig {
     pub tls_handshake_timeout_ms: u64,
     /// How often the certificate, key and client CA files are re-read; a change is served from the next handshake.
     pub tls_reload_interval_secs: u64,
+    // Token lifecycle and failed-authentication limits (`tokens`).
+    /// A bearer token `GET /metrics` requires (`Authorization: Bearer …`); unset, `/metrics` is open (restrict it
+    /// at the network level then).
+    pub metrics_token: Option<MetricsToken>,
+    /// Refused credentials (REST token, enrollment token, instance credential, metrics token) one client address may
+    /// have per minute before its further refusals are answered 429 / `RESOURCE_EXHAUSTED` until the minute ends.
+    pub auth_failures_per_minute: u32,
+    /// Most client addresses whose failures are counted at once (about 100 bytes each).
+    pub auth_failure_tracked_addresses: u64,
+}
+
+/// The `metrics_token` secret: `Debug` and `Serialize` print `"***"`, so neither a log line nor a dump of the
+/// configuration shows it; read only through [`MetricsToken::expose`].
+#[derive(Clone)]
+pub struct MetricsToken(secrecy::SecretString);
+
+impl<'de> Deserialize<'de> for MetricsToken {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|token| MetricsToken(token.into()))
+    }
+}
+
+impl MetricsToken {
+    pub fn new(token: &str) -> Self {
+        MetricsToken(secrecy::SecretString::from(token.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        secrecy::ExposeSecret::expose_secret(&self.0)
+    }
+}
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Only the defaults (where it is unset) are ever serialised, to seed figment.
+impl Serialize for MetricsToken {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
+impl PartialEq for MetricsToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
 }
 
 /// Whether agents must present a client certificate in the TLS handshake of the gRPC port.
@@ -172,6 +221,9 @@ impl Default for AggregatorConfig {
             tls_client_auth: TlsClientAuth::Required,
             tls_handshake_timeout_ms: 10_000,
             tls_reload_interval_secs: 5,
+            metrics_token: None,
+            auth_failures_per_minute: 20,
+            auth_failure_tracked_addresses: 100_000,
         }
     }
 }
@@ -461,6 +513,18 @@ impl AggregatorConfig {
             1..=3600,
             "",
         );
+        within(
+            "auth_failures_per_minute",
+            u64::from(self.auth_failures_per_minute),
+            1..=100_000,
+            "",
+        );
+        within(
+            "auth_failure_tracked_addresses",
+            self.auth_failure_tracked_addresses,
+            100..=10_000_000,
+            "",
+        );
         match (&self.tls_cert_path, &self.tls_key_path) {
             (Some(_), None) => refuse(
                 "tls_key_path",
@@ -478,6 +542,15 @@ impl AggregatorConfig {
             refuse(
                 "tls_client_ca_path",
                 "needs TLS: set `tls_cert_path` and `tls_key_path` too (client certificates exist only in TLS)"
+                    .to_owned(),
+            );
+        }
+        if let Some(token) = &self.metrics_token
+            && (token.expose().trim().len() < 16 || token.expose().chars().any(char::is_whitespace))
+        {
+            refuse(
+                "metrics_token",
+                "must be at least 16 characters without spaces (e.g. `openssl rand -hex 24`)"
                     .to_owned(),
             );
         }
@@ -579,6 +652,9 @@ mod tests {
             "ingest_stream_max_secs = 0\n",
             "ingest_max_stream_bytes = 1000\n",
             "ingest_max_stream_messages = 2\n",
+            "metrics_token = \"short\"\n",
+            "auth_failures_per_minute = 0\n",
+            "auth_failure_tracked_addresses = 1\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let err = AggregatorConfig::load(Some(&path)).expect_err("refused");
@@ -637,6 +713,23 @@ mod tests {
             25 * MAX_WIRE_USER_BYTES + STREAM_FRAMING_BYTES
         );
         assert_eq!(small.max_stream_messages(), 7);
+    }
+
+    #[test]
+    fn the_metrics_token_loads_from_the_file_and_never_prints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("aggregator.toml");
+        let secret = "metrics-secret-0123456789";
+        std::fs::write(&path, format!("metrics_token = \"{secret}\"\n")).expect("write");
+        let config = AggregatorConfig::load(Some(&path)).expect("loads");
+        assert_eq!(
+            config.metrics_token.as_ref().map(MetricsToken::expose),
+            Some(secret)
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(secret) && debug.contains("***"), "{debug}");
+        let serialized = serde_json::to_string(&config).expect("serialises");
+        assert!(!serialized.contains(secret), "{serialized}");
     }
 
     #[test]

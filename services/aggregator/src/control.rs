@@ -33,6 +33,7 @@ use crate::tls;
 pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::ingest::bearer_credential;
+use crate::metrics::AuthSurface;
 use crate::store::{AckOutcome, AgentReport, Instance, StoreError, SyncAckRecord};
 use crate::tokens;
 
@@ -106,6 +107,7 @@ impl Enrollment for EnrollmentService {
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         let client_certificates = tls::client_certificates(&request);
+        let client = crate::auth_limit::grpc_client_address(&request);
         let request = request.into_inner();
         let token = request.enrollment_token.trim();
         if token.is_empty() {
@@ -155,6 +157,13 @@ impl Enrollment for EnrollmentService {
                     error = %reason,
                     "enrollment refused"
                 );
+                let answer = if answer.kind == ErrorKind::Unauthenticated {
+                    self.app
+                        .auth_limiter
+                        .refused(client, AuthSurface::Enroll, answer)
+                } else {
+                    answer
+                };
                 return Err(answer.into());
             }
         };
@@ -176,9 +185,14 @@ impl Enrollment for EnrollmentService {
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
         let credential = bearer_credential(&request)?;
+        let client = crate::auth_limit::grpc_client_address(&request);
         let instance = self
             .app
-            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .authenticate_instance(
+                &credential,
+                tls::client_certificates(&request).as_deref(),
+                client,
+            )
             .await?;
         let enterprise = self
             .app
@@ -225,9 +239,14 @@ impl AgentControl for ControlService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
         let credential = bearer_credential(&request)?;
+        let client = crate::auth_limit::grpc_client_address(&request);
         let instance = self
             .app
-            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .authenticate_instance(
+                &credential,
+                tls::client_certificates(&request).as_deref(),
+                client,
+            )
             .await?;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session {

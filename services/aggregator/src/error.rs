@@ -9,6 +9,7 @@
 //! | `FailedPrecondition` | `FAILED_PRECONDITION`| 409  | snapshot older than the stored one                |
 //! | `AlreadyExists`      | `ALREADY_EXISTS`     | 409  | sync id reused with different content             |
 //! | `ResourceExhausted`  | `RESOURCE_EXHAUSTED` | 413  | snapshot or upload over the configured limits     |
+//! | `Throttled`          | `RESOURCE_EXHAUSTED` | 429  | too many failed authentications from one address  |
 //! | `StorageFull`        | `UNAVAILABLE`        | 507  | the database's disk is full; the agent retries    |
 //! | `Unavailable`        | `UNAVAILABLE`        | 503  | database unreachable; the caller should retry     |
 //! | `Cancelled`          | `CANCELLED`          | 499  | the client cut its stream (crash, reset)          |
@@ -39,6 +40,9 @@ pub enum ErrorKind {
     FailedPrecondition,
     AlreadyExists,
     ResourceExhausted,
+    /// Too many failed authentications from the caller's address; answered with `Retry-After` (HTTP header, gRPC
+    /// metadata `retry-after`), in seconds.
+    Throttled,
     /// The aggregator's own disk is full: not the caller's fault and not final. gRPC `UNAVAILABLE`, because the
     /// agent reads `RESOURCE_EXHAUSTED` as "this snapshot is too large" and gives up, while it retries
     /// `UNAVAILABLE` with backoff and keeps the delivery; HTTP 507 Insufficient Storage says what it is.
@@ -66,7 +70,7 @@ impl ErrorKind {
             ErrorKind::NotFound => tonic::Code::NotFound,
             ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
             ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
-            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::ResourceExhausted | ErrorKind::Throttled => tonic::Code::ResourceExhausted,
             ErrorKind::StorageFull | ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::Cancelled => tonic::Code::Cancelled,
             ErrorKind::Busy => tonic::Code::ResourceExhausted,
@@ -82,6 +86,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::FailedPrecondition | ErrorKind::AlreadyExists => StatusCode::CONFLICT,
             ErrorKind::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Throttled => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Cancelled => CLIENT_CLOSED_REQUEST,
@@ -100,6 +105,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Throttled => "throttled",
             ErrorKind::StorageFull => "storage_full",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Cancelled => "cancelled",
@@ -115,6 +121,8 @@ impl ErrorKind {
 pub struct ServiceError {
     pub kind: ErrorKind,
     pub message: String,
+    /// When the caller may try again (sent as `Retry-After`); set for `Throttled`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
@@ -124,7 +132,22 @@ impl ServiceError {
         ServiceError {
             kind,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// Too many failed authentications from the caller's address; it may try again after `retry_after`.
+    pub fn throttled(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        ServiceError {
+            retry_after: Some(retry_after),
+            ..Self::new(ErrorKind::Throttled, message)
+        }
+    }
+
+    /// `Retry-After` in whole seconds, rounded up so that a client waiting that long is let in.
+    fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|wait| wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -173,12 +196,17 @@ impl From<license_sync_core::snapshot::SnapshotError> for ServiceError {
 
 impl From<ServiceError> for tonic::Status {
     fn from(error: ServiceError) -> Self {
-        let mut status = tonic::Status::new(error.kind.grpc_code(), error.message);
+        let mut status = tonic::Status::new(error.kind.grpc_code(), error.message.clone());
         if error.kind == ErrorKind::Busy {
             status.metadata_mut().insert(
                 "grpc-retry-pushback-ms",
                 tonic::metadata::MetadataValue::from_static(BUSY_RETRY_PUSHBACK_MS),
             );
+        }
+        if let Some(secs) = error.retry_after_secs() {
+            status
+                .metadata_mut()
+                .insert("retry-after", tonic::metadata::MetadataValue::from(secs));
         }
         status
     }
@@ -190,7 +218,14 @@ impl IntoResponse for ServiceError {
             "message": self.message,
             "documentation_url": DOCUMENTATION_URL,
         }));
-        (self.kind.http_status(), body).into_response()
+        let mut response = (self.kind.http_status(), body).into_response();
+        if let Some(secs) = self.retry_after_secs() {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 
@@ -228,6 +263,7 @@ mod tests {
                 tonic::Code::ResourceExhausted,
                 413,
             ),
+            (ErrorKind::Throttled, tonic::Code::ResourceExhausted, 429),
             (ErrorKind::StorageFull, tonic::Code::Unavailable, 507),
             (ErrorKind::Unavailable, tonic::Code::Unavailable, 503),
             (ErrorKind::Cancelled, tonic::Code::Cancelled, 499),

@@ -243,9 +243,14 @@ impl IngestService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> ServiceResult<crate::app::Receipt> {
         let credential = bearer_credential(&request)?;
+        let client = crate::auth_limit::grpc_client_address(&request);
         let instance = self
             .app
-            .authenticate_instance(&credential, tls::client_certificates(&request).as_deref())
+            .authenticate_instance(
+                &credential,
+                tls::client_certificates(&request).as_deref(),
+                client,
+            )
             .await?;
         let span = tracing::Span::current();
         span.record("enterprise_id", instance.enterprise_id);

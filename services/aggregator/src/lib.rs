@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod auth_limit;
 pub mod body_pool;
 pub mod config;
 pub mod control;

@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
+use license_sync_aggregator::store::{NewApiToken, TokenScope, TokenSelector};
 use license_sync_aggregator::{admin, enrollment, server, store};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// mimalloc instead of glibc's malloc: the merged view is millions of small allocations that live long and change
@@ -88,13 +90,58 @@ enum EnterpriseCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a REST token for an enterprise's owner; prints the token once.
+    /// Create a REST token for an enterprise's owner; prints the token once (only its hash is stored).
     Create {
         #[arg(long)]
         enterprise: String,
-        #[arg(long, default_value = "owner token")]
-        description: String,
+        /// What the token is for, unique among the enterprise's live tokens (e.g. "grafana", "ci reports").
+        #[arg(long)]
+        name: String,
+        /// `read`: every GET (reports, dashboards); `admin`: also every change (PUT, POST, DELETE).
+        #[arg(long, value_parser = parse_scope, default_value = "admin")]
+        scope: TokenScope,
+        /// The token stops working this many days from now.
+        #[arg(long, conflicts_with = "expires_at", value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
+        /// The token stops working at this time: `YYYY-MM-DD` (the start of that day, UTC) or RFC 3339.
+        #[arg(long, value_parser = parse_expiry)]
+        expires_at: Option<OffsetDateTime>,
     },
+    /// List an enterprise's REST tokens as JSON lines: id, name, scope, created, expires, last used, revoked.
+    /// Never the token or its hash.
+    List {
+        #[arg(long)]
+        enterprise: String,
+    },
+    /// Revoke a REST token: every replica refuses it within `api_token_cache_secs`.
+    #[command(group(clap::ArgGroup::new("token").required(true).args(["id", "name"])))]
+    Revoke {
+        #[arg(long)]
+        enterprise: String,
+        /// The token's id (`token list`).
+        #[arg(long)]
+        id: Option<i64>,
+        /// The live token's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn parse_scope(value: &str) -> Result<TokenScope, String> {
+    TokenScope::parse(value)
+        .ok_or_else(|| format!("{value:?} is not a scope: use `read` or `admin`"))
+}
+
+fn parse_expiry(value: &str) -> Result<OffsetDateTime, String> {
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(date) = time::Date::parse(value, &date_format) {
+        return Ok(date.midnight().assume_utc());
+    }
+    OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339).map_err(|_| {
+        format!(
+            "{value:?} is not a date: use YYYY-MM-DD or an RFC 3339 time (2027-01-31T12:00:00Z)"
+        )
+    })
 }
 
 #[derive(Subcommand)]
@@ -217,11 +264,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Create {
             enterprise,
-            description,
+            name,
+            scope,
+            expires_in_days,
+            expires_at,
         }) => {
-            let token = admin::create_api_token(&store, &enterprise, &description).await?;
-            eprintln!("REST token for {enterprise} (shown once; only its hash is stored):");
+            let now = OffsetDateTime::now_utc();
+            let expires_at = expires_at.or_else(|| {
+                expires_in_days.map(|days| now + time::Duration::days(i64::from(days)))
+            });
+            let new = NewApiToken {
+                name: &name,
+                scope,
+                expires_at,
+            };
+            let (record, token) = admin::issue_api_token(&store, &enterprise, &new, now).await?;
+            let until = record
+                .expires_at
+                .map(|at| {
+                    format!(
+                        "until {}",
+                        license_sync_aggregator::time_format::rfc3339(at)
+                    )
+                })
+                .unwrap_or_else(|| "without expiry".to_owned());
+            eprintln!(
+                "REST token {:?} (id {}, scope {}, {until}) for {enterprise}, shown once; only its hash is stored:",
+                record.name,
+                record.id,
+                record.scope.as_str()
+            );
             print_line(&token)?;
+        }
+        Command::Token(TokenCommand::List { enterprise }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            for token in store
+                .list_api_tokens(enterprise.id)
+                .await
+                .map_err(ServiceError::from)?
+            {
+                print_line(&admin::api_token_json(&token).to_string())?;
+            }
+        }
+        Command::Token(TokenCommand::Revoke {
+            enterprise,
+            id,
+            name,
+        }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let selector = match (&id, &name) {
+                (Some(id), _) => TokenSelector::Id(*id),
+                (None, Some(name)) => TokenSelector::Name(name),
+                // clap's group requires one of the two.
+                (None, None) => anyhow::bail!("pass --id or --name"),
+            };
+            let revoked = store
+                .revoke_api_token(enterprise.id, selector, OffsetDateTime::now_utc())
+                .await
+                .map_err(ServiceError::from)?;
+            eprintln!(
+                "revoked REST token {:?} (id {}); every aggregator refuses it within api_token_cache_secs ({} s)",
+                revoked.name, revoked.id, config.api_token_cache_secs
+            );
         }
         Command::Instance(InstanceCommand::Add {
             enterprise,
@@ -241,7 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let enterprise = admin::enterprise(&store, &enterprise).await?;
             store
-                .retire_instance(enterprise.id, server_id, time::OffsetDateTime::now_utc())
+                .retire_instance(enterprise.id, server_id, OffsetDateTime::now_utc())
                 .await
                 .map_err(ServiceError::from)?;
         }

@@ -3,19 +3,32 @@
 //! hands the values to the gauges registered in [`Metrics`] before encoding every metric.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::Extension;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use time::OffsetDateTime;
 
 use crate::app::App;
 use crate::error::{ServiceError, ServiceResult};
-use crate::metrics::{CONTENT_TYPE, EnterpriseValues, InstanceStates, Metrics, STATES};
+use crate::metrics::{
+    AuthSurface, CONTENT_TYPE, EnterpriseValues, InstanceStates, Metrics, STATES,
+};
 use crate::store::{Enterprise, Instance};
 use crate::view::{MergedView, ViewGuard};
+
+/// Compares SHA-256 digests in constant time: the time taken says nothing of the token, its length included.
+fn same_secret(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
+}
 
 /// Refreshes the database gauges and encodes every metric.
 pub async fn render(app: &Arc<App>) -> Result<String, std::fmt::Error> {
@@ -186,7 +199,36 @@ async fn read_database(app: Arc<App>, sender: tokio::sync::mpsc::UnboundedSender
 }
 
 /// `GET /metrics`.
-pub async fn serve(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`. With `metrics_token` set, only for `Authorization: Bearer <metrics_token>` (compared in constant
+/// time); a wrong token counts against the caller's failed-authentication limit.
+pub async fn serve(
+    State(app): State<Arc<App>>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(expected) = &app.config.metrics_token {
+        let refusal = match crate::auth::request_token(&headers) {
+            Ok(Some(given)) if same_secret(given, expected.expose()) => None,
+            Ok(None) => Some(ServiceError::unauthenticated(
+                "GET /metrics requires `Authorization: Bearer <metrics_token>` (the aggregator's `metrics_token` \
+                 setting); give it to the scraper (Prometheus: `authorization.credentials_file`)",
+            )),
+            Ok(Some(_)) | Err(_) => Some(app.auth_limiter.refused(
+                client.map(|Extension(ConnectInfo(peer))| peer.ip()),
+                AuthSurface::Metrics,
+                ServiceError::unauthenticated(
+                    "Bad credentials: the bearer token is not the aggregator's `metrics_token`",
+                ),
+            )),
+        };
+        if let Some(refusal) = refusal {
+            let mut response = refusal.into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
     match render(&app).await {
         Ok(text) => {
             let mut response = text.into_response();

@@ -80,6 +80,8 @@ pub async fn serve_with_tls(
             () = &mut shutdown => break,
             stream = crate::accept(&listener) => stream,
         };
+        // The peer's address for handlers (axum's `ConnectInfo`), e.g. to count failed logins per address.
+        let peer = stream.peer_addr().ok();
         let io = tokio::select! {
             () = &mut shutdown => break,
             io = limit.admit(stream) => io,
@@ -88,7 +90,13 @@ pub async fn serve_with_tls(
         let router = router.clone();
         let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
             let in_flight = activity.begin_request();
-            let answer = router.clone().oneshot(request.map(axum::body::Body::new));
+            let mut request = request.map(axum::body::Body::new);
+            if let Some(peer) = peer {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+            }
+            let answer = router.clone().oneshot(request);
             async move {
                 let response = answer.await?;
                 Ok::<_, std::convert::Infallible>(

@@ -34,7 +34,7 @@ fn fixture_with_env(env: &[(&str, &str)]) -> Fixture {
         .admin(&["enterprise", "create", "--slug", "acme", "--seats", "10"])
         .expect("enterprise");
     let token = aggregator
-        .admin(&["token", "create", "--enterprise", "acme"])
+        .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
         .expect("token");
     let server_id = Uuid::new_v4();
     let credential = aggregator

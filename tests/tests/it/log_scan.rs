@@ -231,7 +231,7 @@ fn no_email_address_or_secret_reaches_any_log() {
         &aggregator,
         logs,
         "token",
-        &["token", "create", "--enterprise", "acme"],
+        &["token", "create", "--enterprise", "acme", "--name", "owner"],
     );
     let rest = Rest {
         base: aggregator.http_url.clone(),

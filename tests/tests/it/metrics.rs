@@ -54,7 +54,7 @@ impl Cloud {
             ])
             .expect("enterprise");
         let token = aggregator
-            .admin(&["token", "create", "--enterprise", "acme"])
+            .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
             .expect("owner token");
         Cloud {
             aggregator,

@@ -146,7 +146,10 @@ async fn three_replicas_on_one_database_agree_and_apply_each_snapshot_once() {
         &database.url,
         &["enterprise", "create", "--slug", "acme", "--seats", "10"],
     );
-    let token = admin(&database.url, &["token", "create", "--enterprise", "acme"]);
+    let token = admin(
+        &database.url,
+        &["token", "create", "--enterprise", "acme", "--name", "owner"],
+    );
     let instances: Vec<(Uuid, String)> = (0..10)
         .map(|i| {
             let server_id = Uuid::new_v4();

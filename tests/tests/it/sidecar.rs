@@ -38,7 +38,7 @@ impl Cloud {
             .admin(&["enterprise", "create", "--slug", "acme", "--seats", "10"])
             .expect("enterprise");
         let token = aggregator
-            .admin(&["token", "create", "--enterprise", "acme"])
+            .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
             .expect("owner token");
         Cloud {
             aggregator,

@@ -159,7 +159,7 @@ fn setup() -> Setup {
         ])
         .expect("create enterprise");
     let token = aggregator
-        .admin(&["token", "create", "--enterprise", "acme"])
+        .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
         .expect("token");
     let dir = aggregator.dir.path().to_path_buf();
     let instances = vec![

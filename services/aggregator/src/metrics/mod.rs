@@ -1,5 +1,5 @@
-//! Prometheus metrics of the aggregator, served unauthenticated at `GET /metrics` in the OpenMetrics text format
-//! (encoded by `prometheus-client`).
+//! Prometheus metrics of the aggregator, served at `GET /metrics` (behind `metrics_token` when it is set) in the
+//! OpenMetrics text format (encoded by `prometheus-client`).
 //!
 //! Two kinds of metrics:
 //!
@@ -22,8 +22,8 @@ mod layers;
 mod registry;
 
 pub use layers::{GrpcMetricsLayer, UNMATCHED_ROUTE, grpc_code_name, track_http};
+pub use registry::{AuthSurface, Metrics, Rejection, UNKNOWN_GRPC_METHOD};
 pub(crate) use registry::{EnterpriseValues, InstanceStates, STATES};
-pub use registry::{Metrics, Rejection, UNKNOWN_GRPC_METHOD};
 
 /// What `prometheus_client::encoding::text::encode` produces.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

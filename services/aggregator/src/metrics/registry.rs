@@ -89,6 +89,43 @@ struct TlsCertificateLabels {
     certificate: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SurfaceLabels {
+    surface: &'static str,
+}
+
+/// Where a credential was refused: the `surface` of `license_sync_auth_failures_total` and
+/// `license_sync_auth_throttled_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthSurface {
+    /// A REST API token (bad, expired or malformed).
+    Rest,
+    /// An enrollment token (`Enrollment.Enroll`).
+    Enroll,
+    /// An instance credential (ingest, control stream, connection check).
+    InstanceCredential,
+    /// The `metrics_token` of `GET /metrics`.
+    Metrics,
+}
+
+impl AuthSurface {
+    pub const ALL: [AuthSurface; 4] = [
+        AuthSurface::Rest,
+        AuthSurface::Enroll,
+        AuthSurface::InstanceCredential,
+        AuthSurface::Metrics,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthSurface::Rest => "rest",
+            AuthSurface::Enroll => "enroll",
+            AuthSurface::InstanceCredential => "instance_credential",
+            AuthSurface::Metrics => "metrics",
+        }
+    }
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Why a snapshot was refused by validation: a small fixed set, the `reason` of
@@ -239,6 +276,8 @@ pub struct Metrics {
     /// certificate's not-after (no series without TLS).
     tls_reload_failures: Counter,
     tls_certificate_expiry: Family<TlsCertificateLabels, Gauge>,
+    auth_failures: Family<SurfaceLabels, Counter>,
+    auth_throttled: Family<SurfaceLabels, Counter>,
     /// `/package.Service/Method` of every method served, so that a client cannot create label values.
     grpc_methods: HashSet<String>,
     /// Serialises scrapes: each one clears and refills the database gauges before encoding them.
@@ -394,6 +433,25 @@ impl Metrics {
             Unit::Seconds,
             tls_certificate_expiry.clone(),
         );
+        let auth_failures = Family::<SurfaceLabels, Counter>::default();
+        registry.register(
+            "license_sync_auth_failures",
+            "Refused credentials (bad or expired token, enrollment token or instance credential), by surface",
+            auth_failures.clone(),
+        );
+        let auth_throttled = Family::<SurfaceLabels, Counter>::default();
+        registry.register(
+            "license_sync_auth_throttled",
+            "Refused credentials answered 429 / RESOURCE_EXHAUSTED because their address failed too often, by surface",
+            auth_throttled.clone(),
+        );
+        for surface in AuthSurface::ALL {
+            let labels = SurfaceLabels {
+                surface: surface.as_str(),
+            };
+            auth_failures.get_or_create(&labels).get();
+            auth_throttled.get_or_create(&labels).get();
+        }
         let build_info = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "license_sync_build_info",
@@ -442,6 +500,8 @@ impl Metrics {
             ingest_streams_open,
             tls_reload_failures,
             tls_certificate_expiry,
+            auth_failures,
+            auth_throttled,
             grpc_methods: grpc_methods(grpc_descriptor_sets),
             scrape: tokio::sync::Mutex::new(()),
             states_cache: Mutex::new(HashMap::new()),
@@ -494,6 +554,17 @@ impl Metrics {
                 certificate: "server",
             })
             .set(not_after_unix_secs);
+    }
+
+    /// A credential was refused; `throttled` when the answer was 429 / `RESOURCE_EXHAUSTED`.
+    pub fn auth_failed(&self, surface: AuthSurface, throttled: bool) {
+        let labels = SurfaceLabels {
+            surface: surface.as_str(),
+        };
+        self.auth_failures.get_or_create(&labels).inc();
+        if throttled {
+            self.auth_throttled.get_or_create(&labels).inc();
+        }
     }
 
     pub fn merge_finished(&self, elapsed: Duration) {

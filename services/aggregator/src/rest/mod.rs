@@ -14,13 +14,14 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use serde::Deserialize;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
+mod api_tokens;
 mod duplicates;
 mod explanations;
 mod history;
@@ -34,6 +35,74 @@ mod upload;
 pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
 
+/// Every route of the REST API with its handlers, in one table that both the router and the tests read (the scope
+/// test walks every path and method of it, so no route can be left out of it).
+fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
+    vec![
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+        // Behind `metrics_token` when it is set; otherwise open, like the health checks (restrict it at the
+        // network level then).
+        ("/metrics", get(crate::scrape::serve)),
+        (
+            "/enterprises/{enterprise}/consumed-licenses",
+            get(licenses::consumed_licenses),
+        ),
+        (
+            "/enterprises/{enterprise}/license-sync-status",
+            get(status::license_sync_status),
+        ),
+        (
+            "/enterprises/{enterprise}/server-usage",
+            post(upload::upload_usage).layer(timeout_layer(upload_timeout)),
+        ),
+        (
+            "/enterprises/{enterprise}/cloud-members",
+            put(members::import_cloud_members).layer(timeout_layer(upload_timeout)),
+        ),
+        (
+            "/enterprises/{enterprise}/instances/{server_id}",
+            delete(instances::retire_instance),
+        ),
+        (
+            "/enterprises/{enterprise}/enrollment-tokens",
+            post(instances::create_enrollment_token),
+        ),
+        (
+            "/enterprises/{enterprise}/instances/{server_id}/sync-now",
+            post(instances::sync_now),
+        ),
+        (
+            "/enterprises/{enterprise}/instances/{server_id}/sync-requests/{request_id}",
+            get(instances::sync_request),
+        ),
+        (
+            "/enterprises/{enterprise}/license-explanations",
+            get(explanations::license_explanation),
+        ),
+        (
+            "/enterprises/{enterprise}/usage-history",
+            get(history::usage_history),
+        ),
+        (
+            "/enterprises/{enterprise}/likely-duplicates",
+            get(duplicates::likely_duplicates),
+        ),
+        (
+            "/enterprises/{enterprise}/api-tokens",
+            get(api_tokens::list_api_tokens),
+        ),
+    ]
+}
+
+/// The path templates of every REST route (`/enterprises/{enterprise}/…`), for tests that must cover them all.
+pub fn route_paths() -> Vec<&'static str> {
+    routes((Duration::from_secs(1), "http_upload_timeout_secs"))
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
+}
+
 pub fn router(app: Arc<App>) -> Router {
     let request_timeout = (
         Duration::from_secs(app.config.http_request_timeout_secs),
@@ -43,55 +112,11 @@ pub fn router(app: Arc<App>) -> Router {
         Duration::from_secs(app.config.http_upload_timeout_secs),
         "http_upload_timeout_secs",
     );
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        // Unauthenticated, like the health checks: restrict it at the network level.
-        .route("/metrics", get(crate::scrape::serve))
-        .route(
-            "/enterprises/{enterprise}/consumed-licenses",
-            get(licenses::consumed_licenses),
-        )
-        .route(
-            "/enterprises/{enterprise}/license-sync-status",
-            get(status::license_sync_status),
-        )
-        .route(
-            "/enterprises/{enterprise}/server-usage",
-            post(upload::upload_usage).layer(timeout_layer(upload_timeout)),
-        )
-        .route(
-            "/enterprises/{enterprise}/cloud-members",
-            put(members::import_cloud_members).layer(timeout_layer(upload_timeout)),
-        )
-        .route(
-            "/enterprises/{enterprise}/instances/{server_id}",
-            delete(instances::retire_instance),
-        )
-        .route(
-            "/enterprises/{enterprise}/enrollment-tokens",
-            post(instances::create_enrollment_token),
-        )
-        .route(
-            "/enterprises/{enterprise}/instances/{server_id}/sync-now",
-            post(instances::sync_now),
-        )
-        .route(
-            "/enterprises/{enterprise}/instances/{server_id}/sync-requests/{request_id}",
-            get(instances::sync_request),
-        )
-        .route(
-            "/enterprises/{enterprise}/license-explanations",
-            get(explanations::license_explanation),
-        )
-        .route(
-            "/enterprises/{enterprise}/usage-history",
-            get(history::usage_history),
-        )
-        .route(
-            "/enterprises/{enterprise}/likely-duplicates",
-            get(duplicates::likely_duplicates),
-        )
+    routes(upload_timeout)
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, methods)
+        })
         // Every other route: the body uploads above keep their own, longer limit.
         .route_layer(timeout_layer(request_timeout))
         // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.

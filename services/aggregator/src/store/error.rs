@@ -15,6 +15,10 @@ pub enum StoreError {
     SlugTaken { slug: String },
     #[error("no such enterprise")]
     EnterpriseNotFound,
+    #[error("a live REST token named {name:?} exists already in the enterprise")]
+    TokenNameTaken { name: String },
+    #[error("no live REST token matches in the enterprise")]
+    TokenNotFound,
     #[error("no active instance {server_id} in the enterprise to retire")]
     NothingToRetire { server_id: Uuid },
     #[error("the instance row no longer exists")]
@@ -188,6 +192,17 @@ impl From<StoreError> for ServiceError {
                 format!("enterprise {slug:?} already exists; choose another slug"),
             ),
             StoreError::EnterpriseNotFound => ServiceError::not_found("enterprise not found"),
+            StoreError::TokenNameTaken { name } => ServiceError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the enterprise has a live REST token named {name:?} already: choose another name, or revoke \
+                     that one first (`license-sync-aggregator token revoke --name`)"
+                ),
+            ),
+            StoreError::TokenNotFound => ServiceError::not_found(
+                "no live REST token of this enterprise has that id or name (it may be revoked already): \
+                 `license-sync-aggregator token list --enterprise SLUG` shows them",
+            ),
             StoreError::NothingToRetire { server_id } => ServiceError::not_found(format!(
                 "no active instance {server_id} in this enterprise"
             )),

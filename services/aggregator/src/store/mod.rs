@@ -37,6 +37,71 @@ pub struct Enterprise {
     pub generation: i64,
 }
 
+/// What a REST token may do: `Read` answers every GET (reports, dashboards); `Admin` also every change (PUT, POST,
+/// DELETE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    Read,
+    Admin,
+}
+
+impl TokenScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Read => "read",
+            TokenScope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "read" => Some(TokenScope::Read),
+            "admin" => Some(TokenScope::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A REST token as stored, without its secret (only the secret's SHA-256 is stored, and it is never read back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: i64,
+    pub enterprise_id: i64,
+    pub name: String,
+    pub scope: TokenScope,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+    /// Recorded at most once per [`TOKEN_LAST_USE_RESOLUTION`], so up to that much older than the real last use.
+    pub last_used_at: Option<OffsetDateTime>,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl ApiToken {
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_some_and(|expires_at| expires_at <= now)
+    }
+}
+
+/// What `create_api_token` stores besides the hash.
+#[derive(Debug, Clone)]
+pub struct NewApiToken<'a> {
+    pub name: &'a str,
+    pub scope: TokenScope,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Which live token of an enterprise to revoke.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenSelector<'a> {
+    Id(i64),
+    Name(&'a str),
+}
+
+/// A token's last use is written at most once per this interval: a write per request would make every REST read
+/// a database write.
+pub const TOKEN_LAST_USE_RESOLUTION: time::Duration = time::Duration::minutes(1);
+
 /// How a snapshot reached the aggregator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -327,16 +392,33 @@ pub trait Store: Send + Sync + 'static {
     async fn list_enterprises(&self) -> StoreResult<Vec<Enterprise>>;
     async fn enterprise_generation(&self, enterprise_id: i64) -> StoreResult<i64>;
 
+    /// Stores a REST token of the enterprise. Fails with `TokenNameTaken` when a live token of the enterprise has
+    /// the name already.
     async fn create_api_token(
         &self,
         enterprise_id: i64,
         token_sha256: &str,
-        description: &str,
+        token: &NewApiToken<'_>,
         now: OffsetDateTime,
-    ) -> StoreResult<()>;
-    /// The enterprise a live (not revoked) REST token belongs to.
-    async fn enterprise_for_api_token(&self, token_sha256: &str)
-    -> StoreResult<Option<Enterprise>>;
+    ) -> StoreResult<ApiToken>;
+    /// A live (not revoked) REST token and its enterprise; an expired token is returned too (with its expiry), so
+    /// that the caller can say it expired.
+    async fn api_token_by_hash(
+        &self,
+        token_sha256: &str,
+    ) -> StoreResult<Option<(Enterprise, ApiToken)>>;
+    /// The enterprise's REST tokens, revoked ones included, by id.
+    async fn list_api_tokens(&self, enterprise_id: i64) -> StoreResult<Vec<ApiToken>>;
+    /// Revokes a live token of the enterprise at `now` and returns it; `TokenNotFound` when no live token matches.
+    async fn revoke_api_token(
+        &self,
+        enterprise_id: i64,
+        token: TokenSelector<'_>,
+        now: OffsetDateTime,
+    ) -> StoreResult<ApiToken>;
+    /// Records that the token was used at `now`, unless a use within [`TOKEN_LAST_USE_RESOLUTION`] before `now` is
+    /// recorded already (so replicas write it at most once a minute each, whatever the request rate).
+    async fn record_api_token_use(&self, token_id: i64, now: OffsetDateTime) -> StoreResult<()>;
 
     /// Creates the instance in the enterprise, or rotates its credential (the old one stops working) and un-retires
     /// it. Fails with `PermissionDenied` when the server id belongs to another enterprise.

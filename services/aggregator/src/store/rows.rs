@@ -9,7 +9,8 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use super::{
-    AgentPresence, Arrival, Instance, SyncRequest, UsageDay, unix_ms_to_time, unix_to_time,
+    AgentPresence, ApiToken, Arrival, Instance, SyncRequest, TokenScope, UsageDay, unix_ms_to_time,
+    unix_to_time,
 };
 use super::{StoreError, StoreResult};
 
@@ -187,6 +188,35 @@ where
         accepted: row.try_get("accepted")?,
         job_id: row.try_get("job_id")?,
         reason: row.try_get("reason")?,
+    })
+}
+
+/// Decodes the columns of `api_token_columns!` (in `shared.rs`).
+pub(super) fn api_token_from_row<R>(row: &R) -> Result<ApiToken, sqlx::Error>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let scope: String = row.try_get("scope")?;
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        enterprise_id: row.try_get("enterprise_id")?,
+        name: row.try_get("name")?,
+        // The column's CHECK allows only the two words.
+        scope: TokenScope::parse(&scope)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown token scope {scope:?}").into()))?,
+        created_at: unix_to_time(row.try_get("created_at")?),
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at_ms")?
+            .map(unix_ms_to_time),
+        last_used_at: row
+            .try_get::<Option<i64>, _>("last_used_at_ms")?
+            .map(unix_ms_to_time),
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(unix_to_time),
     })
 }
 

@@ -36,18 +36,25 @@ macro_rules! sql_store {
 
             use super::$store;
                         use $crate::store::rows::{
-                ACCOUNT_COLUMNS, INSTANCE_COLUMNS, SYNC_REQUEST_COLUMNS, collect_accounts,
+                ACCOUNT_COLUMNS, INSTANCE_COLUMNS, SYNC_REQUEST_COLUMNS, api_token_from_row, collect_accounts,
                 collect_cloud_directory, instance_from_row, is_unique_violation, sync_request_from_row,
                 usage_day_from_row,
             };
             use $crate::store::{
-                AckOutcome, AgentReport, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
-                Enterprise, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
+                AckOutcome, AgentReport, ApiToken, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
+                Enterprise, NewApiToken, TOKEN_LAST_USE_RESOLUTION, TokenSelector, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
                 StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, WRITE_PROBE_BYTES, time_to_unix_ms,
                 unix_ms_to_time,
             };
 
             type Transaction<'c> = ::sqlx::Transaction<'c, $db>;
+
+            /// The columns `rows::api_token_from_row` decodes: a macro, so that `concat!` joins it into each query.
+            macro_rules! api_token_columns {
+                () => {
+                    "id, enterprise_id, name, scope, created_at, expires_at_ms, last_used_at_ms, revoked_at"
+                };
+            }
 
             /// Outcome of the part of a commit that can be retried as a whole.
             enum Attempt {
@@ -460,36 +467,109 @@ macro_rules! sql_store {
                     &self,
                     enterprise_id: i64,
                     token_sha256: &str,
-                    description: &str,
+                    token: &NewApiToken<'_>,
                     now: OffsetDateTime,
-                ) -> StoreResult<()> {
+                ) -> StoreResult<ApiToken> {
                     let _write = self.write_guard().await;
-                    sqlx::query(
-                        "INSERT INTO api_tokens (enterprise_id, token_sha256, description, created_at) \
-                         VALUES ($1, $2, $3, $4)",
-                    )
+                    let result = sqlx::query(concat!(
+                        "INSERT INTO api_tokens (enterprise_id, token_sha256, name, scope, created_at, expires_at_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
+                        api_token_columns!()
+                    ))
                     .bind(enterprise_id)
                     .bind(token_sha256)
-                    .bind(description)
+                    .bind(token.name)
+                    .bind(token.scope.as_str())
                     .bind(now.unix_timestamp())
-                    .execute(&self.pool)
-                    .await?;
-                    Ok(())
+                    .bind(token.expires_at.map(time_to_unix_ms))
+                    .fetch_one(&self.pool)
+                    .await;
+                    match result {
+                        Ok(row) => Ok(api_token_from_row(&row)?),
+                        Err(err) if is_unique_violation(&err) => Err(StoreError::TokenNameTaken {
+                            name: token.name.to_owned(),
+                        }),
+                        Err(err) => Err(err.into()),
+                    }
                 }
 
-                async fn enterprise_for_api_token(
+                async fn api_token_by_hash(
                     &self,
                     token_sha256: &str,
-                ) -> StoreResult<Option<Enterprise>> {
-                    let enterprise = sqlx::query_as(
-                        "SELECT e.id, e.slug, e.name, e.seats_purchased, e.generation FROM api_tokens t \
-                         JOIN enterprises e ON e.id = t.enterprise_id \
+                ) -> StoreResult<Option<(Enterprise, ApiToken)>> {
+                    let row = sqlx::query(
+                        "SELECT e.id AS e_id, e.slug, e.name AS e_name, e.seats_purchased, e.generation, \
+                         t.id, t.enterprise_id, t.name, t.scope, t.created_at, t.expires_at_ms, t.last_used_at_ms, \
+                         t.revoked_at FROM api_tokens t JOIN enterprises e ON e.id = t.enterprise_id \
                          WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL",
                     )
                     .bind(token_sha256)
                     .fetch_optional(&self.pool)
                     .await?;
-                    Ok(enterprise)
+                    let Some(row) = row else { return Ok(None) };
+                    let enterprise = Enterprise {
+                        id: row.try_get("e_id")?,
+                        slug: row.try_get("slug")?,
+                        name: row.try_get("e_name")?,
+                        seats_purchased: row.try_get("seats_purchased")?,
+                        generation: row.try_get("generation")?,
+                    };
+                    Ok(Some((enterprise, api_token_from_row(&row)?)))
+                }
+
+                async fn list_api_tokens(&self, enterprise_id: i64) -> StoreResult<Vec<ApiToken>> {
+                    let rows = sqlx::query(concat!(
+                        "SELECT ",
+                        api_token_columns!(),
+                        " FROM api_tokens WHERE enterprise_id = $1 ORDER BY id"
+                    ))
+                    .bind(enterprise_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(rows.iter().map(api_token_from_row).collect::<Result<_, _>>()?)
+                }
+
+                async fn revoke_api_token(
+                    &self,
+                    enterprise_id: i64,
+                    token: TokenSelector<'_>,
+                    now: OffsetDateTime,
+                ) -> StoreResult<ApiToken> {
+                    let _write = self.write_guard().await;
+                    // One statement for both selectors: the unused one is NULL, and `= NULL` matches nothing.
+                    let (id, name) = match token {
+                        TokenSelector::Id(id) => (Some(id), None),
+                        TokenSelector::Name(name) => (None, Some(name)),
+                    };
+                    let row = sqlx::query(concat!(
+                        "UPDATE api_tokens SET revoked_at = $1 \
+                         WHERE enterprise_id = $2 AND revoked_at IS NULL AND (id = $3 OR name = $4) RETURNING ",
+                        api_token_columns!()
+                    ))
+                    .bind(now.unix_timestamp())
+                    .bind(enterprise_id)
+                    .bind(id)
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    let row = row.ok_or(StoreError::TokenNotFound)?;
+                    Ok(api_token_from_row(&row)?)
+                }
+
+                async fn record_api_token_use(&self, token_id: i64, now: OffsetDateTime) -> StoreResult<()> {
+                    let now_ms = time_to_unix_ms(now);
+                    let due_before_ms = time_to_unix_ms(now - TOKEN_LAST_USE_RESOLUTION);
+                    let _write = self.write_guard().await;
+                    sqlx::query(
+                        "UPDATE api_tokens SET last_used_at_ms = $1 \
+                         WHERE id = $2 AND (last_used_at_ms IS NULL OR last_used_at_ms <= $3)",
+                    )
+                    .bind(now_ms)
+                    .bind(token_id)
+                    .bind(due_before_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(())
                 }
 
                 async fn enroll_instance(

@@ -35,8 +35,8 @@ pub(crate) struct Harness {
     server: Option<RunningServer>,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
-    base: String,
-    grpc: String,
+    pub(crate) base: String,
+    pub(crate) grpc: String,
     pub(crate) owner_token: String,
 }
 
@@ -98,7 +98,7 @@ impl Harness {
             .expect("clean shutdown");
     }
 
-    async fn rest(
+    pub(crate) async fn rest(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -174,7 +174,7 @@ impl Harness {
             .expect("enrolled")
     }
 
-    async fn check_connection(
+    pub(crate) async fn check_connection(
         &self,
         credential: &str,
     ) -> Result<CheckConnectionResponse, tonic::Status> {

@@ -7,3 +7,4 @@ mod servers;
 mod store_faults;
 mod store_suite;
 mod tls;
+mod tokens;

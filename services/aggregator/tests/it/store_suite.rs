@@ -3,8 +3,8 @@
 
 use license_sync_aggregator::error::{ErrorKind, ServiceError};
 use license_sync_aggregator::store::{
-    AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, SnapshotCommit, SyncAckRecord,
-    SyncRequestState,
+    AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, NewApiToken, SnapshotCommit,
+    SyncAckRecord, SyncRequestState, TOKEN_LAST_USE_RESOLUTION, TokenScope, TokenSelector,
 };
 use license_sync_core::cloud::CloudMembers;
 use license_sync_core::model::{CloudMember, InstanceIdentity, ServerUser, SourceReport, UserRole};
@@ -117,18 +117,20 @@ pub async fn enterprises_and_tokens(store: DynStore) {
         .map_err(ServiceError::from)
         .expect_err("duplicate slug");
     assert_eq!(again.kind, ErrorKind::AlreadyExists);
+    let ci = NewApiToken {
+        name: "ci",
+        scope: TokenScope::Admin,
+        expires_at: None,
+    };
     store
-        .create_api_token(acme.id, "hash-1", "ci", OffsetDateTime::now_utc())
+        .create_api_token(acme.id, "hash-1", &ci, OffsetDateTime::now_utc())
         .await
         .expect("token");
-    let found = store
-        .enterprise_for_api_token("hash-1")
-        .await
-        .expect("lookup");
-    assert_eq!(found.map(|e| e.slug), Some("acme".to_owned()));
+    let found = store.api_token_by_hash("hash-1").await.expect("lookup");
+    assert_eq!(found.map(|(e, _)| e.slug), Some("acme".to_owned()));
     assert!(
         store
-            .enterprise_for_api_token("other")
+            .api_token_by_hash("other")
             .await
             .expect("lookup")
             .is_none()
@@ -158,6 +160,143 @@ pub async fn enterprises_and_tokens(store: DynStore) {
         "every enterprise, by id"
     );
     assert_eq!(listed[1].id, other.id);
+}
+
+/// Names are unique among an enterprise's live tokens, revocation by id or name hides a token from lookups (and
+/// frees its name), the list never crosses enterprises, and a last use is written at most once a minute.
+pub async fn api_tokens_have_names_scopes_expiry_revocation_and_last_use(store: DynStore) {
+    let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("valid");
+    let acme = store
+        .create_enterprise("acme", "Acme", 10, now)
+        .await
+        .expect("create");
+    let other = store
+        .create_enterprise("other", "Other", 10, now)
+        .await
+        .expect("create");
+    let expires_at = now + time::Duration::days(30);
+    let reports = NewApiToken {
+        name: "reports",
+        scope: TokenScope::Read,
+        expires_at: Some(expires_at),
+    };
+    let created = store
+        .create_api_token(acme.id, "hash-reports", &reports, now)
+        .await
+        .expect("created");
+    assert_eq!(
+        (created.name.as_str(), created.scope, created.expires_at),
+        ("reports", TokenScope::Read, Some(expires_at))
+    );
+    assert_eq!((created.last_used_at, created.revoked_at), (None, None));
+    let taken = store
+        .create_api_token(acme.id, "hash-reports-2", &reports, now)
+        .await
+        .map_err(ServiceError::from)
+        .expect_err("name taken");
+    assert_eq!(taken.kind, ErrorKind::AlreadyExists);
+    assert!(taken.message.contains("\"reports\""), "{}", taken.message);
+    // The same name in another enterprise is another token.
+    store
+        .create_api_token(other.id, "hash-other", &reports, now)
+        .await
+        .expect("other enterprise");
+    let admin = NewApiToken {
+        name: "admin",
+        scope: TokenScope::Admin,
+        expires_at: None,
+    };
+    let admin = store
+        .create_api_token(acme.id, "hash-admin", &admin, now)
+        .await
+        .expect("admin");
+    let (enterprise, found) = store
+        .api_token_by_hash("hash-reports")
+        .await
+        .expect("lookup")
+        .expect("found");
+    assert_eq!((enterprise.id, found), (acme.id, created.clone()));
+    let listed = store.list_api_tokens(acme.id).await.expect("list");
+    assert_eq!(
+        listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["reports", "admin"]
+    );
+
+    // Last use: written, then not again within the resolution, then again after it.
+    store
+        .record_api_token_use(created.id, now)
+        .await
+        .expect("use");
+    let soon = now + time::Duration::seconds(30);
+    store
+        .record_api_token_use(created.id, soon)
+        .await
+        .expect("use");
+    let last_used = |tokens: Vec<license_sync_aggregator::store::ApiToken>, id: i64| {
+        tokens
+            .into_iter()
+            .find(|token| token.id == id)
+            .and_then(|token| token.last_used_at)
+    };
+    let listed = store.list_api_tokens(acme.id).await.expect("list");
+    assert_eq!(last_used(listed, created.id), Some(now));
+    let later = now + TOKEN_LAST_USE_RESOLUTION;
+    store
+        .record_api_token_use(created.id, later)
+        .await
+        .expect("use");
+    let listed = store.list_api_tokens(acme.id).await.expect("list");
+    assert_eq!(last_used(listed, created.id), Some(later));
+
+    // Revocation: by name, then by id; a second revocation finds nothing; another enterprise's id is not found.
+    let revoked_at = now + time::Duration::hours(1);
+    let by_id_elsewhere = store
+        .revoke_api_token(other.id, TokenSelector::Id(admin.id), revoked_at)
+        .await
+        .map_err(ServiceError::from)
+        .expect_err("another enterprise's token");
+    assert_eq!(by_id_elsewhere.kind, ErrorKind::NotFound);
+    let revoked = store
+        .revoke_api_token(acme.id, TokenSelector::Name("reports"), revoked_at)
+        .await
+        .expect("revoked by name");
+    assert_eq!(
+        (revoked.id, revoked.revoked_at),
+        (created.id, Some(revoked_at))
+    );
+    assert!(
+        store
+            .api_token_by_hash("hash-reports")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    let again = store
+        .revoke_api_token(acme.id, TokenSelector::Name("reports"), revoked_at)
+        .await
+        .map_err(ServiceError::from)
+        .expect_err("revoked already");
+    assert_eq!(again.kind, ErrorKind::NotFound);
+    store
+        .revoke_api_token(acme.id, TokenSelector::Id(admin.id), revoked_at)
+        .await
+        .expect("revoked by id");
+    // The name of a revoked token can be given to a new one; the list keeps the revoked ones.
+    store
+        .create_api_token(acme.id, "hash-reports-3", &reports, revoked_at)
+        .await
+        .expect("name free again");
+    let listed = store.list_api_tokens(acme.id).await.expect("list");
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.iter().filter(|t| t.revoked_at.is_some()).count(), 2);
+    // The other enterprise's token is untouched.
+    assert!(
+        store
+            .api_token_by_hash("hash-other")
+            .await
+            .expect("lookup")
+            .is_some()
+    );
 }
 
 pub async fn enrollment_binds_and_rotates_credentials(store: DynStore) {
@@ -1656,6 +1795,7 @@ macro_rules! store_suite {
             }
 
             case!(enterprises_and_tokens);
+            case!(api_tokens_have_names_scopes_expiry_revocation_and_last_use);
             case!(enrollment_binds_and_rotates_credentials);
             case!(commit_replaces_the_snapshot_whole);
             case!(retried_sync_id_is_applied_once);
