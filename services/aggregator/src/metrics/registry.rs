@@ -84,11 +84,6 @@ struct VersionLabels {
     version: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TlsCertificateLabels {
-    certificate: &'static str,
-}
-
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Why a snapshot was refused by validation: a small fixed set, the `reason` of
@@ -226,9 +221,9 @@ pub struct Metrics {
     http_requests: Family<HttpLabels, Counter>,
     http_duration: HistogramFamily<HttpRouteLabels>,
     /// TLS (issue 11): reloads of the certificate files that failed (the old certificate stays), and the served
-    /// certificate's not-after (no series without TLS).
+    /// certificate's not-after (0 without TLS: an unlabelled gauge, so that the family is always declared).
     tls_reload_failures: Counter,
-    tls_certificate_expiry: Family<TlsCertificateLabels, Gauge>,
+    tls_certificate_expiry: Gauge,
     /// `/package.Service/Method` of every method served, so that a client cannot create label values.
     grpc_methods: HashSet<String>,
     /// Serialises scrapes: each one clears and refills the database gauges before encoding them.
@@ -370,10 +365,10 @@ impl Metrics {
             "Reloads of changed TLS certificate, key or client CA files that failed; the previous certificate stays served",
             tls_reload_failures.clone(),
         );
-        let tls_certificate_expiry = Family::<TlsCertificateLabels, Gauge>::default();
+        let tls_certificate_expiry = Gauge::default();
         registry.register_with_unit(
             "license_sync_tls_certificate_expiry_timestamp",
-            "Unix time at which the served TLS certificate expires (its not-after); absent without TLS",
+            "Unix time at which the served TLS certificate expires (its not-after); 0 without TLS",
             Unit::Seconds,
             tls_certificate_expiry.clone(),
         );
@@ -465,11 +460,7 @@ impl Metrics {
 
     /// The served TLS certificate's not-after, in Unix seconds.
     pub fn set_tls_certificate_expiry(&self, not_after_unix_secs: i64) {
-        self.tls_certificate_expiry
-            .get_or_create(&TlsCertificateLabels {
-                certificate: "server",
-            })
-            .set(not_after_unix_secs);
+        self.tls_certificate_expiry.set(not_after_unix_secs);
     }
 
     pub fn merge_finished(&self, elapsed: Duration) {
