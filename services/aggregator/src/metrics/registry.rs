@@ -85,11 +85,6 @@ struct VersionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TlsCertificateLabels {
-    certificate: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SurfaceLabels {
     surface: &'static str,
 }
@@ -273,9 +268,9 @@ pub struct Metrics {
     http_duration: HistogramFamily<HttpRouteLabels>,
     ingest_streams_open: Gauge,
     /// TLS (issue 11): reloads of the certificate files that failed (the old certificate stays), and the served
-    /// certificate's not-after (no series without TLS).
+    /// certificate's not-after (0 without TLS: an unlabelled gauge, so that the family is always declared).
     tls_reload_failures: Counter,
-    tls_certificate_expiry: Family<TlsCertificateLabels, Gauge>,
+    tls_certificate_expiry: Gauge,
     auth_failures: Family<SurfaceLabels, Counter>,
     auth_throttled: Family<SurfaceLabels, Counter>,
     /// `/package.Service/Method` of every method served, so that a client cannot create label values.
@@ -426,10 +421,10 @@ impl Metrics {
             "Reloads of changed TLS certificate, key or client CA files that failed; the previous certificate stays served",
             tls_reload_failures.clone(),
         );
-        let tls_certificate_expiry = Family::<TlsCertificateLabels, Gauge>::default();
+        let tls_certificate_expiry = Gauge::default();
         registry.register_with_unit(
             "license_sync_tls_certificate_expiry_timestamp",
-            "Unix time at which the served TLS certificate expires (its not-after); absent without TLS",
+            "Unix time at which the served TLS certificate expires (its not-after); 0 without TLS",
             Unit::Seconds,
             tls_certificate_expiry.clone(),
         );
@@ -549,11 +544,7 @@ impl Metrics {
 
     /// The served TLS certificate's not-after, in Unix seconds.
     pub fn set_tls_certificate_expiry(&self, not_after_unix_secs: i64) {
-        self.tls_certificate_expiry
-            .get_or_create(&TlsCertificateLabels {
-                certificate: "server",
-            })
-            .set(not_after_unix_secs);
+        self.tls_certificate_expiry.set(not_after_unix_secs);
     }
 
     /// A credential was refused; `throttled` when the answer was 429 / `RESOURCE_EXHAUSTED`.
