@@ -132,6 +132,12 @@ async fn three_replicas_on_one_database_agree_and_apply_each_snapshot_once() {
                         "LICENSE_SYNC_AGGREGATOR_VIEW_CHECK_INTERVAL_MS",
                         &VIEW_CHECK_INTERVAL.as_millis().to_string(),
                     ),
+                    // Each instance's snapshots race ten at a time below, which no agent does (it sends one at a
+                    // time): the per-instance stream limit would refuse them before the replicas could.
+                    (
+                        "LICENSE_SYNC_AGGREGATOR_INGEST_MAX_STREAMS_PER_INSTANCE",
+                        "10",
+                    ),
                 ])
                 .expect("replica starts")
             })
