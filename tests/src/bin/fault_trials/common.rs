@@ -461,3 +461,119 @@ pub fn failure_note(error: &AgentError) -> String {
         _ => format!("failed: {}", error.kind()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables `verify` reads, as the aggregator's migrations define their columns.
+    async fn store_with(
+        rows: &[(&Instance, &Snapshot)],
+        applied: &[&Snapshot],
+    ) -> (tempfile::TempDir, StoreReader) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/t.db?mode=rwc", dir.path().display());
+        let reader = StoreReader::connect(&url).await.expect("open");
+        let StoreReader::Sqlite(pool) = &reader else {
+            unreachable!("a sqlite URL")
+        };
+        for statement in [
+            "CREATE TABLE instances (id INTEGER PRIMARY KEY, server_id TEXT NOT NULL)",
+            "CREATE TABLE server_users (instance_id INTEGER, user_id INTEGER, login TEXT, email TEXT, role TEXT, \
+             suspended INTEGER, dormant INTEGER)",
+            "CREATE TABLE applied_syncs (sync_id TEXT, users_sha256 TEXT)",
+        ] {
+            sqlx::query(statement).execute(pool).await.expect("schema");
+        }
+        for (index, (instance, snapshot)) in rows.iter().enumerate() {
+            sqlx::query("INSERT OR IGNORE INTO instances (id, server_id) VALUES ($1, $2)")
+                .bind(index as i64)
+                .bind(instance.server_id.to_string())
+                .execute(pool)
+                .await
+                .expect("instance");
+            for user in &snapshot.users {
+                sqlx::query("INSERT INTO server_users VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                    .bind(index as i64)
+                    .bind(user.id)
+                    .bind(&user.login)
+                    .bind(&user.email)
+                    .bind(user.role.as_str())
+                    .bind(user.suspended)
+                    .bind(user.dormant)
+                    .execute(pool)
+                    .await
+                    .expect("user");
+            }
+        }
+        for snapshot in applied {
+            sqlx::query("INSERT INTO applied_syncs VALUES ($1, $2)")
+                .bind(snapshot.meta.sync_id.to_string())
+                .bind(hex_digest(&snapshot.users))
+                .execute(pool)
+                .await
+                .expect("applied");
+        }
+        (dir, reader)
+    }
+
+    fn instance() -> Instance {
+        Instance {
+            server_id: Uuid::new_v4(),
+            hostname: "ghes-0.fault.test".into(),
+            credential: String::new(),
+        }
+    }
+
+    /// Versions 0 and 1 of one instance, both acknowledged; the store holds what `stored` makes of them and has
+    /// applied the versions `applied` names. Returns (torn, lost).
+    async fn verdict(
+        stored: impl FnOnce(&Snapshot, &Snapshot) -> Snapshot,
+        applied: &[usize],
+    ) -> (usize, usize) {
+        let instance = instance();
+        let base = trial_base();
+        let versions = [
+            snapshot(&instance, 0, 30, generated_at(base, 0)),
+            snapshot(&instance, 1, 30, generated_at(base, 1)),
+        ];
+        let held = stored(&versions[0], &versions[1]);
+        let applied: Vec<&Snapshot> = applied.iter().map(|&version| &versions[version]).collect();
+        let (_dir, reader) = store_with(&[(&instance, &held)], &applied).await;
+        let sent: Vec<Sent> = versions
+            .iter()
+            .enumerate()
+            .map(|(version, snapshot)| {
+                let mut sent = Sent::new(0, version as u32, snapshot);
+                sent.acknowledged = true;
+                sent
+            })
+            .collect();
+        let mut outcome = TrialOutcome::default();
+        verify(&reader, &[instance], &sent, &mut outcome)
+            .await
+            .expect("verify");
+        (outcome.torn, outcome.lost)
+    }
+
+    #[tokio::test]
+    async fn the_newest_acknowledged_snapshot_stored_whole_passes() {
+        assert_eq!(verdict(|_, v1| v1.clone(), &[0, 1]).await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_mix_of_two_snapshots_is_torn() {
+        let mix = |v0: &Snapshot, v1: &Snapshot| {
+            let mut mixed = v1.clone();
+            mixed.users[29] = v0.users[29].clone();
+            mixed
+        };
+        assert_eq!(verdict(mix, &[0, 1]).await, (1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_snapshot_that_is_not_stored_is_lost() {
+        // The store kept version 0 and never applied version 1, which was acknowledged.
+        assert_eq!(verdict(|v0, _| v0.clone(), &[0]).await, (0, 1));
+    }
+}
