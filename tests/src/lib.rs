@@ -4,6 +4,7 @@
 pub mod grpc;
 pub mod metrics;
 pub mod otlp;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,14 +17,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// The directory holding the binaries of the profile the tests were built with.
+/// The directory holding the binaries of the profile the tests (or the fault-trial tool) were built with.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
-        .to_path_buf()
+    // A test is target/<profile>/deps/<test>-<hash>; a binary of this crate is target/<profile>/<name>.
+    let dir = exe
+        .parent()
+        .expect("executable lives in target/<profile>")
+        .to_path_buf();
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent()
+            .expect("test executable lives in target/<profile>/deps")
+            .to_path_buf()
+    } else {
+        dir
+    }
 }
 
 /// A binary of the workspace. `cargo test --workspace` / `cargo nextest run --workspace` (what `scripts/test.sh`
@@ -242,12 +250,14 @@ impl Aggregator {
 
 /// Runs `license-sync-aggregator <args>` on the database in `dir`.
 pub fn admin(dir: &Path, args: &[&str]) -> Result<String> {
+    admin_with_url(&Aggregator::database_url(dir), args)
+}
+
+/// Runs `license-sync-aggregator <args>` on the database at `database_url`; returns stdout trimmed.
+pub fn admin_with_url(database_url: &str, args: &[&str]) -> Result<String> {
     let output = Command::new(binary("license-sync-aggregator"))
         .args(args)
-        .env(
-            "LICENSE_SYNC_AGGREGATOR_DATABASE_URL",
-            Aggregator::database_url(dir),
-        )
+        .env("LICENSE_SYNC_AGGREGATOR_DATABASE_URL", database_url)
         .output()?;
     if !output.status.success() {
         bail!(

@@ -7,11 +7,11 @@
 //! its own database next to the one named there.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use license_sync_e2e::grpc::{self, chunks};
-use license_sync_e2e::{Aggregator, binary};
+use license_sync_e2e::postgres::TestDatabase;
+use license_sync_e2e::{Aggregator, admin_with_url};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::Code;
@@ -38,68 +38,8 @@ fn postgres_url() -> Option<String> {
     }
 }
 
-/// A database created for this test and dropped afterwards.
-struct TestDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl TestDatabase {
-    async fn create(admin_url: &str) -> TestDatabase {
-        use sqlx::Connection;
-        let name = format!("ls_e2e_{}", Uuid::new_v4().simple());
-        let mut connection = sqlx::PgConnection::connect(admin_url)
-            .await
-            .expect("connect to PostgreSQL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut connection)
-            .await
-            .expect("create database");
-        let (prefix, _) = admin_url.rsplit_once('/').expect("URL ends with /DATABASE");
-        TestDatabase {
-            admin_url: admin_url.to_owned(),
-            url: format!("{prefix}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                use sqlx::Connection;
-                if let Ok(mut connection) = sqlx::PgConnection::connect(&url).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut connection)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 fn admin(database_url: &str, args: &[&str]) -> String {
-    let output = Command::new(binary("license-sync-aggregator"))
-        .args(args)
-        .env("LICENSE_SYNC_AGGREGATOR_DATABASE_URL", database_url)
-        .output()
-        .expect("run admin command");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    admin_with_url(database_url, args).expect("admin command")
 }
 
 async fn get(url: &str, token: &str) -> Value {
@@ -119,7 +59,9 @@ async fn three_replicas_on_one_database_agree_and_apply_each_snapshot_once() {
     let Some(admin_url) = postgres_url() else {
         return;
     };
-    let database = TestDatabase::create(&admin_url).await;
+    let database = TestDatabase::create(&admin_url)
+        .await
+        .expect("create a database");
 
     // Three replicas start together on an empty database: their migrations race.
     let starters: Vec<_> = (0..3)
