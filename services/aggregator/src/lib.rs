@@ -17,4 +17,5 @@ pub mod server;
 pub mod store;
 pub mod time_format;
 pub mod tokens;
+pub mod usage_keys;
 pub mod view;

@@ -61,6 +61,10 @@ pub fn router(app: Arc<App>) -> Router {
             post(upload::upload_usage).layer(timeout_layer(upload_timeout)),
         )
         .route(
+            "/enterprises/{enterprise}/usage-file-key",
+            get(upload::usage_file_key),
+        )
+        .route(
             "/enterprises/{enterprise}/cloud-members",
             put(members::import_cloud_members).layer(timeout_layer(upload_timeout)),
         )

@@ -2,26 +2,14 @@
 //! the connection cap makes room for a new client by closing the longest-idle connections, the gRPC port closes a
 //! connection that opens no stream, and a bad date is a 422 rather than a panic.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::control::{Harness, PATIENCE};
+use license_sync_serve::testing::{closed_within, slowloris};
 
-/// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it was
-/// still open after `within`.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let mut buffer = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buffer)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => continue,
-        }
-    }
-}
+use crate::control::{Harness, PATIENCE};
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
@@ -62,27 +50,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_after_the_header_read_t
     let mut stream = TcpStream::connect(harness.server().http_addr)
         .await
         .expect("connect");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
-        .await
-        .expect("request line");
-    // A header line every 100 ms, never the blank line that ends them.
-    let started = Instant::now();
-    let mut cut = None;
-    for line in 0..100 {
-        if stream
-            .write_all(format!("X-Slow-{line}: still coming\r\n").as_bytes())
-            .await
-            .is_err()
-        {
-            cut = Some(started.elapsed());
-            break;
-        }
-        if let Some(after) = closed_within(&mut stream, Duration::from_millis(100)).await {
-            cut = Some(started.elapsed().max(after));
-            break;
-        }
-    }
+    let cut = slowloris(&mut stream).await;
     let cut = cut.expect("the slow client is cut");
     assert!(
         cut < Duration::from_secs(5),
