@@ -68,23 +68,25 @@ pub async fn identities(store: &DynStore, enterprise: &Enterprise) -> ServiceRes
         .collect()
 }
 
-/// The 422 for an encrypted upload that could not be decrypted; `None` for a file that decrypted but whose content
-/// is not a usage file (the caller words that like a plain file's).
+/// The 422 for an encrypted upload that could not be decrypted. A file that decrypted but holds no usage file
+/// (`Content`) is worded by the caller like a plain body; here it gets a generic message.
 pub fn decryption_refusal(
     enterprise: &Enterprise,
     error: &EncryptedUsageFileError,
-) -> Option<ServiceError> {
+) -> ServiceError {
     let slug = &enterprise.slug;
     match error {
-        EncryptedUsageFileError::NotForTheseKeys => Some(ServiceError::invalid(format!(
+        EncryptedUsageFileError::NotForTheseKeys => ServiceError::invalid(format!(
             "this usage file is encrypted to a key that is not one of enterprise {slug}'s usage-file keys: upload it \
              to the enterprise it was exported for, or export it again with the enterprise's current public key \
              (GET /enterprises/{slug}/usage-file-key; set it as `export.recipient`, or enroll the agent again)"
-        ))),
-        EncryptedUsageFileError::Damaged(reason) => Some(ServiceError::invalid(format!(
+        )),
+        EncryptedUsageFileError::Damaged(reason) => ServiceError::invalid(format!(
             "the encrypted usage file is damaged or truncated ({reason}): upload the file exactly as \
              `license-sync-agent export` wrote it, or export it again"
-        ))),
-        EncryptedUsageFileError::Content(_) => None,
+        )),
+        EncryptedUsageFileError::Content(_) => ServiceError::invalid(format!(
+            "the encrypted file decrypted, but {error}: expected a usage file written by `license-sync-agent export`"
+        )),
     }
 }

@@ -352,6 +352,40 @@ pub mod testing {
         }
     }
 
+    /// Opens `idle` connections that send nothing, waits for the server to take them, then opens `late` more:
+    /// the clients of a cap test. Returns both sets (dropping them closes them).
+    pub async fn idle_then_late(
+        address: std::net::SocketAddr,
+        idle: usize,
+        late: usize,
+    ) -> (Vec<TcpStream>, Vec<TcpStream>) {
+        let mut first = Vec::new();
+        for _ in 0..idle {
+            first.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        // An accept of a silent socket shows nothing outside the server: give it time to take the first ones.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut then = Vec::new();
+        for _ in 0..late {
+            then.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        (first, then)
+    }
+
+    /// How many of `streams` the server closes within 500 ms each.
+    pub async fn count_closed(streams: &mut [TcpStream]) -> usize {
+        let mut closed = 0;
+        for stream in streams {
+            if closed_within(stream, Duration::from_millis(500))
+                .await
+                .is_some()
+            {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// A slowloris client: sends a request line, then one header line every 100 ms and never the blank line
     /// that ends them. Returns how long the server took to cut it, or `None` if it still had not after 10 s.
     pub async fn slowloris(stream: &mut TcpStream) -> Option<Duration> {

@@ -1103,7 +1103,7 @@ async fn the_local_api_closes_idle_and_slowloris_connections() {
 
 #[tokio::test]
 async fn at_its_connection_cap_the_local_api_makes_room_by_closing_idle_connections() {
-    use license_sync_serve::testing::closed_within;
+    use license_sync_serve::testing::{count_closed, idle_then_late};
 
     let fake = FakeAggregator::start().await;
     let agent = Agent::start_with(&fake, |config| {
@@ -1111,25 +1111,7 @@ async fn at_its_connection_cap_the_local_api_makes_room_by_closing_idle_connecti
         config.api_idle_timeout = Duration::from_secs(60);
     })
     .await;
-    let address = api_addr(&agent);
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        idle.push(
-            tokio::net::TcpStream::connect(address)
-                .await
-                .expect("connect"),
-        );
-    }
-    // The server takes the first three before more arrive (nothing to observe from outside an idle accept).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut late = Vec::new();
-    for _ in 0..3 {
-        late.push(
-            tokio::net::TcpStream::connect(address)
-                .await
-                .expect("connect"),
-        );
-    }
+    let (mut idle, late) = idle_then_late(api_addr(&agent), 3, 3).await;
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
         reqwest::get(format!("{}/healthz", agent.base)),
@@ -1138,15 +1120,7 @@ async fn at_its_connection_cap_the_local_api_makes_room_by_closing_idle_connecti
     .expect("a request is answered while idle sockets fill the cap")
     .expect("HTTP request");
     assert_eq!(answer.status(), 200);
-    let mut closed = 0;
-    for stream in &mut idle {
-        if closed_within(stream, Duration::from_millis(500))
-            .await
-            .is_some()
-        {
-            closed += 1;
-        }
-    }
+    let closed = count_closed(&mut idle).await;
     assert!(
         closed >= 2,
         "the oldest idle connections made room: {closed} of 3"

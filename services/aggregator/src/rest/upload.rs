@@ -13,7 +13,7 @@ use license_sync_core::snapshot::{UsageFile, UsageFileParseError};
 use super::{json_error, read_body};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
-use crate::error::{ServiceError, ServiceResult};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
 use crate::store::Arrival;
 use crate::usage_keys;
@@ -37,16 +37,16 @@ pub(super) async fn upload_usage(
     let file = if encrypted_usage_file::is_encrypted(&bytes) {
         let identities = usage_keys::identities(&app.store, &enterprise)
             .await
-            .map_err(malformed)?;
+            .map_err(|error| match error.kind {
+                // No key to decrypt with: the file's fault, not the store's.
+                ErrorKind::InvalidArgument => malformed(error),
+                _ => error,
+            })?;
         encrypted_usage_file::read_encrypted(&bytes, &identities).map_err(|error| {
-            malformed(
-                usage_keys::decryption_refusal(&enterprise, &error).unwrap_or_else(
-                    || match error {
-                        EncryptedUsageFileError::Content(error) => usage_file_error(error),
-                        other => ServiceError::invalid(other.to_string()),
-                    },
-                ),
-            )
+            malformed(match error {
+                EncryptedUsageFileError::Content(error) => usage_file_error(error),
+                undecryptable => usage_keys::decryption_refusal(&enterprise, &undecryptable),
+            })
         })?
     } else {
         UsageFile::from_json(&bytes).map_err(|error| malformed(usage_file_error(error)))?

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use license_sync_serve::testing::{closed_within, slowloris};
+use license_sync_serve::testing::{closed_within, count_closed, idle_then_late, slowloris};
 
 use crate::control::{Harness, PATIENCE};
 
@@ -67,16 +67,7 @@ async fn at_the_connection_cap_the_longest_idle_connections_make_room_for_a_new_
     })
     .await;
     let address = harness.server().http_addr;
-    let mut idle = Vec::new();
-    for _ in 0..4 {
-        idle.push(TcpStream::connect(address).await.expect("connect"));
-    }
-    // Let the server accept the first four before more arrive.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut late = Vec::new();
-    for _ in 0..3 {
-        late.push(TcpStream::connect(address).await.expect("connect"));
-    }
+    let (mut idle, late) = idle_then_late(address, 4, 3).await;
     let client = reqwest::Client::new();
     let answer = tokio::time::timeout(
         PATIENCE,
@@ -86,15 +77,7 @@ async fn at_the_connection_cap_the_longest_idle_connections_make_room_for_a_new_
     .expect("a normal request is answered while idle sockets fill the cap")
     .expect("HTTP request");
     assert_eq!(answer.status(), 200);
-    let mut closed = 0;
-    for stream in &mut idle {
-        if closed_within(stream, Duration::from_millis(500))
-            .await
-            .is_some()
-        {
-            closed += 1;
-        }
-    }
+    let closed = count_closed(&mut idle).await;
     assert!(
         closed >= 3,
         "the oldest idle connections were closed to make room: {closed} of 4"
