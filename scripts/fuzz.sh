@@ -10,7 +10,7 @@ seconds="${1:-30}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(all_users_csv usage_file snapshot_validate proto_snapshot)
+    targets=(all_users_csv usage_file encrypted_usage_file snapshot_validate proto_snapshot)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -24,11 +24,13 @@ else
     fuzz=(cargo fuzz)
 fi
 
-# Seeds: the CSV reader's test cases and the example reports; a usage file exported from an example report.
+# Seeds: the CSV reader's test cases and the example reports; a usage file exported from an example report, and the
+# same file encrypted to the encrypted target's fixed key (the first byte of its inputs picks the mode).
 seeds_for() {
     case "$1" in
         all_users_csv) echo services/core/src/all_users_csv/cases examples ;;
         usage_file) echo fuzz/seeds/usage_file ;;
+        encrypted_usage_file) echo fuzz/seeds/encrypted_usage_file ;;
         *) ;;
     esac
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::config::{AgentConfig, Secret, SourceConfig};
 use crate::enrollment_client::{Enrollment, resolve_credential};
 use crate::error::AgentError;
-use crate::export::write_usage_file;
+use crate::export::{Protection, RecipientSource, resolve_protection, write_usage_file};
 use crate::snapshot::{
     BuiltSnapshot, SkippedLine, build_snapshot, log_diagnostics, validate_snapshot,
 };
@@ -114,17 +114,34 @@ pub struct ExportSummary {
     pub rows_read: u64,
     pub rows_skipped: u64,
     pub skipped: Vec<SkippedLine>,
+    /// Whether the file is encrypted (age), and to which public key, from where.
+    pub encrypted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient_source: Option<RecipientSource>,
 }
 
 #[tracing::instrument(name = "agent.export", skip_all, fields(server_id = %config.instance.server_id, hostname = %config.instance.hostname, sync_id = Empty, users = Empty))]
-pub async fn export(config: &AgentConfig, output: &Path) -> Result<ExportSummary, AgentError> {
+pub async fn export(
+    config: &AgentConfig,
+    output: &Path,
+    unencrypted: bool,
+) -> Result<ExportSummary, AgentError> {
+    // Before the read: a missing key fails at once, not after a long report build on GHES.
+    let protection = resolve_protection(config, unencrypted)?;
     let built = prepare_snapshot(config).await?;
     let skipped = built.skipped_lines();
     let meta = built.snapshot.meta.clone();
     let output = output.to_owned();
-    let exported = tokio::task::spawn_blocking(move || write_usage_file(&output, built.snapshot))
-        .await
-        .map_err(|error| AgentError::Internal(format!("the export task failed: {error}")))??;
+    let (recipient, recipient_source) = match &protection {
+        Protection::Encrypted { recipient, source } => (Some(recipient.to_string()), Some(*source)),
+        Protection::Unencrypted => (None, None),
+    };
+    let exported =
+        tokio::task::spawn_blocking(move || write_usage_file(&output, built.snapshot, &protection))
+            .await
+            .map_err(|error| AgentError::Internal(format!("the export task failed: {error}")))??;
     tracing::info!(path = %exported.path.display(), users = exported.users, bytes = exported.bytes, "wrote the usage file");
     Ok(ExportSummary {
         path: exported.path,
@@ -135,6 +152,9 @@ pub async fn export(config: &AgentConfig, output: &Path) -> Result<ExportSummary
         rows_read: meta.source_report.rows_read,
         rows_skipped: meta.source_report.rows_skipped,
         skipped,
+        encrypted: recipient.is_some(),
+        recipient,
+        recipient_source,
     })
 }
 

@@ -143,6 +143,9 @@ pub async fn enroll(
         enterprise: response.enterprise.clone(),
         server_id,
         enrolled_at: crate::source::now_utc_seconds(),
+        usage_file_recipient: Some(response.usage_file_recipient.trim())
+            .filter(|recipient| !recipient.is_empty())
+            .map(str::to_owned),
     };
     let writer = state.clone();
     let stored = enrolled.clone();

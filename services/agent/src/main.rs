@@ -102,9 +102,13 @@ enum Command {
     Export {
         #[command(flatten)]
         config: ConfigArg,
-        /// Where to write the usage file (JSON, created with mode 0600: it holds emails).
+        /// Where to write the usage file (created with mode 0600). Encrypted (age) to the enterprise's key from
+        /// `export.recipient` or enrollment; name it `….json.age`.
         #[arg(long)]
         output: PathBuf,
+        /// Write the plain JSON instead, readable by anyone who gets the file (it holds every user's email).
+        #[arg(long)]
+        unencrypted: bool,
     },
     /// Read the users only and print what would be sent.
     Check(ConfigArg),
@@ -230,9 +234,13 @@ async fn run(command: Command) -> Result<(), AgentError> {
             let config = AgentConfig::load(&args.config)?;
             print_line(&commands::sync(&config).await?)
         }
-        Command::Export { config, output } => {
+        Command::Export {
+            config,
+            output,
+            unencrypted,
+        } => {
             let config = AgentConfig::load(&config.config)?;
-            print_line(&commands::export(&config, &output).await?)
+            print_line(&commands::export(&config, &output, unencrypted).await?)
         }
         Command::Check(args) => {
             let config = AgentConfig::load(&args.config)?;

@@ -83,6 +83,9 @@ pub struct EnrolledCredential {
     pub enterprise: String,
     pub server_id: Uuid,
     pub enrolled_at: OffsetDateTime,
+    /// The enterprise's usage-file public key (`age1…`) the aggregator gave at enrollment; `export` encrypts to it
+    /// unless `export.recipient` is set. `None` from aggregators without one (or files written before it existed).
+    pub usage_file_recipient: Option<String>,
 }
 
 /// `credential.json` on disk. Private: [`Secret`] deliberately has no `Serialize`.
@@ -93,6 +96,8 @@ struct CredentialFile {
     server_id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
     enrolled_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage_file_recipient: Option<String>,
 }
 
 /// The outcome of the last delivery attempt that ended (committed, or refused for good).
@@ -293,6 +298,7 @@ impl StateDir {
             enterprise: file.enterprise,
             server_id: file.server_id,
             enrolled_at: file.enrolled_at,
+            usage_file_recipient: file.usage_file_recipient,
         }))
     }
 
@@ -303,6 +309,7 @@ impl StateDir {
             enterprise: credential.enterprise.clone(),
             server_id: credential.server_id,
             enrolled_at: credential.enrolled_at,
+            usage_file_recipient: credential.usage_file_recipient.clone(),
         };
         write_json(
             &self.credential_path(),
@@ -795,11 +802,13 @@ mod tests {
             enterprise: "acme".into(),
             server_id: Uuid::from_u128(7),
             enrolled_at: OffsetDateTime::UNIX_EPOCH,
+            usage_file_recipient: Some("age1example".into()),
         };
         state.store_credential(&credential).expect("store");
         let loaded = state.load_credential().expect("load").expect("present");
         assert_eq!(loaded.credential.expose_secret(), "lsi_top_secret");
         assert!(!format!("{loaded:?}").contains("top_secret"));
+        assert_eq!(loaded.usage_file_recipient.as_deref(), Some("age1example"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

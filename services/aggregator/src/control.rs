@@ -173,10 +173,24 @@ impl Enrollment for EnrollmentService {
             hostname = %instance.hostname,
             "instance enrolled with an enrollment token; any earlier credential of it no longer works"
         );
+        // Read after the enrollment committed: a key lookup that fails must not leave a credential the agent never got.
+        let usage_file_recipient = match crate::usage_keys::current_public_key(
+            &self.app.store,
+            enterprise.id,
+        )
+        .await
+        {
+            Ok(key) => key.map(|key| key.public_key).unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(enterprise = %enterprise.slug, error = %error, "could not read the usage-file key for the enrollment answer");
+                String::new()
+            }
+        };
         Ok(Response::new(EnrollResponse {
             credential,
             enterprise: enterprise.slug,
             server_id: instance.server_id.to_string(),
+            usage_file_recipient,
         }))
     }
 

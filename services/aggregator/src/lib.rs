@@ -19,4 +19,5 @@ pub mod store;
 pub mod time_format;
 pub mod tls;
 pub mod tokens;
+pub mod usage_keys;
 pub mod view;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
 use license_sync_aggregator::store::{NewApiToken, TokenScope, TokenSelector};
-use license_sync_aggregator::{admin, enrollment, server, store};
+use license_sync_aggregator::{admin, enrollment, server, store, usage_keys};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -85,6 +85,13 @@ enum EnterpriseCommand {
         slug: String,
         #[arg(long)]
         seats: i64,
+    },
+    /// Make a new usage-file key pair (age X25519) for the enterprise and print its public key (`age1…`), which
+    /// agents encrypt exported usage files to. Earlier keys are kept: files encrypted to them still upload.
+    Keygen {
+        /// The enterprise's slug.
+        #[arg(long)]
+        enterprise: String,
     },
 }
 
@@ -261,6 +268,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .set_seats_purchased(enterprise.id, seats)
                 .await
                 .map_err(ServiceError::from)?;
+        }
+        Command::Enterprise(EnterpriseCommand::Keygen { enterprise }) => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let key = usage_keys::generate(&store, &enterprise).await?;
+            eprintln!(
+                "usage-file public key of {} (agents get it at enrollment, or set it as `export.recipient`; earlier \
+                 keys still decrypt the files made with them):",
+                enterprise.slug
+            );
+            print_line(&key.public_key)?;
         }
         Command::Token(TokenCommand::Create {
             enterprise,

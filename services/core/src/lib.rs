@@ -7,6 +7,7 @@
 //! - [`email`]: the email normalisation every match uses.
 //! - [`all_users_csv`]: tolerant reader of GHES's `all_users.csv` site-admin report.
 //! - [`snapshot`]: a full snapshot of one instance, its digest, validation and the usage-file format.
+//! - [`encrypted_usage_file`]: the usage file encrypted with age to an enterprise's public key.
 //! - [`merge`]: the unique-user engine that turns accounts into people (SPEC §3–4).
 //! - [`incremental`]: the same merge kept up to date one instance snapshot at a time.
 
@@ -14,6 +15,7 @@ pub mod accounts;
 pub mod all_users_csv;
 pub mod cloud;
 pub mod email;
+pub mod encrypted_usage_file;
 pub mod incremental;
 pub mod members;
 pub mod merge;

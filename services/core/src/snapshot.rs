@@ -459,21 +459,56 @@ impl UsageFile {
     /// not JSON, or JSON of another kind, is told as such rather than by the first field it lacks.
     pub fn from_json(json: &[u8]) -> Result<Self, UsageFileParseError> {
         match serde_json::from_slice::<UsageFile>(json) {
-            Ok(file) if file.format == Self::FORMAT => Ok(file),
-            Ok(file) => Err(UsageFileParseError::unsupported(file.format)),
-            Err(error) => {
-                let mut body = serde_json::Deserializer::from_slice(json);
-                let format = serde::de::DeserializeSeed::deserialize(FormatOf::Body, &mut body)
-                    .and_then(|format| body.end().map(|()| format));
-                Err(match format {
-                    Err(not_json) => UsageFileParseError::Json(not_json),
-                    Ok(None) => UsageFileParseError::NoFormat,
-                    Ok(Some(format)) if format != Self::FORMAT => {
-                        UsageFileParseError::unsupported(format)
-                    }
-                    Ok(Some(_)) => UsageFileParseError::Json(error),
-                })
-            }
+            Ok(file) => file.checked_format(),
+            Err(error) => Err(Self::refusal(
+                error,
+                Some(serde_json::Deserializer::from_slice(json)),
+            )),
+        }
+    }
+
+    /// [`UsageFile::from_json`] over a reader (the plaintext of an encrypted file): one pass into the struct, and
+    /// only when that fails a second pass over `reread()` (the same bytes again) for the `format`. An I/O error of
+    /// the reader is a [`UsageFileParseError::Json`] whose `is_io()` is true.
+    pub fn from_reader<R: std::io::Read>(
+        reader: R,
+        reread: impl FnOnce() -> Option<R>,
+    ) -> Result<Self, UsageFileParseError> {
+        match serde_json::from_reader::<_, UsageFile>(reader) {
+            Ok(file) => file.checked_format(),
+            Err(error) if error.is_io() => Err(UsageFileParseError::Json(error)),
+            Err(error) => Err(Self::refusal(
+                error,
+                reread().map(serde_json::Deserializer::from_reader),
+            )),
+        }
+    }
+
+    fn checked_format(self) -> Result<Self, UsageFileParseError> {
+        if self.format == Self::FORMAT {
+            Ok(self)
+        } else {
+            Err(UsageFileParseError::unsupported(self.format))
+        }
+    }
+
+    /// Why a body that did not parse as a usage file is not one: not JSON, JSON without a `format`, another
+    /// format, or (the format being ours) the first error of the struct parse. `body` reads the same bytes again,
+    /// building nothing but the format.
+    fn refusal<'de, R: serde_json::de::Read<'de>>(
+        error: serde_json::Error,
+        body: Option<serde_json::Deserializer<R>>,
+    ) -> UsageFileParseError {
+        let Some(mut body) = body else {
+            return UsageFileParseError::Json(error);
+        };
+        let format = serde::de::DeserializeSeed::deserialize(FormatOf::Body, &mut body)
+            .and_then(|format| body.end().map(|()| format));
+        match format {
+            Err(not_json) => UsageFileParseError::Json(not_json),
+            Ok(None) => UsageFileParseError::NoFormat,
+            Ok(Some(format)) if format != Self::FORMAT => UsageFileParseError::unsupported(format),
+            Ok(Some(_)) => UsageFileParseError::Json(error),
         }
     }
 

@@ -1,6 +1,6 @@
-//! The peak heap of parsing a members import and a usage file, against the body's size (issue 11, item 9): each
-//! must stay within 2× the body. A binary of its own because its global allocator (the `cap` crate's counting
-//! allocator around the system one) counts every thread of the process: sharing it with other tests would count
+//! The peak heap of parsing a members import and a usage file (plain or encrypted), against the body's size (issue
+//! 11, item 9): each must stay within 2× the body. A binary of its own because its global allocator (the `cap` crate's
+//! counting allocator around the system one) counts every thread of the process: sharing it with other tests would count
 //! their bytes too. Bytes are counted exactly, so the bound does not depend on the machine or on time.
 //!
 //! The peak is the allocator's high-water mark, which cannot be reset: each case builds its body first with an
@@ -92,6 +92,44 @@ fn json_body<T: Serialize>(head: &str, count: usize, item: fn(usize) -> T, tail:
 
 /// A usage file of `users` users, as `license-sync-agent export` writes it.
 fn usage_body(users: usize) -> Vec<u8> {
+    let (head, tail) = usage_head_and_tail(users);
+    json_body(&head, users, user, tail)
+}
+
+/// The same usage file encrypted to `key`, streamed user by user into a buffer sized for the ciphertext, so that
+/// building it never holds the plaintext (age adds a header and 16 bytes per 64 KiB chunk).
+fn encrypted_usage_body(users: usize, key: &age::x25519::Recipient) -> Vec<u8> {
+    use std::io::Write as _;
+    let (head, tail) = usage_head_and_tail(users);
+    let mut plaintext_length = head.len() + tail.len() + users.saturating_sub(1);
+    let mut scratch = Vec::new();
+    for index in 0..users {
+        scratch.clear();
+        serde_json::to_writer(&mut scratch, &user(index)).expect("serialize");
+        plaintext_length += scratch.len();
+    }
+    drop(scratch);
+    let capacity = plaintext_length + 16 * (plaintext_length / 65_536 + 1) + 1024;
+    let encryptor =
+        age::Encryptor::with_recipients(std::iter::once(key as &dyn age::Recipient)).expect("key");
+    let mut writer = encryptor
+        .wrap_output(Vec::with_capacity(capacity))
+        .expect("encrypt");
+    writer.write_all(head.as_bytes()).expect("write");
+    for index in 0..users {
+        if index > 0 {
+            writer.write_all(b",").expect("write");
+        }
+        serde_json::to_writer(&mut writer, &user(index)).expect("serialize");
+    }
+    writer.write_all(tail.as_bytes()).expect("write");
+    let body = writer.finish().expect("finish");
+    assert!(body.len() <= capacity, "the ciphertext was sized ahead");
+    body
+}
+
+/// The usage file's JSON before and after its users.
+fn usage_head_and_tail(users: usize) -> (String, &'static str) {
     let mut digest = SnapshotDigest::default();
     for index in 0..users {
         digest.update(&user(index));
@@ -116,7 +154,7 @@ fn usage_body(users: usize) -> Vec<u8> {
     let head = header
         .strip_suffix("[]}")
         .expect("the users are the usage file's last field");
-    json_body(&format!("{head}["), users, user, "]}")
+    (format!("{head}["), "]}")
 }
 
 /// The members body before issue 11: an untagged enum, which buffers the whole body before trying each shape.
@@ -136,7 +174,7 @@ fn usage_file_parsed_twice(body: &[u8]) -> UsageFile {
 }
 
 /// The heap the parse of `body` holds at its peak, over the body's size; `parse` returns how many rows it read.
-fn peak_over_body(case: &str, body: Vec<u8>, rows: usize, parse: fn(&[u8]) -> usize) -> f64 {
+fn peak_over_body(case: &str, body: Vec<u8>, rows: usize, parse: impl Fn(&[u8]) -> usize) -> f64 {
     let before = ALLOCATOR.allocated();
     let high_water_before = ALLOCATOR.max_allocated();
     assert_eq!(parse(&body), rows, "{case}: every row parsed");
@@ -166,8 +204,23 @@ fn json_bodies_are_parsed_within_twice_their_size() {
             .0
             .len()
     };
+    let key = age::x25519::Identity::generate();
+    let keys = [key.clone()];
+    // 10 % more users than the plain case, so that its peak (ciphertext plus the parsed users) is the next high.
+    let encrypted_users = USERS * 11 / 10;
     let after = [
         peak_over_body("usage file", usage_body(USERS), USERS, parse_usage),
+        peak_over_body(
+            "usage file, encrypted",
+            encrypted_usage_body(encrypted_users, &key.to_public()),
+            encrypted_users,
+            |body: &[u8]| {
+                license_sync_core::encrypted_usage_file::read_encrypted(body, &keys)
+                    .expect("decrypts")
+                    .users
+                    .len()
+            },
+        ),
         peak_over_body(
             "members, an array",
             json_body("[", MEMBERS, member, "]"),

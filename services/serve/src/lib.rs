@@ -332,3 +332,88 @@ pub async fn accept(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream
         }
     }
 }
+
+/// What the servers' tests need to watch a connection being closed (feature `test-support`), shared by the
+/// aggregator's and the agent's tests so that both hold their ports to the same checks.
+#[cfg(feature = "test-support")]
+pub mod testing {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    /// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it
+    /// was still open after `within`.
+    pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buffer = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at((started + within).into(), stream.read(&mut buffer)).await
+            {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Opens `idle` connections that send nothing, waits for the server to take them, then opens `late` more:
+    /// the clients of a cap test. Returns both sets (dropping them closes them).
+    pub async fn idle_then_late(
+        address: std::net::SocketAddr,
+        idle: usize,
+        late: usize,
+    ) -> (Vec<TcpStream>, Vec<TcpStream>) {
+        let mut first = Vec::new();
+        for _ in 0..idle {
+            first.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        // An accept of a silent socket shows nothing outside the server: give it time to take the first ones.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut then = Vec::new();
+        for _ in 0..late {
+            then.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        (first, then)
+    }
+
+    /// How many of `streams` the server closes within 500 ms each.
+    pub async fn count_closed(streams: &mut [TcpStream]) -> usize {
+        let mut closed = 0;
+        for stream in streams {
+            if closed_within(stream, Duration::from_millis(500))
+                .await
+                .is_some()
+            {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// A slowloris client: sends a request line, then one header line every 100 ms and never the blank line
+    /// that ends them. Returns how long the server took to cut it, or `None` if it still had not after 10 s.
+    pub async fn slowloris(stream: &mut TcpStream) -> Option<Duration> {
+        if stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .is_err()
+        {
+            return Some(Duration::ZERO);
+        }
+        let started = Instant::now();
+        for line in 0..100 {
+            if stream
+                .write_all(format!("X-Slow-{line}: still coming\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return Some(started.elapsed());
+            }
+            if let Some(after) = closed_within(stream, Duration::from_millis(100)).await {
+                return Some(started.elapsed().max(after));
+            }
+        }
+        None
+    }
+}

@@ -347,6 +347,7 @@ fn no_email_address_or_secret_reaches_any_log() {
                 &configs[1],
                 "--output",
                 usage_file.to_str().expect("utf-8"),
+                "--unencrypted",
             ],
             &env,
         )

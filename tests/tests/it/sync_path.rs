@@ -492,6 +492,7 @@ fn resync_replaces_upload_adds_and_older_or_foreign_snapshots_change_nothing() {
         c.config.to_str().expect("utf-8"),
         "--output",
         old_export.to_str().expect("utf-8"),
+        "--unencrypted",
     ])
     .expect("export");
     assert_eq!(summary["users"], 2, "{summary}");
@@ -551,6 +552,7 @@ fn resync_replaces_upload_adds_and_older_or_foreign_snapshots_change_nothing() {
         d.config.to_str().expect("utf-8"),
         "--output",
         export.to_str().expect("utf-8"),
+        "--unencrypted",
     ])
     .expect("export");
     // An upload does not create its instance: refused until an owner adds it, and nothing is counted.

@@ -8,8 +8,8 @@ use figment::providers::{Env, Format as _, Toml};
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    AgentConfig, AggregatorConfig, ConfigError, ConfigProblem, FileSourceConfig, GhesSourceConfig,
-    InstanceConfig, SidecarConfig, SourceConfig,
+    AgentConfig, AggregatorConfig, ConfigError, ConfigProblem, ExportConfig, FileSourceConfig,
+    GhesSourceConfig, InstanceConfig, SidecarConfig, SourceConfig,
 };
 
 /// Prefix of the environment variables that override the file.
@@ -81,8 +81,13 @@ impl AgentConfig {
         } else {
             Some(None)
         };
-        match (instance, source, aggregator, agent) {
-            (Some(instance), Some(source), Some(aggregator), Some(agent))
+        let export = if top.contains_key("export") {
+            extract_section::<ExportConfig>(figment, "export", &mut problems).map(Some)
+        } else {
+            Some(None)
+        };
+        match (instance, source, aggregator, agent, export) {
+            (Some(instance), Some(source), Some(aggregator), Some(agent), Some(export))
                 if problems.is_empty() =>
             {
                 let mut config = AgentConfig {
@@ -90,6 +95,7 @@ impl AgentConfig {
                     source,
                     aggregator,
                     agent,
+                    export,
                 };
                 config.resolve_relative_paths(figment);
                 Ok(config)
@@ -147,7 +153,7 @@ impl AgentConfig {
     }
 }
 
-const SECTIONS: [&str; 4] = ["instance", "source", "aggregator", "agent"];
+const SECTIONS: [&str; 5] = ["instance", "source", "aggregator", "agent", "export"];
 
 fn extract_section<T: serde::de::DeserializeOwned>(
     figment: &Figment,

@@ -17,6 +17,9 @@
 //! [agent]                             # the long-running sidecar (`run`) and its local API
 //! state_dir = "/var/lib/license-sync-agent"
 //! owner_token_file = "/run/secrets/license-sync-owner-token"
+//!
+//! [export]                            # optional: the key `export` encrypts to (else the one from enrollment)
+//! recipient = "age1…"
 //! ```
 //!
 //! **Which instance credential is used.** When `[agent]` is configured and its state directory holds an enrolled
@@ -43,7 +46,7 @@ mod validate;
 pub use load::{ENV_PREFIX, env_var_for};
 pub use secrets::Secret;
 pub use types::{
-    AgentConfig, AggregatorConfig, FileSourceConfig, GhesSourceConfig, InstanceConfig,
-    SidecarConfig, SourceConfig,
+    AgentConfig, AggregatorConfig, ExportConfig, FileSourceConfig, GhesSourceConfig,
+    InstanceConfig, SidecarConfig, SourceConfig,
 };
 pub use validate::{ConfigError, ConfigProblem, MAX_BATCH_SIZE, MIN_OWNER_TOKEN_CHARS};

@@ -28,6 +28,19 @@ pub struct AgentConfig {
     /// The long-running sidecar (`run`): state directory, local API, schedule and retries.
     #[serde(default)]
     pub agent: Option<SidecarConfig>,
+    /// `export`: the key the usage file is encrypted to.
+    #[serde(default)]
+    pub export: Option<ExportConfig>,
+}
+
+/// The `[export]` section (issue 11, encrypted usage files).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// The enterprise's usage-file public key (`age1…`, printed by `license-sync-aggregator enterprise keygen`).
+    /// Wins over the key the agent got at enrollment; needed for an air-gapped agent, which never enrolls.
+    #[serde(default, deserialize_with = "lenient_optional_string")]
+    pub recipient: Option<String>,
 }
 
 /// The `[agent]` section: how the long-running sidecar keeps its state, serves its local API, schedules syncs and
@@ -83,6 +96,25 @@ pub struct SidecarConfig {
         with = "secs"
     )]
     pub shutdown_grace: Duration,
+
+    // --- the local API's connection limits (issue 11), as the aggregator's REST port has them ---
+    /// Most connections the local API holds open; at the cap a new one takes the place of the longest-idle one.
+    #[serde(default = "defaults::api_max_connections")]
+    pub api_max_connections: usize,
+    /// A local API connection with no request in flight for this long is closed.
+    #[serde(
+        rename = "api_idle_timeout_secs",
+        default = "defaults::api_idle_timeout",
+        with = "secs"
+    )]
+    pub api_idle_timeout: Duration,
+    /// HTTP/1 request headers must arrive within this time (slowloris).
+    #[serde(
+        rename = "api_header_read_timeout_ms",
+        default = "defaults::api_header_read_timeout",
+        with = "millis"
+    )]
+    pub api_header_read_timeout: Duration,
 }
 
 /// Who the GHES instance is.
@@ -254,6 +286,16 @@ mod defaults {
     }
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(20)
+    }
+    /// The local API serves a few operators and probes: 64 sockets is plenty and far below any file limit.
+    pub fn api_max_connections() -> usize {
+        64
+    }
+    pub fn api_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn api_header_read_timeout() -> Duration {
+        Duration::from_millis(10_000)
     }
 }
 

@@ -95,6 +95,12 @@ impl AgentConfig {
         if let Some(agent) = &self.agent {
             agent.validate(&mut problems);
         }
+        if let Some(recipient) = self.export.as_ref().and_then(|e| e.recipient.as_deref())
+            && let Err(message) =
+                license_sync_core::encrypted_usage_file::parse_recipient(recipient)
+        {
+            problems.add("export.recipient", message);
+        }
         problems.into_result()
     }
 }
@@ -363,6 +369,33 @@ impl SidecarConfig {
             ("agent.retry_initial_ms", self.retry_initial),
             ("agent.retry_max_ms", self.retry_max),
         );
+        if !(1..=4096).contains(&self.api_max_connections) {
+            problems.add(
+                "agent.api_max_connections",
+                format!(
+                    "= {} must be between 1 and 4096 (and below the process's open-file limit)",
+                    self.api_max_connections
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.api_idle_timeout.as_secs()) {
+            problems.add(
+                "agent.api_idle_timeout_secs",
+                format!(
+                    "= {} must be between 1 and 3600",
+                    self.api_idle_timeout.as_secs()
+                ),
+            );
+        }
+        if !(100..=300_000).contains(&self.api_header_read_timeout.as_millis()) {
+            problems.add(
+                "agent.api_header_read_timeout_ms",
+                format!(
+                    "= {} must be between 100 and 300000",
+                    self.api_header_read_timeout.as_millis()
+                ),
+            );
+        }
     }
 }
 

@@ -903,15 +903,13 @@ pub async fn start_with_clock(
     tasks.push((
         "api",
         tokio::spawn(async move {
+            let limits = api_limits(&api_sidecar.settings_config);
             let router = local_api_server::router(api_sidecar);
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = api_shutdown.wait_for(|stopping| *stopping).await;
-                })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(error = %error, "the local API stopped");
-            }
+            // The aggregator's serving loop and limits: idle and slowloris connections cannot pile up.
+            license_sync_serve::http::serve(listener, router, limits, async move {
+                let _ = api_shutdown.wait_for(|stopping| *stopping).await;
+            })
+            .await;
         }),
     ));
     tasks.push(("delivery", tokio::spawn(delivery::run(sidecar.clone()))));
@@ -934,6 +932,17 @@ pub async fn start_with_clock(
         local_addr,
         tasks,
     })
+}
+
+/// The local API's connection limits, from `[agent]`.
+fn api_limits(config: &SidecarConfig) -> license_sync_serve::http::HttpLimits {
+    license_sync_serve::http::HttpLimits {
+        connections: license_sync_serve::ConnectionLimits {
+            max_connections: config.api_max_connections,
+            idle_timeout: config.api_idle_timeout,
+        },
+        header_read_timeout: config.api_header_read_timeout,
+    }
 }
 
 /// Waits until `receiver`'s value satisfies `ready`, or forever when its sender is gone.

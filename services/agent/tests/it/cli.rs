@@ -84,7 +84,14 @@ fn export_writes_the_file_and_prints_its_summary() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_config(dir.path(), "");
     let output = agent(
-        &["export", "--config", "agent.toml", "--output", "usage.json"],
+        &[
+            "export",
+            "--config",
+            "agent.toml",
+            "--output",
+            "usage.json",
+            "--unencrypted",
+        ],
         dir.path(),
     );
     assert!(

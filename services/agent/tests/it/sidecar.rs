@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use futures::StreamExt as _;
-use license_sync_agent::config::{AggregatorConfig, Secret, SidecarConfig};
+use license_sync_agent::config::{AggregatorConfig, SidecarConfig};
 use license_sync_agent::sidecar::{self, RunningAgent};
 use license_sync_proto::v1::agent_control_server::{AgentControl, AgentControlServer};
 use license_sync_proto::v1::enrollment_server::{Enrollment, EnrollmentServer};
@@ -25,7 +25,6 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
-const OWNER: &str = "owner-token-0123456789abcdef";
 const ENROLLMENT_TOKEN: &str = "lse_test_enrollment_token";
 
 /// What the fake aggregator saw and how it behaves.
@@ -96,6 +95,7 @@ impl Enrollment for FakeService {
             credential,
             enterprise: "acme".into(),
             server_id: request.server_id,
+            usage_file_recipient: String::new(),
         }))
     }
 
@@ -306,20 +306,6 @@ struct Agent {
     http: reqwest::Client,
     state_dir: tempfile::TempDir,
     _data: tempfile::TempDir,
-}
-
-fn sidecar_config(state_dir: &std::path::Path) -> SidecarConfig {
-    SidecarConfig {
-        state_dir: state_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        owner_token: Some(Secret::new(OWNER)),
-        owner_token_file: None,
-        sync_interval: Duration::from_secs(3600),
-        sync_jitter: Duration::ZERO,
-        retry_initial: Duration::from_millis(50),
-        retry_max: Duration::from_millis(200),
-        shutdown_grace: Duration::from_secs(1),
-    }
 }
 
 impl Agent {
@@ -1054,5 +1040,91 @@ async fn a_job_whose_pending_snapshot_is_removed_by_hand_fails_instead_of_blocki
     agent
         .wait_job(&second, |job| job["state"] == "committed")
         .await;
+    agent.stop().await;
+}
+
+/// The local API's address, for raw sockets.
+fn api_addr(agent: &Agent) -> SocketAddr {
+    agent
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the API's address")
+}
+
+#[tokio::test]
+async fn the_local_api_closes_idle_and_slowloris_connections() {
+    use license_sync_serve::testing::{closed_within, slowloris};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let fake = FakeAggregator::start().await;
+    // The header-read timeout also runs between requests, so it is longer than the idle one here.
+    let agent = Agent::start_with(&fake, |config| {
+        config.api_idle_timeout = Duration::from_secs(1);
+        config.api_header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut kept_alive = tokio::net::TcpStream::connect(api_addr(&agent))
+        .await
+        .expect("connect");
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = vec![0u8; 1024];
+    let read = kept_alive.read(&mut answer).await.expect("answer");
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+    let closed = closed_within(&mut kept_alive, Duration::from_secs(10))
+        .await
+        .expect("the idle kept-alive connection is closed");
+    assert!(
+        closed >= Duration::from_millis(900),
+        "not before the idle timeout: {closed:?}"
+    );
+    agent.stop().await;
+
+    let agent = Agent::start_with(&fake, |config| {
+        config.api_idle_timeout = Duration::from_secs(60);
+        config.api_header_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(api_addr(&agent))
+        .await
+        .expect("connect");
+    let cut = slowloris(&mut slow)
+        .await
+        .expect("the slowloris client is cut");
+    assert!(
+        cut < Duration::from_secs(5),
+        "cut by the header-read timeout, not the idle one: {cut:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn at_its_connection_cap_the_local_api_makes_room_by_closing_idle_connections() {
+    use license_sync_serve::testing::{count_closed, idle_then_late};
+
+    let fake = FakeAggregator::start().await;
+    let agent = Agent::start_with(&fake, |config| {
+        config.api_max_connections = 3;
+        config.api_idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (mut idle, late) = idle_then_late(api_addr(&agent), 3, 3).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        reqwest::get(format!("{}/healthz", agent.base)),
+    )
+    .await
+    .expect("a request is answered while idle sockets fill the cap")
+    .expect("HTTP request");
+    assert_eq!(answer.status(), 200);
+    let closed = count_closed(&mut idle).await;
+    assert!(
+        closed >= 2,
+        "the oldest idle connections made room: {closed} of 3"
+    );
+    drop(late);
     agent.stop().await;
 }

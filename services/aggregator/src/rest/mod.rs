@@ -57,6 +57,10 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
             post(upload::upload_usage).layer(timeout_layer(upload_timeout)),
         ),
         (
+            "/enterprises/{enterprise}/usage-file-key",
+            get(upload::usage_file_key),
+        ),
+        (
             "/enterprises/{enterprise}/cloud-members",
             put(members::import_cloud_members).layer(timeout_layer(upload_timeout)),
         ),

@@ -270,6 +270,29 @@ pub enum AckOutcome {
     Unknown,
 }
 
+/// One of an enterprise's age key pairs for encrypted usage files (`license-sync-aggregator enterprise keygen`).
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageFileKey {
+    pub id: i64,
+    /// `age1…`: what agents encrypt to.
+    pub public_key: String,
+    /// `AGE-SECRET-KEY-1…`. Never logged, printed or sent (the `Debug` below leaves it out).
+    pub secret_key: String,
+    pub created_at_ms: i64,
+}
+
+impl std::fmt::Debug for UsageFileKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("UsageFileKey")
+            .field("id", &self.id)
+            .field("public_key", &self.public_key)
+            .field("secret_key", &"***")
+            .field("created_at_ms", &self.created_at_ms)
+            .finish()
+    }
+}
+
 /// A validated snapshot to store for an instance.
 pub struct SnapshotCommit<'a> {
     pub instance_id: i64,
@@ -581,6 +604,19 @@ pub trait Store: Send + Sync + 'static {
         server_id: Uuid,
         request_id: Uuid,
     ) -> StoreResult<Option<SyncRequest>>;
+
+    // --- encrypted usage files (issue 11) ---
+
+    /// Adds a key pair to the enterprise's usage-file keys; it becomes the newest. Earlier keys are kept.
+    async fn add_usage_file_key(
+        &self,
+        enterprise_id: i64,
+        public_key: &str,
+        secret_key: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<UsageFileKey>;
+    /// Every usage-file key of the enterprise, newest first.
+    async fn usage_file_keys(&self, enterprise_id: i64) -> StoreResult<Vec<UsageFileKey>>;
 }
 
 /// Opens the store named by the URL and applies pending migrations.

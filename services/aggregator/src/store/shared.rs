@@ -43,7 +43,7 @@ macro_rules! sql_store {
             use $crate::store::{
                 AckOutcome, AgentReport, ApiToken, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
                 Enterprise, NewApiToken, TOKEN_LAST_USE_RESOLUTION, TokenSelector, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
-                StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, WRITE_PROBE_BYTES, time_to_unix_ms,
+                StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, UsageFileKey, WRITE_PROBE_BYTES, time_to_unix_ms,
                 unix_ms_to_time,
             };
 
@@ -1094,6 +1094,38 @@ macro_rules! sql_store {
                     .fetch_optional(&self.pool)
                     .await?;
                     Ok(row.as_ref().map(sync_request_from_row).transpose()?)
+                }
+
+                async fn add_usage_file_key(
+                    &self,
+                    enterprise_id: i64,
+                    public_key: &str,
+                    secret_key: &str,
+                    now: OffsetDateTime,
+                ) -> StoreResult<UsageFileKey> {
+                    let _write = self.write_guard().await;
+                    let key = sqlx::query_as(
+                        "INSERT INTO usage_file_keys (enterprise_id, public_key, secret_key, created_at_ms) \
+                         VALUES ($1, $2, $3, $4) RETURNING id, public_key, secret_key, created_at_ms",
+                    )
+                    .bind(enterprise_id)
+                    .bind(public_key)
+                    .bind(secret_key)
+                    .bind(time_to_unix_ms(now))
+                    .fetch_one(&self.pool)
+                    .await?;
+                    Ok(key)
+                }
+
+                async fn usage_file_keys(&self, enterprise_id: i64) -> StoreResult<Vec<UsageFileKey>> {
+                    let keys = sqlx::query_as(
+                        "SELECT id, public_key, secret_key, created_at_ms FROM usage_file_keys \
+                         WHERE enterprise_id = $1 ORDER BY id DESC",
+                    )
+                    .bind(enterprise_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    Ok(keys)
                 }
             }
         }

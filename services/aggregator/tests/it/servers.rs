@@ -2,26 +2,14 @@
 //! the connection cap makes room for a new client by closing the longest-idle connections, the gRPC port closes a
 //! connection that opens no stream, and a bad date is a 422 rather than a panic.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::control::{Harness, PATIENCE};
+use license_sync_serve::testing::{closed_within, count_closed, idle_then_late, slowloris};
 
-/// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it was
-/// still open after `within`.
-pub(crate) async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let mut buffer = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buffer)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => continue,
-        }
-    }
-}
+use crate::control::{Harness, PATIENCE};
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
@@ -62,27 +50,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_after_the_header_read_t
     let mut stream = TcpStream::connect(harness.server().http_addr)
         .await
         .expect("connect");
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
-        .await
-        .expect("request line");
-    // A header line every 100 ms, never the blank line that ends them.
-    let started = Instant::now();
-    let mut cut = None;
-    for line in 0..100 {
-        if stream
-            .write_all(format!("X-Slow-{line}: still coming\r\n").as_bytes())
-            .await
-            .is_err()
-        {
-            cut = Some(started.elapsed());
-            break;
-        }
-        if let Some(after) = closed_within(&mut stream, Duration::from_millis(100)).await {
-            cut = Some(started.elapsed().max(after));
-            break;
-        }
-    }
+    let cut = slowloris(&mut stream).await;
     let cut = cut.expect("the slow client is cut");
     assert!(
         cut < Duration::from_secs(5),
@@ -99,16 +67,7 @@ async fn at_the_connection_cap_the_longest_idle_connections_make_room_for_a_new_
     })
     .await;
     let address = harness.server().http_addr;
-    let mut idle = Vec::new();
-    for _ in 0..4 {
-        idle.push(TcpStream::connect(address).await.expect("connect"));
-    }
-    // Let the server accept the first four before more arrive.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut late = Vec::new();
-    for _ in 0..3 {
-        late.push(TcpStream::connect(address).await.expect("connect"));
-    }
+    let (mut idle, late) = idle_then_late(address, 4, 3).await;
     let client = reqwest::Client::new();
     let answer = tokio::time::timeout(
         PATIENCE,
@@ -118,15 +77,7 @@ async fn at_the_connection_cap_the_longest_idle_connections_make_room_for_a_new_
     .expect("a normal request is answered while idle sockets fill the cap")
     .expect("HTTP request");
     assert_eq!(answer.status(), 200);
-    let mut closed = 0;
-    for stream in &mut idle {
-        if closed_within(stream, Duration::from_millis(500))
-            .await
-            .is_some()
-        {
-            closed += 1;
-        }
-    }
+    let closed = count_closed(&mut idle).await;
     assert!(
         closed >= 3,
         "the oldest idle connections were closed to make room: {closed} of 4"

@@ -1777,6 +1777,51 @@ pub async fn a_value_the_database_refuses_is_bad_input_not_busy(store: DynStore)
     }
 }
 
+pub async fn usage_file_keys_are_kept_newest_first_per_enterprise(store: DynStore) {
+    let now = OffsetDateTime::now_utc();
+    let acme = store
+        .create_enterprise("acme", "Acme", 10, now)
+        .await
+        .expect("create");
+    let globex = store
+        .create_enterprise("globex", "Globex", 10, now)
+        .await
+        .expect("create");
+    assert!(
+        store
+            .usage_file_keys(acme.id)
+            .await
+            .expect("keys")
+            .is_empty()
+    );
+    let first = store
+        .add_usage_file_key(acme.id, "age1first", "AGE-SECRET-KEY-1FIRST", now)
+        .await
+        .expect("add");
+    let second = store
+        .add_usage_file_key(acme.id, "age1second", "AGE-SECRET-KEY-1SECOND", now)
+        .await
+        .expect("add");
+    store
+        .add_usage_file_key(globex.id, "age1globex", "AGE-SECRET-KEY-1GLOBEX", now)
+        .await
+        .expect("add");
+    let keys = store.usage_file_keys(acme.id).await.expect("keys");
+    assert_eq!(
+        keys,
+        vec![second.clone(), first],
+        "every key kept, the newest first"
+    );
+    assert_eq!(keys[0].secret_key, "AGE-SECRET-KEY-1SECOND");
+    assert!(
+        !format!("{second:?}").contains("SECRET"),
+        "Debug hides the secret key"
+    );
+    let globex_keys = store.usage_file_keys(globex.id).await.expect("keys");
+    assert_eq!(globex_keys.len(), 1);
+    assert_eq!(globex_keys[0].public_key, "age1globex");
+}
+
 macro_rules! store_suite {
     ($backend:ident, $open:expr) => {
         mod $backend {
@@ -1816,6 +1861,7 @@ macro_rules! store_suite {
             case!(undelivered_sync_requests_expire);
             case!(merge_changes_name_only_what_changed_after_a_generation);
             case!(a_value_the_database_refuses_is_bad_input_not_busy);
+            case!(usage_file_keys_are_kept_newest_first_per_enterprise);
         }
     };
 }

@@ -20,7 +20,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use uuid::Uuid;
 
 use crate::control::PATIENCE;
-use crate::servers::closed_within;
+use license_sync_serve::testing::closed_within;
 
 /// An aggregator serving TLS from files in its own directory, with enterprise `acme`.
 struct TlsServer {

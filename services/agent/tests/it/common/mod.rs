@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use license_sync_agent::config::{
     AgentConfig, AggregatorConfig, FileSourceConfig, GhesSourceConfig, InstanceConfig, Secret,
-    SourceConfig,
+    SidecarConfig, SourceConfig,
 };
 use license_sync_ghes_sim::{SimConfig, SimHandle};
 use reqwest::Url;
@@ -14,6 +14,8 @@ use uuid::Uuid;
 
 pub const SERVER_ID: Uuid = Uuid::from_u128(0x6f1c8a38_5b2e_4a4f_9d44_8d4a4f1b6c01);
 pub const TOKEN: &str = "ghes-sim-token";
+/// The owner token of the sidecars the tests run.
+pub const OWNER: &str = "owner-token-0123456789abcdef";
 
 /// The fixture report: 5 data rows, one of which (line 5, id `abc`) is skipped.
 pub fn fixture_csv() -> PathBuf {
@@ -63,6 +65,7 @@ pub fn ghes_config(source: GhesSourceConfig) -> AgentConfig {
         source: SourceConfig::Ghes(source),
         aggregator: None,
         agent: None,
+        export: None,
     }
 }
 
@@ -72,6 +75,7 @@ pub fn file_config(path: PathBuf) -> AgentConfig {
         source: SourceConfig::File(FileSourceConfig { path }),
         aggregator: None,
         agent: None,
+        export: None,
     }
 }
 
@@ -85,5 +89,23 @@ pub fn aggregator_config(endpoint: &str, batch_size: usize) -> AggregatorConfig 
         client_key: None,
         batch_size,
         timeout: Duration::from_secs(10),
+    }
+}
+
+/// An `[agent]` section for tests: fast retries, no jitter, the local API on a free port.
+pub fn sidecar_config(state_dir: &std::path::Path) -> SidecarConfig {
+    SidecarConfig {
+        state_dir: state_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        owner_token: Some(Secret::new(OWNER)),
+        owner_token_file: None,
+        sync_interval: Duration::from_secs(3600),
+        sync_jitter: Duration::ZERO,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(1),
+        api_max_connections: 64,
+        api_idle_timeout: Duration::from_secs(60),
+        api_header_read_timeout: Duration::from_secs(10),
     }
 }
