@@ -36,7 +36,7 @@ impl World {
                 .expect("create enterprise");
         }
         let token = aggregator
-            .admin(&["token", "create", "--enterprise", "acme"])
+            .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
             .expect("token");
         let dir = aggregator.dir.path().to_path_buf();
         let server_id = uuid::Uuid::new_v4().to_string();
@@ -279,7 +279,7 @@ fn an_enrolled_agent_encrypts_to_the_key_it_got_at_enrollment() {
         .admin(&["enterprise", "create", "--slug", "acme", "--seats", "5"])
         .expect("create enterprise");
     let token = aggregator
-        .admin(&["token", "create", "--enterprise", "acme"])
+        .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
         .expect("token");
     let key = aggregator
         .admin(&["enterprise", "keygen", "--enterprise", "acme"])

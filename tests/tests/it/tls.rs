@@ -71,7 +71,7 @@ fn an_agent_syncs_over_mtls_with_its_instance_certificate_and_others_are_refused
     .expect("aggregator starts with TLS");
     let (server_id, credential) = enterprise_with_instance(&aggregator, "ghes.test");
     let token = aggregator
-        .admin(&["token", "create", "--enterprise", "acme"])
+        .admin(&["token", "create", "--enterprise", "acme", "--name", "owner"])
         .expect("token");
     let other_id = uuid::Uuid::new_v4().to_string();
     let port = aggregator.grpc_addr().expect("gRPC address").port();
