@@ -262,6 +262,10 @@ macro_rules! sql_store {
                 now: OffsetDateTime,
             ) -> StoreResult<Instance> {
                 let ghes_version = ghes_version.filter(|version| !version.is_empty());
+                // Enrollments are rare: always under the enterprise lock (a new instance takes its hostname too).
+                // Taken before the insert: the insert's foreign key holds a share lock on the enterprise row, and
+                // two enrollments each holding one while waiting for the other's to lock it deadlock on PostgreSQL.
+                $store::lock_enterprise(tx, enterprise_id).await?;
                 // Inserting first (or doing nothing) makes concurrent enrollments of one server id race on the
                 // unique key instead of both inserting.
                 sqlx::query(
@@ -288,8 +292,8 @@ macro_rules! sql_store {
                 }
                 let was_retired = existing.try_get::<Option<i64>, _>("retired_at")?.is_some();
                 let instance_id: i64 = existing.try_get("id")?;
-                // Enrollments are rare: always under the enterprise lock (a new instance takes its hostname too).
-                check_hostname_free(tx, enterprise_id, instance_id, hostname, true).await?;
+                // The enterprise lock is held already (above).
+                check_hostname_free(tx, enterprise_id, instance_id, hostname, false).await?;
                 sqlx::query(
                     "UPDATE instances SET credential_sha256 = $1, hostname = $2, \
                      ghes_version = COALESCE($3, ghes_version), retired_at = NULL WHERE server_id = $4",

@@ -654,6 +654,43 @@ fn snapshot_of(server_id: Uuid, hostname: &str, generated_at: i64) -> Snapshot {
     )
 }
 
+/// Enrollments of many new instances of one enterprise at once all land. On PostgreSQL each takes the enterprise row
+/// lock; taking it after the instance insert (whose foreign key holds a share lock on that row) deadlocked them.
+pub async fn concurrent_enrollments_of_one_enterprise_all_land(store: DynStore) {
+    let now = OffsetDateTime::now_utc();
+    let acme = store
+        .create_enterprise("acme", "Acme", 10, now)
+        .await
+        .expect("create");
+    let enrollments = (0..8).map(|index| {
+        let store = store.clone();
+        async move {
+            store
+                .enroll_instance(
+                    acme.id,
+                    Uuid::new_v4(),
+                    &format!("ghes-{index}"),
+                    &format!("credential-{index}"),
+                    now,
+                )
+                .await
+        }
+    });
+    for result in futures::future::join_all(enrollments).await {
+        result.expect("every concurrent enrollment lands");
+    }
+    for index in 0..8 {
+        assert!(
+            store
+                .instance_for_credential(&format!("credential-{index}"))
+                .await
+                .expect("lookup")
+                .is_some(),
+            "instance {index}"
+        );
+    }
+}
+
 pub async fn hostnames_are_unique_among_live_instances_of_an_enterprise(store: DynStore) {
     let now = OffsetDateTime::now_utc();
     let acme = store
@@ -1849,6 +1886,7 @@ macro_rules! store_suite {
             case!(failed_attempts_are_recorded_without_touching_users);
             case!(retired_instances_stop_counting);
             case!(hostnames_are_unique_among_live_instances_of_an_enterprise);
+            case!(concurrent_enrollments_of_one_enterprise_all_land);
             case!(cloud_members_are_replaced_whole);
             case!(usage_history_keeps_the_latest_count_and_the_daily_maximum);
             case!(enrollment_tokens_are_single_use);
