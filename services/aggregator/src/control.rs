@@ -32,7 +32,7 @@ use crate::tls;
 // Re-exported where callers (the control tests) have always found it; `enrollment` does not import `control`.
 pub use crate::enrollment::issue_enrollment_token;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
-use crate::ingest::bearer_credential;
+use crate::ingest::Caller;
 use crate::metrics::AuthSurface;
 use crate::store::{AckOutcome, AgentReport, Instance, StoreError, SyncAckRecord};
 use crate::tokens;
@@ -198,16 +198,7 @@ impl Enrollment for EnrollmentService {
         &self,
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
-        let credential = bearer_credential(&request)?;
-        let client = crate::auth_limit::grpc_client_address(&request);
-        let instance = self
-            .app
-            .authenticate_instance(
-                &credential,
-                tls::client_certificates(&request).as_deref(),
-                client,
-            )
-            .await?;
+        let instance = Caller::of(&request)?.authenticate(&self.app).await?;
         let enterprise = self
             .app
             .store
@@ -252,20 +243,12 @@ impl AgentControl for ControlService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
-        let credential = bearer_credential(&request)?;
-        let client = crate::auth_limit::grpc_client_address(&request);
-        let instance = self
-            .app
-            .authenticate_instance(
-                &credential,
-                tls::client_certificates(&request).as_deref(),
-                client,
-            )
-            .await?;
+        let caller = Caller::of(&request)?;
+        let instance = caller.authenticate(&self.app).await?;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session {
             app: Arc::clone(&self.app),
-            credential_sha256: tokens::sha256_hex(&credential),
+            credential_sha256: tokens::sha256_hex(caller.credential()),
             instance,
             session_id: Uuid::now_v7(),
             outbound,

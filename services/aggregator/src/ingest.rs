@@ -178,7 +178,7 @@ impl http_body::Body for CutWatchingBody {
 }
 
 /// The credential from `authorization: Bearer <credential>` metadata.
-pub(crate) fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String> {
+fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String> {
     let value = request
         .metadata()
         .get("authorization")
@@ -198,6 +198,34 @@ pub(crate) fn bearer_credential<T>(request: &Request<T>) -> ServiceResult<String
             )
         })?;
     Ok(credential.trim().to_owned())
+}
+
+/// Who a credential-bearing call says it is: its credential, its client certificate (mTLS) and its address (for the
+/// failed-authentication limit). Read from the request before any await, since a request's body need not be `Sync`.
+pub(crate) struct Caller {
+    credential: String,
+    certificates: Option<Arc<[rustls_pki_types::CertificateDer<'static>]>>,
+    client: Option<std::net::IpAddr>,
+}
+
+impl Caller {
+    pub(crate) fn of<T>(request: &Request<T>) -> ServiceResult<Caller> {
+        Ok(Caller {
+            credential: bearer_credential(request)?,
+            certificates: tls::client_certificates(request),
+            client: crate::auth_limit::grpc_client_address(request),
+        })
+    }
+
+    pub(crate) fn credential(&self) -> &str {
+        &self.credential
+    }
+
+    /// The instance of the caller's credential: the one check of every call an agent makes with it.
+    pub(crate) async fn authenticate(&self, app: &App) -> ServiceResult<Instance> {
+        app.authenticate_instance(&self.credential, self.certificates.as_deref(), self.client)
+            .await
+    }
 }
 
 #[tonic::async_trait]
@@ -242,16 +270,7 @@ impl IngestService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> ServiceResult<crate::app::Receipt> {
-        let credential = bearer_credential(&request)?;
-        let client = crate::auth_limit::grpc_client_address(&request);
-        let instance = self
-            .app
-            .authenticate_instance(
-                &credential,
-                tls::client_certificates(&request).as_deref(),
-                client,
-            )
-            .await?;
+        let instance = Caller::of(&request)?.authenticate(&self.app).await?;
         let span = tracing::Span::current();
         span.record("enterprise_id", instance.enterprise_id);
         span.record("server_id", tracing::field::display(instance.server_id));
