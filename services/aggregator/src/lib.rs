@@ -12,6 +12,7 @@ pub mod enrollment;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod report;
 pub mod rest;
 pub mod scrape;
 pub mod server;

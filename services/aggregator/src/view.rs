@@ -30,6 +30,17 @@ pub struct MergedView {
     pub people: PeopleIndex,
 }
 
+impl MergedView {
+    /// An enterprise's view read whole from the store, as a server builds it on its first read, but without the
+    /// server's cache and its usage-history row: for the command line.
+    pub async fn load(store: &DynStore, enterprise_id: i64) -> ServiceResult<MergedView> {
+        let changes = store.load_merge_changes(enterprise_id, None).await?;
+        let mut view = None;
+        apply_changes(&mut view, changes);
+        view.ok_or_else(|| ServiceError::internal("merging accounts", "no view after a load"))
+    }
+}
+
 /// The users of a snapshot this process just committed, to apply to the view without reading them back.
 pub struct Committed {
     pub generation: i64,
@@ -335,6 +346,16 @@ impl Views {
             *cached = Some((view.generation, Arc::clone(&duplicates)));
         }
         duplicates
+    }
+
+    /// The enterprise's view as it is now, without asking the store whether it is current (brought up to date when
+    /// there is none): for the later parts of a long read that began with [`Self::merged_view`].
+    pub async fn view_as_is(&self, enterprise_id: i64) -> ServiceResult<ViewGuard> {
+        let slot = self.view_slot(enterprise_id)?;
+        if let Some(view) = current_view(&slot, i64::MIN).await {
+            return Ok(view);
+        }
+        self.merged_view(enterprise_id).await
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

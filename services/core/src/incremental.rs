@@ -20,8 +20,8 @@ use crate::cloud::{CloudDirectory, CloudIndex, CloudMembers};
 use crate::email::{EmailKey, email_key, normalize_email};
 use crate::merge::{
     AccountRef, Draft, InstanceUsers, LikelyDuplicate, MatchRule, MergeStats, Person, PersonId,
-    ServerLink, ServerLinks, Ties, compare_people, find_likely_duplicates, finish_person,
-    person_id,
+    ServerLink, ServerLinks, Ties, compare_logins, compare_people, find_likely_duplicates,
+    finish_person, person_id, person_login,
 };
 
 /// The caller's stable key for an instance (the store's instance id).
@@ -64,6 +64,14 @@ pub struct PeopleIndex {
     /// Person slots that consume a license, sorted by (login, id) as GitHub pages them.
     consuming: Vec<u32>,
     stats: MergeStats,
+}
+
+/// Where a walk of the consuming people in their order stands: the sort key (login, id) of the last person it
+/// passed. Owned, so that it outlives the view it was taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumingCursor {
+    login: String,
+    id: String,
 }
 
 /// A growable array in fixed-size chunks. At a million people a `Vec<Person>` is tens of megabytes, and growing it
@@ -338,6 +346,30 @@ impl PeopleIndex {
     /// License-consuming people that share a login or a display name. Computed on demand: it is a report.
     pub fn likely_duplicates(&self) -> Vec<LikelyDuplicate> {
         find_likely_duplicates(&self.people, &self.consuming, &self.instances, &self.cloud)
+    }
+
+    /// The sort key of a person, to resume a walk of [`Self::consuming`] after it with [`Self::consuming_after`].
+    pub fn consuming_cursor(&self, person: &Person) -> ConsumingCursor {
+        ConsumingCursor {
+            login: person_login(person, &self.instances, &self.cloud).to_owned(),
+            id: self.person_id(person).to_string(),
+        }
+    }
+
+    /// The position in [`Self::consuming`] of the first person that sorts after `cursor`. A walk that resumes
+    /// here neither repeats nor skips anyone present both before and after a change of the people in between
+    /// (positions do not survive a change: a person added or removed ahead of the walk shifts them).
+    pub fn consuming_after(&self, cursor: &ConsumingCursor) -> usize {
+        self.consuming.partition_point(|&slot| {
+            let person = &self.people[slot as usize];
+            let order = compare_logins(
+                person_login(person, &self.instances, &self.cloud),
+                &cursor.login,
+            )
+            // The same text order as `PersonId::cmp_as_text`, which `compare_people` breaks ties with.
+            .then_with(|| self.person_id(person).to_string().cmp(&cursor.id));
+            order != Ordering::Greater
+        })
     }
 
     fn instance_slot(&mut self, key: InstanceKey) -> u32 {
@@ -921,6 +953,52 @@ mod tests {
                 .person_by_id("server:c:5")
                 .map(|p| p.server_accounts.len()),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn a_walk_resumed_after_its_cursor_neither_repeats_nor_skips_people_across_a_change() {
+        let user = |id: i64, login: &str| ServerUser {
+            id,
+            login: login.to_owned(),
+            email: format!("user{id}@example.com"),
+            role: UserRole::User,
+            suspended: false,
+            dormant: false,
+            created_at: None,
+            last_active: None,
+            two_factor_enabled: None,
+        };
+        let instance = |key: i64, users: &[ServerUser]| InstanceChange::Upsert {
+            key,
+            hostname: format!("ghes-{key}"),
+            users: Accounts::from_users(users).expect("a small table"),
+        };
+        let ids = |index: &PeopleIndex, slots: &[u32]| -> Vec<String> {
+            slots
+                .iter()
+                .filter_map(|&slot| index.person(slot))
+                .map(|person| index.person_id(person).to_string())
+                .collect()
+        };
+        let mut index = PeopleIndex::new(CloudDirectory::default());
+        // Two people share the login `dup`: the id breaks the tie.
+        index.apply([
+            instance(1, &[user(1, "b"), user(2, "dup"), user(3, "f")]),
+            instance(2, &[user(4, "dup"), user(5, "h")]),
+        ]);
+        let first = index.consuming()[..2].to_vec();
+        assert_eq!(ids(&index, &first), ["server:ghes-1:1", "server:ghes-1:2"]);
+        let person = index.person(first[1]).expect("live");
+        let cursor = index.consuming_cursor(person);
+        // Someone sorting before the cursor arrives and someone after it leaves: positions shift, the key holds.
+        index.apply([instance(2, &[user(4, "dup")]), instance(3, &[user(6, "a")])]);
+        let rest = index.consuming()[index.consuming_after(&cursor)..].to_vec();
+        assert_eq!(ids(&index, &rest), ["server:ghes-2:4", "server:ghes-1:3"]);
+        let last = index.person(*rest.last().expect("one")).expect("live");
+        assert_eq!(
+            index.consuming_after(&index.consuming_cursor(last)),
+            index.consuming().len()
         );
     }
 }

@@ -1,5 +1,6 @@
 //! `GET /enterprises/{enterprise}/consumed-licenses`: GitHub's "consumed licenses", paginated, each page serialised
-//! once per view generation.
+//! once per view generation; and `GET /enterprises/{enterprise}/consumed-licenses.csv`, the same people as GitHub's
+//! CSV license report ([`crate::report`]).
 
 use std::sync::Arc;
 
@@ -63,6 +64,14 @@ pub(super) async fn consumed_licenses(
         last_page,
     );
     Ok(response)
+}
+
+/// The whole report as CSV, streamed.
+pub(super) async fn consumed_licenses_csv(
+    State(app): State<Arc<App>>,
+    AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+) -> ServiceResult<Response> {
+    crate::report::consumed_licenses_csv(&app, &enterprise).await
 }
 
 /// One `consumed-licenses` page as JSON.

@@ -28,7 +28,7 @@ mod history;
 mod instances;
 mod licenses;
 mod members;
-mod page_json;
+pub(crate) mod page_json;
 mod status;
 mod upload;
 
@@ -47,6 +47,10 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
         (
             "/enterprises/{enterprise}/consumed-licenses",
             get(licenses::consumed_licenses),
+        ),
+        (
+            "/enterprises/{enterprise}/consumed-licenses.csv",
+            get(licenses::consumed_licenses_csv),
         ),
         (
             "/enterprises/{enterprise}/license-sync-status",

@@ -15,35 +15,35 @@ use crate::view::MergedView;
 /// One entry of `users` in GitHub's "Enterprise Consumed Licenses" schema. Borrows from the merged view: a page is
 /// serialised straight from it, without copying every string first.
 #[derive(Debug, Serialize)]
-pub(super) struct ConsumedUser<'a> {
-    github_com_login: &'a str,
-    github_com_name: Option<&'a str>,
-    enterprise_server_user_ids: ServerUserIds<'a>,
-    github_com_user: bool,
-    enterprise_server_user: Option<bool>,
-    visual_studio_subscription_user: bool,
-    license_type: &'static str,
-    github_com_profile: Option<Profile<'a>>,
-    github_com_member_roles: Strings<'a>,
-    github_com_enterprise_roles: Strings<'a>,
-    github_com_verified_domain_emails: Strings<'a>,
-    github_com_saml_name_id: Option<&'a str>,
-    github_com_orgs_with_pending_invites: Strings<'a>,
-    github_com_two_factor_auth: Option<bool>,
-    enterprise_server_emails: &'a [&'a str],
+pub(crate) struct ConsumedUser<'a> {
+    pub(crate) github_com_login: &'a str,
+    pub(crate) github_com_name: Option<&'a str>,
+    pub(crate) enterprise_server_user_ids: ServerUserIds<'a>,
+    pub(crate) github_com_user: bool,
+    pub(crate) enterprise_server_user: Option<bool>,
+    pub(crate) visual_studio_subscription_user: bool,
+    pub(crate) license_type: &'static str,
+    pub(crate) github_com_profile: Option<Profile<'a>>,
+    pub(crate) github_com_member_roles: Strings<'a>,
+    pub(crate) github_com_enterprise_roles: Strings<'a>,
+    pub(crate) github_com_verified_domain_emails: Strings<'a>,
+    pub(crate) github_com_saml_name_id: Option<&'a str>,
+    pub(crate) github_com_orgs_with_pending_invites: Strings<'a>,
+    pub(crate) github_com_two_factor_auth: Option<bool>,
+    pub(crate) enterprise_server_emails: &'a [&'a str],
     /// The name PyGithub's `NamedEnterpriseUser` reads; same content as `enterprise_server_emails`.
-    enterprise_server_primary_emails: &'a [&'a str],
-    visual_studio_license_status: Option<&'static str>,
-    visual_studio_subscription_email: Option<&'static str>,
-    total_user_accounts: usize,
+    pub(crate) enterprise_server_primary_emails: &'a [&'a str],
+    pub(crate) visual_studio_license_status: Option<&'static str>,
+    pub(crate) visual_studio_subscription_email: Option<&'static str>,
+    pub(crate) total_user_accounts: usize,
     /// Ours: the person's stable id, for `license-explanations?person=`.
-    person_id: PersonId<'a>,
+    pub(crate) person_id: PersonId<'a>,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
-    ambiguous: bool,
+    pub(crate) ambiguous: bool,
 }
 
 /// `<hostname>:<user id>` of each of a person's GHES accounts, written straight into the page.
-struct ServerUserIds<'a> {
+pub(crate) struct ServerUserIds<'a> {
     view: &'a MergedView,
     person: &'a Person,
 }
@@ -56,49 +56,75 @@ impl std::fmt::Debug for ServerUserIds<'_> {
     }
 }
 
-impl Serialize for ServerUserIds<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl<'a> ServerUserIds<'a> {
+    /// Each GHES account, in the person's order: the JSON array's items and the CSV cell's parts.
+    pub(crate) fn each(&self) -> impl Iterator<Item = AccountId<'a>> + 'a {
         let instances = self.view.people.instance_slots();
-        serializer.collect_seq(self.person.server_accounts.iter().map(|link| {
+        self.person.server_accounts.iter().map(move |link| {
             let instance = &instances[link.account.instance as usize];
             AccountId {
                 hostname: &instance.hostname,
                 user_id: instance.users.id(link.account.user as usize),
             }
-        }))
+        })
     }
 }
 
-struct AccountId<'a> {
+impl Serialize for ServerUserIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.each())
+    }
+}
+
+/// `<hostname>:<user id>`.
+pub(crate) struct AccountId<'a> {
     hostname: &'a str,
     user_id: i64,
 }
 
+impl std::fmt::Display for AccountId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.hostname, self.user_id)
+    }
+}
+
 impl Serialize for AccountId<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format_args!("{}:{}", self.hostname, self.user_id))
+        serializer.collect_str(self)
     }
 }
 
 /// `<cloud web URL>/<login>`, or an empty string for a person without a cloud account (GitHub's example).
 #[derive(Debug)]
-struct Profile<'a> {
+pub(crate) struct Profile<'a> {
     base_url: &'a str,
     login: Option<&'a str>,
 }
 
+impl std::fmt::Display for Profile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.login {
+            Some(login) => write!(f, "{}/{login}", self.base_url),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Serialize for Profile<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self.login {
-            Some(login) => serializer.collect_str(&format_args!("{}/{login}", self.base_url)),
-            None => serializer.serialize_str(""),
-        }
+        serializer.collect_str(self)
     }
 }
 
 /// A cloud member's list, or an empty one for a person without a cloud account: always a JSON array.
 #[derive(Debug)]
-struct Strings<'a>(Option<StrList<'a>>);
+pub(crate) struct Strings<'a>(Option<StrList<'a>>);
+
+impl<'a> Strings<'a> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.into_iter().flat_map(StrList::iter)
+    }
+}
 
 impl Serialize for Strings<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -110,7 +136,7 @@ impl Serialize for Strings<'_> {
 }
 
 /// The distinct primary emails of a person's GHES accounts (case-insensitive), as GHES reports them.
-pub(super) fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
+pub(crate) fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
     let mut emails: Vec<&str> = Vec::new();
     for link in &person.server_accounts {
         let instance = &view.people.instance_slots()[link.account.instance as usize];
@@ -122,7 +148,7 @@ pub(super) fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'
     emails
 }
 
-pub(super) fn consumed_user<'a>(
+pub(crate) fn consumed_user<'a>(
     view: &'a MergedView,
     person: &'a Person,
     server_emails: &'a [&'a str],
