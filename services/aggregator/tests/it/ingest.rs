@@ -121,7 +121,7 @@ async fn wait_for_open_streams(harness: &Harness, open: f64) {
     }
 }
 
-async fn instance(harness: &Harness, hostname: &str) -> (Uuid, String) {
+pub(crate) async fn instance(harness: &Harness, hostname: &str) -> (Uuid, String) {
     let server_id = Uuid::new_v4();
     let (_, credential) = license_sync_aggregator::admin::add_instance(
         &harness.server().app.store,
