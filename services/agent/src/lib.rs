@@ -28,7 +28,8 @@ pub mod config;
 pub mod enrollment_client;
 pub mod error;
 pub mod export;
-pub mod fsutil;
+/// Shared with the aggregator's `report` command: it lives in `license-sync-serve`.
+pub use license_sync_serve::fsutil;
 pub mod local_api_client;
 pub mod metrics;
 pub mod retry;

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
 use license_sync_aggregator::store::{NewApiToken, TokenScope, TokenSelector};
-use license_sync_aggregator::{admin, enrollment, server, store, usage_keys};
+use license_sync_aggregator::view::MergedView;
+use license_sync_aggregator::{admin, enrollment, report, server, store, usage_keys};
+use license_sync_serve::fsutil;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -52,6 +54,16 @@ enum Command {
     /// Manage one-time enrollment tokens, which agents exchange for their instance credential.
     #[command(subcommand)]
     EnrollmentToken(EnrollmentTokenCommand),
+    /// Write the CSV license report, the bytes `GET /enterprises/{enterprise}/consumed-licenses.csv` answers, from
+    /// the store (no running server needed).
+    Report {
+        /// The enterprise's slug.
+        #[arg(long)]
+        enterprise: String,
+        /// The file to write: replaced whole or not at all, readable by its owner only (it holds email addresses).
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +412,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 license_sync_aggregator::time_format::rfc3339(issued.expires_at)
             );
             print_line(&issued.token)?;
+        }
+        Command::Report { enterprise, output } => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let view = MergedView::load(&store, enterprise.id).await?;
+            let people = view.people.total_seats_consumed();
+            let cloud_web_url = config.cloud_web_url.clone();
+            let path = output.clone();
+            // Formatting and fsync are blocking work; the view is the command's own, so it moves there whole.
+            let bytes = tokio::task::spawn_blocking(move || {
+                fsutil::write_atomically(&path, |out| {
+                    report::write_report(&view, &cloud_web_url, out)
+                })
+            })
+            .await?
+            .with_context(|| format!("writing the license report to {}", output.display()))?;
+            eprintln!(
+                "wrote the license report of {} ({people} people, {bytes} bytes) to {}",
+                enterprise.slug,
+                output.display()
+            );
         }
         Command::Members(MembersCommand::Import { enterprise, file }) => {
             let count = admin::import_members(&store, &enterprise, &file)

@@ -16,6 +16,9 @@
 //! [`grpc::incoming`] and [`grpc::InFlightLayer`] give tonic's server the same limits. Both serve TLS when given a
 //! [`tls::ServerTls`] (`http::serve_with_tls`, `grpc::incoming_with_tls`): the handshake runs on the admitted
 //! connection, so every limit above holds for it, and it has a deadline of its own.
+//!
+//! Also here, as the one crate of I/O plumbing both services share: [`fsutil`], the atomic file writer of the
+//! agent's state and export files and of the aggregator's `report` command.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+pub mod fsutil;
 pub mod grpc;
 pub mod http;
 mod in_flight;

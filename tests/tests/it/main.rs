@@ -8,6 +8,7 @@ mod grpc_faults;
 mod log_scan;
 mod metrics;
 mod replicas;
+mod report;
 mod sidecar;
 mod sync_path;
 mod tls;

@@ -1,8 +1,8 @@
-//! The agent's one atomic file writer, shared by the state directory ([`crate::state`]) and the usage-file export
-//! ([`crate::export`]).
+//! The one atomic file writer of the workspace: the agent's state directory and usage-file export, and the
+//! aggregator's `report` command.
 //!
-//! A temporary file in the same directory (mode 0600: every file the agent writes holds a credential or emails) is
-//! filled, fsynced, renamed over the final name (`tempfile`'s `persist`), and the directory is fsynced: after a
+//! A temporary file in the same directory (mode 0600: every file written through it holds a credential or emails)
+//! is filled, fsynced, renamed over the final name (`tempfile`'s `persist`), and the directory is fsynced: after a
 //! crash the file is either the old or the new version, never half of one. A write that fails removes its temporary
 //! file and leaves the previous file untouched.
 
