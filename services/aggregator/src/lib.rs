@@ -7,6 +7,7 @@ pub mod auth;
 pub mod auth_limit;
 pub mod body_pool;
 pub mod config;
+pub mod consumed_user;
 pub mod control;
 pub mod enrollment;
 pub mod error;

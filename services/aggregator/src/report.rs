@@ -22,8 +22,8 @@ use license_sync_core::merge::Person;
 use time::OffsetDateTime;
 
 use crate::app::App;
+use crate::consumed_user::{ConsumedUser, consumed_user, server_emails};
 use crate::error::{ServiceError, ServiceResult};
-use crate::rest::page_json::{ConsumedUser, consumed_user, server_emails};
 use crate::store::Enterprise;
 use crate::time_format::utc_date;
 use crate::view::MergedView;

@@ -9,10 +9,10 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use license_sync_core::merge::Person;
 
-use super::page_json::{ConsumedUser, consumed_user, server_emails, write_consumed_user};
 use super::{PageQuery, add_link_header, overage, parse_page};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
+use crate::consumed_user::{ConsumedUser, consumed_user, server_emails, write_consumed_user};
 use crate::error::{ServiceError, ServiceResult};
 use crate::view::MergedView;
 

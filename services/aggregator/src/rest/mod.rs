@@ -28,7 +28,6 @@ mod history;
 mod instances;
 mod licenses;
 mod members;
-pub(crate) mod page_json;
 mod status;
 mod upload;
 

@@ -1,5 +1,6 @@
 //! One user of a `consumed-licenses` page: its shape in GitHub's schema ([`ConsumedUser`], borrowed from the merged
-//! view) and its JSON, written by hand for speed.
+//! view) and its JSON, written by hand for speed. The CSV report ([`crate::report`]) writes its rows from the same
+//! struct, so that both say the same of each person.
 //!
 //! A page is 100 users of 21 fields each; with `#[derive(Serialize)]`, serde_json spends most of a request escaping
 //! the same long, constant key names, one call per field. Here every key is a pre-escaped byte literal and only the
@@ -188,7 +189,7 @@ pub(crate) fn consumed_user<'a>(
 }
 
 /// Appends one user as a JSON object, byte-for-byte what `serde_json::to_writer(out, user)` writes.
-pub(super) fn write_consumed_user(
+pub(crate) fn write_consumed_user(
     out: &mut Vec<u8>,
     user: &ConsumedUser<'_>,
 ) -> Result<(), serde_json::Error> {
