@@ -311,8 +311,10 @@ async fn a_commit_during_a_large_report_is_not_blocked_and_reaches_its_later_row
         .expect("a first part")
         .expect("not the end")
         .to_vec();
-    // Some 12 MB in all, more than the sockets buffer: the server is still writing the report. A commit now
-    // must go through (no read guard is held while the client is not reading) and be visible at once.
+    // 12.3 MB in all, more than loopback buffers while the client does not read (the server's send buffer is at most
+    // `tcp_wmem`'s 4 MB by default; the receive buffer grows only with reads): the server is still writing the
+    // report. A commit now must go through (no read guard is held while the client is not reading) and be visible
+    // at once. A report written whole before it was sent fails the row count below (checked by hand).
     let late_users: Vec<ServerUser> = (1..=3)
         .map(|id| {
             user(
