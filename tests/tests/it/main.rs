@@ -8,6 +8,7 @@ mod gh_cli;
 mod grpc_faults;
 mod log_scan;
 mod metrics;
+mod python_grpc;
 mod replicas;
 mod sidecar;
 mod sync_path;
