@@ -160,6 +160,17 @@ fn gh_logs_in_and_pages_through_every_consumed_license_over_https() {
     );
     assert!(!said.contains("Logged in"), "{said}");
 
+    // `gh api` of a path goes under /api/v3 on an Enterprise host: the token as a user.
+    let user = gh(&token, &["api", "/user"]);
+    assert!(
+        user.status.success(),
+        "gh api /user: {}",
+        String::from_utf8_lossy(&user.stderr)
+    );
+    let user: Value = serde_json::from_slice(&user.stdout).expect("a user as JSON");
+    assert_eq!(user["login"], "reports", "{user}");
+    assert_eq!(user["license_sync"]["scope"], "read", "{user}");
+
     let paged = gh(
         &token,
         &[

@@ -350,8 +350,10 @@ pub(super) fn base_url(
 /// A host name or address with an optional port (`licenses.example.com`, `127.0.0.1:8443`, `[::1]:8443`): nothing
 /// that could end a URL or a `Link` value early (`>`, `,`, `;`, spaces) or add a user or path to it.
 fn is_plain_host(host: &str) -> bool {
+    // A 253-character DNS name, `:` and a 5-digit port.
+    const MAX_HOST_BYTES: usize = 253 + 6;
     !host.is_empty()
-        && host.len() <= 260
+        && host.len() <= MAX_HOST_BYTES
         && host
             .bytes()
             .all(|byte| byte.is_ascii_alphanumeric() || b".-_:[]".contains(&byte))
