@@ -109,6 +109,29 @@ impl ApiTokens {
         })
     }
 
+    /// Resolves a token outside any enterprise path (the API root, `/user`, GraphQL's `viewer`): any live token of
+    /// any enterprise, whatever its scope, since these answers only describe the token itself. A bad or expired
+    /// token counts against `client`'s failed-authentication limit, as on every other route.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        client: Option<IpAddr>,
+    ) -> ServiceResult<Authorized> {
+        match self.check(token, OffsetDateTime::now_utc()).await {
+            Ok((enterprise, record)) => {
+                self.record_use(record.id);
+                Ok(Authorized {
+                    enterprise,
+                    token: record,
+                })
+            }
+            Err(refusal) if refusal.kind == ErrorKind::Unauthenticated => {
+                Err(self.limiter.refused(client, AuthSurface::Rest, refusal))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     /// The token's enterprise and record, if it is live and unexpired at `now`.
     async fn check(
         &self,
@@ -227,6 +250,47 @@ where
             .authorize(token, enterprise, &parts.method, client)
             .await
             .map(|authorized| AuthorizedEnterprise(authorized.enterprise))
+            .map_err(IntoResponse::into_response)
+    }
+}
+
+/// The token of a request outside any enterprise path, checked: `None` without an `Authorization` header (GitHub's
+/// API root answers anonymous callers too), a 401 with GitHub's `Bad credentials` body for a bad or expired one.
+/// Routes that need a token ([`TokenHolder::required`]) answer 401 `Requires authentication` to `None`.
+#[derive(Debug, Clone)]
+pub struct TokenHolder(pub Option<Authorized>);
+
+impl TokenHolder {
+    pub fn required(self) -> ServiceResult<Authorized> {
+        self.0
+            .ok_or_else(|| ServiceError::unauthenticated("Requires authentication"))
+    }
+}
+
+impl<S> FromRequestParts<S> for TokenHolder
+where
+    ApiTokens: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let api_tokens = ApiTokens::from_ref(state);
+        let client = client_address(parts);
+        let token = match request_token(&parts.headers) {
+            Ok(Some(token)) => token,
+            Ok(None) => return Ok(TokenHolder(None)),
+            Err(refusal) => {
+                return Err(api_tokens
+                    .limiter
+                    .refused(client, AuthSurface::Rest, refusal)
+                    .into_response());
+            }
+        };
+        api_tokens
+            .authenticate(token, client)
+            .await
+            .map(|authorized| TokenHolder(Some(authorized)))
             .map_err(IntoResponse::into_response)
     }
 }

@@ -107,11 +107,24 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
     health_reporter
         .set_serving::<AgentControlServer<ControlService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection v1, and v1alpha beside it for the clients that only speak that (Python's `grpcio-reflection`,
+    // older `grpcurl`). Both list the same services, both reflection versions among them.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection = reflection_builder()
         .build_v1()
-        .context("building gRPC reflection")?;
+        .context("building gRPC reflection v1")?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building gRPC reflection v1alpha")?;
     let ingest = SnapshotIngestServer::new(IngestService::new(Arc::clone(&app)))
         .max_decoding_message_size(max_message_bytes);
     let enrollment = EnrollmentServer::new(EnrollmentService::new(Arc::clone(&app)));
@@ -135,6 +148,7 @@ pub async fn start(config: AggregatorConfig) -> anyhow::Result<RunningServer> {
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(ingest)
         .add_service(enrollment)
         .add_service(control);

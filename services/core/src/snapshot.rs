@@ -537,6 +537,44 @@ mod tests {
     use super::*;
     use crate::model::UserRole;
 
+    /// The worked example of the digest in `proto/licensesync/v1/ingest.proto` (`SnapshotTrailer.users_sha256`),
+    /// which clients written from the `.proto` alone follow: the text and this implementation must agree.
+    #[test]
+    fn the_digest_is_the_one_the_proto_documents() {
+        let user = ServerUser {
+            id: 1,
+            login: "mona".into(),
+            email: "m@x".into(),
+            role: UserRole::User,
+            suspended: false,
+            dormant: false,
+            created_at: None,
+            last_active: Some(
+                OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("a valid time")
+                    + time::Duration::milliseconds(250),
+            ),
+            two_factor_enabled: None,
+        };
+        let mut digest = SnapshotDigest::default();
+        digest.update(&user);
+        let proto = include_str!("../../../proto/licensesync/v1/ingest.proto");
+        let documented = hex::encode(digest.finish());
+        assert_eq!(
+            documented,
+            "3816c458408d51299156b96eb5c0a4b71b118552f696667e1d33278aad07ed2e"
+        );
+        assert!(
+            proto.contains(&documented),
+            "the .proto shows another digest"
+        );
+        let empty = SnapshotDigest::default().finish();
+        assert_eq!(
+            empty.as_slice(),
+            Sha256::digest(b"").as_slice(),
+            "no users: the empty input"
+        );
+    }
+
     fn user(id: i64, login: &str) -> ServerUser {
         ServerUser {
             id,

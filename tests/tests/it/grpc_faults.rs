@@ -382,10 +382,71 @@ async fn grpc_health_and_reflection_are_served() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"licensesync.v1.SnapshotIngest".to_owned()),
-        "{names:?}"
-    );
+    for service in [
+        "licensesync.v1.SnapshotIngest",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            names.contains(&service.to_owned()),
+            "v1 lists {service}: {names:?}"
+        );
+    }
+}
+
+/// Reflection v1alpha, which Python's `grpcio-reflection` and older `grpcurl` speak, lists the same services and
+/// describes them.
+#[tokio::test]
+async fn grpc_reflection_v1alpha_is_served_beside_v1() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let fixture = fixture();
+    let channel = tonic::transport::Endpoint::from_shared(fixture.aggregator.grpc_url.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut reflection = ServerReflectionClient::new(channel);
+    let requests = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "licensesync.v1.SnapshotIngest".into(),
+            )),
+        },
+    ];
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let listed = responses.message().await.expect("message").expect("a list");
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("unexpected v1alpha answer: {listed:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "licensesync.v1.SnapshotIngest",
+        "licensesync.v1.Enrollment",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            names.contains(&service.to_owned()),
+            "v1alpha lists {service}: {names:?}"
+        );
+    }
+    let described = responses.message().await.expect("message").expect("a file");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = described.message_response else {
+        panic!("unexpected v1alpha answer: {described:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 }
 
 #[tokio::test]

@@ -4,9 +4,11 @@
 //! process-wide state (environment variables, the working directory): child processes get theirs explicitly.
 
 mod encrypted_export;
+mod gh_cli;
 mod grpc_faults;
 mod log_scan;
 mod metrics;
+mod python_grpc;
 mod replicas;
 mod report;
 mod sidecar;

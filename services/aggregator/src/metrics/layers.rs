@@ -40,7 +40,8 @@ fn http_method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Axum middleware counting requests by route template (never the raw path, which holds ids and is unbounded).
+/// Axum middleware counting requests by route template (never the raw path, which holds ids and is unbounded); a
+/// route's `/api/v3` alias counts under the route's own template (`crate::rest::metric_route`).
 pub async fn track_http(
     State(metrics): State<Arc<Metrics>>,
     request: Request<Body>,
@@ -49,7 +50,7 @@ pub async fn track_http(
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().map_or_else(
         || UNMATCHED_ROUTE.to_owned(),
-        |path| path.as_str().to_owned(),
+        |path| crate::rest::metric_route(path.as_str()).to_owned(),
     );
     let method = http_method_label(request.method());
     let response = next.run(request).await;

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{base_url, parse_json, read_body_up_to};
+use super::{RequestBase, parse_json, read_body_up_to};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::enrollment::issue_enrollment_token;
@@ -73,7 +73,7 @@ pub(super) async fn sync_now(
     State(app): State<Arc<App>>,
     Path((_, server_id)): Path<(String, String)>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
-    headers: HeaderMap,
+    base: RequestBase,
 ) -> ServiceResult<Response> {
     let server_id = parse_uuid_segment(&server_id, "server id")?;
     let (request, instance) = app.request_sync_now(&enterprise, server_id).await?;
@@ -84,9 +84,11 @@ pub(super) async fn sync_now(
     );
     let mut body = sync_request_json(&request, server_id, now);
     body["agent_connected"] = json!(instance.agent.connected(now, app.agent_presence_window()));
-    body["url"] = json!(format!("{}{path}", base_url(&app, &headers)));
+    let url = format!("{}{path}", base.0);
+    body["url"] = json!(url);
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&path) {
+    // The same URL as `url`: a relative one would drop the `/api/v3` prefix a client used.
+    if let Ok(location) = HeaderValue::from_str(&url) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)

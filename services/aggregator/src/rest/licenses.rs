@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use license_sync_core::merge::Person;
 
-use super::{PageQuery, add_link_header, overage, parse_page};
+use super::{PageQuery, RequestBase, add_link_header, overage, parse_page};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::consumed_user::{ConsumedUser, consumed_user, server_emails, write_consumed_user};
@@ -20,7 +20,7 @@ pub(super) async fn consumed_licenses(
     State(app): State<Arc<App>>,
     Query(query): Query<PageQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
-    headers: HeaderMap,
+    base: RequestBase,
 ) -> ServiceResult<Response> {
     let (per_page, page) = parse_page(&query)?;
     let view = app.views.merged_view(enterprise.id).await?;
@@ -55,14 +55,7 @@ pub(super) async fn consumed_licenses(
     )
         .into_response();
     let path = format!("/enterprises/{}/consumed-licenses", enterprise.slug);
-    add_link_header(
-        &mut response,
-        &app,
-        &headers,
-        &path,
-        (per_page, page),
-        last_page,
-    );
+    add_link_header(&mut response, &base, &path, (per_page, page), last_page);
     Ok(response)
 }
 

@@ -1,7 +1,9 @@
 //! The REST API: GitHub-compatible licensing endpoints, plus what GitHub does not have (usage upload, members
 //! import, instance retirement, explanations). Errors are GitHub-shaped: `{"message", "documentation_url"}` (the
 //! `IntoResponse` of [`ServiceError`]). One module per resource; pagination (`per_page`/`page`, the `Link` header)
-//! and body reading are here, shared by all of them.
+//! and body reading are here, shared by all of them. Every GitHub-shaped route is served twice: at the site root, as
+//! api.github.com lays it out, and under [`API_V3_PREFIX`], as GitHub Enterprise Server does and as `gh` and other
+//! GHES clients expect; links in answers keep the prefix, scheme and host the client used ([`RequestBase`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -10,8 +12,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
@@ -21,6 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
+mod api_root;
 mod api_tokens;
 mod duplicates;
 mod explanations;
@@ -32,6 +36,8 @@ mod status;
 mod upload;
 
 pub const MAX_PER_PAGE: usize = 100;
+/// Where GitHub Enterprise Server serves its REST API, and where `gh` looks for it on any host but github.com.
+pub const API_V3_PREFIX: &str = "/api/v3";
 pub const DEFAULT_PER_PAGE: usize = 30;
 
 /// Every route of the REST API with its handlers, in one table that both the router and the tests read (the scope
@@ -43,6 +49,12 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
         // Behind `metrics_token` when it is set; otherwise open, like the health checks (restrict it at the
         // network level then).
         ("/metrics", get(crate::scrape::serve)),
+        // What a GitHub client asks before anything else (`gh auth status`): the API root and who the token is.
+        ("/", get(api_root::api_root)),
+        ("/user", get(api_root::current_user)),
+        // GraphQL at api.github.com's and at GHES's path; only `viewer { login }` is answered (see `api_root`).
+        ("/graphql", post(api_root::graphql)),
+        ("/api/graphql", post(api_root::graphql)),
         (
             "/enterprises/{enterprise}/consumed-licenses",
             get(licenses::consumed_licenses),
@@ -102,11 +114,41 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
     ]
 }
 
-/// The path templates of every REST route (`/enterprises/{enterprise}/…`), for tests that must cover them all.
-pub fn route_paths() -> Vec<&'static str> {
+/// The paths a route of [`routes`] is served at: its own, and its alias under [`API_V3_PREFIX`] for the GitHub API
+/// routes. Probes, metrics and GraphQL (which GHES serves at `/api/graphql`, not under `/api/v3`) have no alias.
+fn served_paths(path: &'static str) -> Vec<String> {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" | "/graphql" | "/api/graphql" => vec![path.to_owned()],
+        // GHES answers its API root with and without the final slash.
+        "/" => vec![
+            path.to_owned(),
+            API_V3_PREFIX.to_owned(),
+            format!("{API_V3_PREFIX}/"),
+        ],
+        _ => vec![path.to_owned(), format!("{API_V3_PREFIX}{path}")],
+    }
+}
+
+/// The route template a metric is labelled with: the unprefixed one for a route served under [`API_V3_PREFIX`] or
+/// GHES's GraphQL path, so that the label set stays that of [`routes`] and dashboards and alerts written for a
+/// route count its traffic whichever path a client used.
+pub fn metric_route(template: &str) -> &str {
+    if template == "/api/graphql" {
+        return "/graphql";
+    }
+    match template.strip_prefix(API_V3_PREFIX) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => template,
+    }
+}
+
+/// Every path template the router serves (`/enterprises/{enterprise}/…` and its `/api/v3` alias, …), for tests
+/// that must cover them all.
+pub fn route_paths() -> Vec<String> {
     routes((Duration::from_secs(1), "http_upload_timeout_secs"))
         .into_iter()
-        .map(|(path, _)| path)
+        .flat_map(|(path, _)| served_paths(path))
         .collect()
 }
 
@@ -122,7 +164,9 @@ pub fn router(app: Arc<App>) -> Router {
     routes(upload_timeout)
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| {
-            router.route(path, methods)
+            served_paths(path)
+                .iter()
+                .fold(router, |router, path| router.route(path, methods.clone()))
         })
         // Every other route: the body uploads above keep their own, longer limit.
         .route_layer(timeout_layer(request_timeout))
@@ -229,21 +273,93 @@ pub(super) fn parse_page(query: &PageQuery) -> ServiceResult<(usize, usize)> {
     Ok((per_page, page))
 }
 
-/// Base URL for `Link` headers: the configured public URL, else the request's `Host`.
-pub(super) fn base_url(app: &App, headers: &HeaderMap) -> String {
-    if let Some(url) = &app.config.public_url {
-        return url.trim_end_matches('/').to_owned();
+/// Where the client reached the API, for the URLs of an answer (`Link` headers, `url` fields): scheme, host and
+/// the [`API_V3_PREFIX`] when the request used it, without a final `/` (`https://licenses.example.com/api/v3`).
+/// See [`base_url`] for the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RequestBase(pub String);
+
+impl FromRequestParts<Arc<App>> for RequestBase {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RequestBase(base_url(
+            app.config.public_url.as_deref(),
+            app.config.tls_cert_path.is_some(),
+            &parts.headers,
+            &parts.uri,
+        )))
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok())
+}
+
+/// The base URL of an answer's links. The prefix is [`API_V3_PREFIX`] when the request's path is under it. Before it:
+/// `public_url` when configured (it wins over anything a request says); otherwise the scheme of
+/// `X-Forwarded-Proto` (`http` or `https`), else `https` when the aggregator serves TLS itself and `http` when not,
+/// and the host of `X-Forwarded-Host`, else `Host`, else the HTTP/2 `:authority`, else `localhost`. Forwarded
+/// values are read from their first element (a proxy chain appends), and a host that is not a plain
+/// `name[:port]` is ignored, so that a header cannot put anything but a host into a `Link` URL.
+pub(super) fn base_url(
+    public_url: Option<&str>,
+    serves_tls: bool,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> String {
+    let path = uri.path();
+    let prefix = if path == API_V3_PREFIX
+        || path
+            .strip_prefix(API_V3_PREFIX)
+            .is_some_and(|rest| rest.starts_with('/'))
+    {
+        API_V3_PREFIX
+    } else {
+        ""
+    };
+    if let Some(url) = public_url {
+        return format!("{}{prefix}", url.trim_end_matches('/'));
+    }
+    let first = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(',').next())
+            .map(str::trim)
+    };
+    let scheme = match first("x-forwarded-proto") {
+        Some(proto) if proto.eq_ignore_ascii_case("https") => "https",
+        Some(proto) if proto.eq_ignore_ascii_case("http") => "http",
+        _ if serves_tls => "https",
+        _ => "http",
+    };
+    let host = first("x-forwarded-host")
+        .filter(|host| is_plain_host(host))
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .filter(|host| is_plain_host(host))
+        })
+        .or_else(|| {
+            uri.authority()
+                .map(|authority| authority.as_str())
+                .filter(|host| is_plain_host(host))
+        })
         .unwrap_or("localhost");
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|value| value.to_str().ok())
-        .filter(|proto| *proto == "https")
-        .unwrap_or("http");
-    format!("{scheme}://{host}")
+    format!("{scheme}://{host}{prefix}")
+}
+
+/// A host name or address with an optional port (`licenses.example.com`, `127.0.0.1:8443`, `[::1]:8443`): nothing
+/// that could end a URL or a `Link` value early (`>`, `,`, `;`, spaces) or add a user or path to it.
+fn is_plain_host(host: &str) -> bool {
+    // A 253-character DNS name, `:` and a 5-digit port.
+    const MAX_HOST_BYTES: usize = 253 + 6;
+    !host.is_empty()
+        && host.len() <= MAX_HOST_BYTES
+        && host
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b".-_:[]".contains(&byte))
 }
 
 /// RFC 8288 `Link` header with the relations GitHub sends: `prev`/`first` after page 1, `next`/`last` before the
@@ -264,16 +380,15 @@ fn link_header(url: &str, per_page: usize, page: usize, last_page: usize) -> Opt
     }
     (!links.is_empty()).then(|| links.join(", "))
 }
-/// Adds the `Link` header of page `page` of the paginated resource at `path` (from the site root).
+/// Adds the `Link` header of page `page` of the paginated resource at `path` (from the API root).
 fn add_link_header(
     response: &mut Response,
-    app: &App,
-    headers: &HeaderMap,
+    base: &RequestBase,
     path: &str,
     (per_page, page): (usize, usize),
     last_page: usize,
 ) {
-    let url = format!("{}{path}", base_url(app, headers));
+    let url = format!("{}{path}", base.0);
     if let Some(link) = link_header(&url, per_page, page, last_page)
         && let Ok(value) = HeaderValue::from_str(&link)
     {
@@ -381,6 +496,129 @@ mod tests {
         // Past the end: prev points at the last page.
         let beyond = link_header(url, 10, 9, 3).expect("links");
         assert!(beyond.contains("page=3>; rel=\"prev\""), "{beyond}");
+    }
+
+    /// `base_url` of a request for `path` with `headers`, without `public_url`, on a plain-text port.
+    fn base(path: &str, headers: &[(&str, &str)], public_url: Option<&str>, tls: bool) -> String {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                header::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        let uri: Uri = path.parse().expect("uri");
+        base_url(public_url, tls, &map, &uri)
+    }
+
+    #[test]
+    fn links_keep_the_request_prefix_and_host() {
+        let host = [("host", "agg.test:8080")];
+        assert_eq!(
+            base("/enterprises/e/consumed-licenses", &host, None, false),
+            "http://agg.test:8080"
+        );
+        assert_eq!(
+            base(
+                "/api/v3/enterprises/e/consumed-licenses?page=2",
+                &host,
+                None,
+                false
+            ),
+            "http://agg.test:8080/api/v3"
+        );
+        assert_eq!(
+            base("/api/v3", &host, None, false),
+            "http://agg.test:8080/api/v3"
+        );
+        // Only the whole segment is the prefix.
+        assert_eq!(
+            base("/api/v30/x", &host, None, false),
+            "http://agg.test:8080"
+        );
+        // The aggregator's own TLS makes the links https.
+        assert_eq!(
+            base("/api/v3/x", &host, None, true),
+            "https://agg.test:8080/api/v3"
+        );
+        // No Host header (HTTP/2): the request's authority.
+        assert_eq!(
+            base("https://[::1]:8443/api/v3/x", &[], None, true),
+            "https://[::1]:8443/api/v3"
+        );
+        assert_eq!(base("/x", &[], None, false), "http://localhost");
+    }
+
+    #[test]
+    fn links_behind_a_proxy_use_its_forwarded_scheme_and_host() {
+        let forwarded = [
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-proto", "https, http"),
+            ("x-forwarded-host", "licenses.example.com, 10.0.0.5:8080"),
+        ];
+        assert_eq!(
+            base("/api/v3/x", &forwarded, None, false),
+            "https://licenses.example.com/api/v3"
+        );
+        // A proxy terminating TLS in front of a TLS port may still say http.
+        let plain = [("host", "h"), ("x-forwarded-proto", "HTTP")];
+        assert_eq!(base("/x", &plain, None, true), "http://h");
+        // Anything else in the scheme header is ignored.
+        let odd = [("host", "h"), ("x-forwarded-proto", "gopher")];
+        assert_eq!(base("/x", &odd, None, false), "http://h");
+        // A forwarded host that could break out of the URL falls back to Host.
+        for bad in ["a>; rel=\"next\"", "user@evil", "evil/path", " "] {
+            let headers = [("host", "h"), ("x-forwarded-host", bad)];
+            assert_eq!(base("/x", &headers, None, false), "http://h", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn public_url_wins_and_keeps_the_request_prefix() {
+        let forwarded = [
+            ("host", "h"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "proxy.test"),
+        ];
+        let public = Some("https://licenses.example.com/");
+        assert_eq!(
+            base("/x", &forwarded, public, false),
+            "https://licenses.example.com"
+        );
+        assert_eq!(
+            base("/api/v3/x", &forwarded, public, false),
+            "https://licenses.example.com/api/v3"
+        );
+        // A public URL with a path (a path-routing proxy) keeps it.
+        assert_eq!(
+            base(
+                "/api/v3/x",
+                &[],
+                Some("https://example.com/licenses"),
+                false
+            ),
+            "https://example.com/licenses/api/v3"
+        );
+    }
+
+    #[test]
+    fn aliases_are_labelled_with_their_routes_own_template() {
+        assert_eq!(
+            metric_route("/api/v3/enterprises/{enterprise}/consumed-licenses"),
+            "/enterprises/{enterprise}/consumed-licenses"
+        );
+        assert_eq!(metric_route("/api/v3"), "/");
+        assert_eq!(metric_route("/api/v3/"), "/");
+        assert_eq!(metric_route("/api/graphql"), "/graphql");
+        assert_eq!(metric_route("/healthz"), "/healthz");
+        // Every served path maps onto a template of the route table: the label set does not grow.
+        let templates: Vec<&str> = routes((Duration::from_secs(1), "t"))
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect();
+        for path in route_paths() {
+            assert!(templates.contains(&metric_route(&path)), "{path}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! instead of once per test file.
 
 mod control;
+mod github_api;
 mod ingest;
 mod report;
 mod servers;

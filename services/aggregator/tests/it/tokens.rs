@@ -51,8 +51,20 @@ async fn every_route_of_the_router_takes_read_tokens_for_gets_and_admin_tokens_f
     let reader = read_token(&harness, "dashboards").await;
     let mut write_routes = 0;
     for template in license_sync_aggregator::rest::route_paths() {
-        let path = concrete(template);
+        let path = concrete(&template);
         let enterprise_route = template.contains("{enterprise}");
+        // GraphQL is POSTed but only reads (the viewer's login): any live token, 401 without one.
+        if template.ends_with("graphql") {
+            let query = r#"{"query": "query { viewer { login } }"}"#;
+            let (status, body) = harness
+                .rest(Method::POST, &path, Some(&reader), Some(query))
+                .await;
+            assert_eq!(status, 200, "POST {template} with a read token: {body}");
+            assert_eq!(body["data"]["viewer"]["login"], "dashboards", "{body}");
+            let (status, _) = harness.rest(Method::POST, &path, None, Some(query)).await;
+            assert_eq!(status, 401, "POST {template} without a token");
+            continue;
+        }
         let (get_status, get_body) = harness.rest(Method::GET, &path, Some(&reader), None).await;
         let mut covered = get_status != 405;
         if enterprise_route && covered {
