@@ -8,13 +8,28 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use license_sync_core::merge::Person;
 
-use super::page_json::{ConsumedUser, consumed_user, server_emails, write_consumed_user};
+use super::page_json::{
+    ConsumedLicenses, ConsumedUser, consumed_user, server_emails, write_consumed_user,
+};
 use super::{PageQuery, add_link_header, overage, parse_page};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
 use crate::view::MergedView;
 
+/// GitHub's "List enterprise consumed licenses": every person consuming a license, one page of them, with the
+/// enterprise's totals and GitHub's `Link` header.
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/consumed-licenses",
+    tag = "licensing",
+    params(super::openapi::EnterprisePath, PageQuery),
+    responses(
+        (status = 200, description = "One page of the people consuming a license", body = ConsumedLicenses,
+         headers(("Link" = String, description = "GitHub's pagination links (`prev`, `next`, `last`, `first`), when there is more than one page"))),
+        (status = 422, description = "`per_page` or `page` is not a positive integer", body = super::GitHubError),
+    ),
+)]
 pub(super) async fn consumed_licenses(
     State(app): State<Arc<App>>,
     Query(query): Query<PageQuery>,

@@ -28,6 +28,7 @@ mod history;
 mod instances;
 mod licenses;
 mod members;
+mod openapi;
 mod page_json;
 mod status;
 mod upload;
@@ -44,6 +45,7 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
         // Behind `metrics_token` when it is set; otherwise open, like the health checks (restrict it at the
         // network level then).
         ("/metrics", get(crate::scrape::serve)),
+        ("/openapi.json", get(openapi::serve)),
         (
             "/enterprises/{enterprise}/consumed-licenses",
             get(licenses::consumed_licenses),
@@ -107,7 +109,11 @@ pub fn route_paths() -> Vec<&'static str> {
         .collect()
 }
 
+pub use openapi::{ApiDoc, GitHubError};
+
 pub fn router(app: Arc<App>) -> Router {
+    // Built now rather than at the first request: a start that succeeds serves the document.
+    std::sync::LazyLock::force(&openapi::DOCUMENT);
     let request_timeout = (
         Duration::from_secs(app.config.http_request_timeout_secs),
         "http_request_timeout_secs",
@@ -182,6 +188,13 @@ fn catch_panic_layer() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> R
     CatchPanicLayer::custom(answer)
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process answers", content_type = "text/plain", body = String, example = "ok")),
+)]
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -189,6 +202,15 @@ async fn healthz() -> &'static str {
 /// Ready means the store can read and write: a store that can no longer write (full disk) answers 503, so that
 /// a load balancer sends agents elsewhere and an operator sees why, and 200 again once a write goes through,
 /// without a restart.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The store reads and writes", content_type = "text/plain", body = String, example = "ready"),
+        (status = 503, description = "Not ready: the store cannot read or write (unreachable, disk full); the message says which", body = openapi::GitHubError),
+    ),
+)]
 async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
     let not_ready = |error: crate::store::StoreError| {
         let error = ServiceError::from(error);
@@ -202,9 +224,16 @@ async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
     Ok("ready")
 }
 
-#[derive(Debug, Deserialize)]
+/// GitHub's pagination parameters. Read as text so that a bad value gets a GitHub-style 422 naming it (see
+/// [`parse_page`]), described as the integers they must be.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct PageQuery {
+    /// Results per page; above 100 is served as 100.
+    #[param(value_type = Option<u32>, minimum = 1, default = json!(DEFAULT_PER_PAGE))]
     pub per_page: Option<String>,
+    /// The page number; past the last page, an empty page.
+    #[param(value_type = Option<u32>, minimum = 1, default = 1)]
     pub page: Option<String>,
 }
 
