@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit, storage suite (SQLite and PostgreSQL), end-to-end (real binaries on
-# loopback) and the PyGithub compatibility test. Installs what the tests need that a fresh machine lacks (cargo-nextest if missing, PyGithub
-# from PyPI in a virtualenv under target/).
+# loopback), the PyGithub compatibility test and the OpenAPI document's validation. Installs what the tests need
+# that a fresh machine lacks (cargo-nextest if missing, PyGithub and openapi-spec-validator from PyPI in a
+# virtualenv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv="$PWD/target/test-venv"
-if ! "$venv/bin/python" -c 'import github' 2>/dev/null; then
-    echo "== installing PyGithub into $venv (for the compatibility test)"
+if ! "$venv/bin/python" -c 'import github, openapi_spec_validator' 2>/dev/null; then
+    echo "== installing PyGithub and openapi-spec-validator into $venv (for the compatibility and OpenAPI tests)"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'PyGithub==2.10.0'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'PyGithub==2.10.0' 'openapi-spec-validator==0.9.0'
 fi
 export LICENSE_SYNC_TEST_PYTHON="$venv/bin/python"
 

@@ -233,6 +233,7 @@ pub(super) static DOCUMENT: LazyLock<Result<Bytes, String>> = LazyLock::new(|| {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "openapi_document",
     tag = "operations",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Object),

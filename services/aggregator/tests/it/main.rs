@@ -3,6 +3,7 @@
 
 mod control;
 mod ingest;
+mod openapi;
 mod servers;
 mod store_faults;
 mod store_suite;
