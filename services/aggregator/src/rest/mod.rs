@@ -109,7 +109,7 @@ pub fn route_paths() -> Vec<&'static str> {
         .collect()
 }
 
-pub use openapi::{ApiDoc, GitHubError};
+pub use openapi::{ApiDoc, GitHubError, document as openapi_document};
 
 pub fn router(app: Arc<App>) -> Router {
     // Built now rather than at the first request: a start that succeeds serves the document.

@@ -55,7 +55,7 @@ use crate::error::{DOCUMENTATION_URL, ErrorKind, ServiceError, ServiceResult};
         super::api_tokens::list_api_tokens,
     ),
     components(schemas(GitHubError)),
-    modifiers(&SecuritySchemes, &ErrorResponses),
+    modifiers(&Aliases, &SecuritySchemes, &ErrorResponses),
     tags(
         (name = "licensing", description = "GitHub's licensing endpoints, in GitHub's shape"),
         (name = "usage", description = "Usage uploads, cloud members and the usage history"),
@@ -85,6 +85,46 @@ pub struct GitHubError {
 pub(super) struct EnterprisePath {
     /// The enterprise's slug, or its numeric id (as GitHub accepts).
     enterprise: String,
+}
+
+/// Routes of `rest::routes()` that serve a documented path under a prefix (GitHub's `/api/v3` base path, say) are
+/// the same handlers, so they get the same operations, each operation id prefixed so that ids stay unique.
+struct Aliases;
+
+impl Modify for Aliases {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        add_aliases(openapi, &super::route_paths());
+    }
+}
+
+fn add_aliases(openapi: &mut utoipa::openapi::OpenApi, routed: &[&str]) {
+    for &route in routed {
+        if openapi.paths.paths.contains_key(route) {
+            continue;
+        }
+        let original = openapi.paths.paths.iter().find_map(|(documented, item)| {
+            let prefix = route.strip_suffix(documented.as_str())?;
+            (prefix.starts_with('/') && !prefix.ends_with('/')).then(|| (prefix, item.clone()))
+        });
+        let Some((prefix, mut item)) = original else {
+            continue;
+        };
+        let id_prefix = prefix.trim_matches('/').replace(['/', '.', '-'], "_");
+        let operations = [
+            item.get.as_mut(),
+            item.put.as_mut(),
+            item.post.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation.operation_id = operation
+                .operation_id
+                .take()
+                .map(|id| format!("{id_prefix}_{id}"));
+        }
+        openapi.paths.paths.insert(route.to_owned(), item);
+    }
 }
 
 /// The security scheme of the enterprise routes.
@@ -221,10 +261,36 @@ fn add_shared_errors(operation: &mut Operation, is_write: bool) {
     }
 }
 
+/// The document as served: [`ApiDoc`]'s, with rustdoc's link brackets taken out of the descriptions (which are the
+/// doc comments of the handlers and types).
+pub fn document() -> Result<serde_json::Value, serde_json::Error> {
+    fn plain_links(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map.iter_mut() {
+                    match value {
+                        serde_json::Value::String(text)
+                            if key == "description" || key == "summary" =>
+                        {
+                            *text = text.replace("[`", "`").replace("`]", "`");
+                        }
+                        _ => plain_links(value),
+                    }
+                }
+            }
+            serde_json::Value::Array(values) => values.iter_mut().for_each(plain_links),
+            _ => {}
+        }
+    }
+    let mut document = serde_json::to_value(ApiDoc::openapi())?;
+    plain_links(&mut document);
+    Ok(document)
+}
+
 /// The serialised document, built on first use; [`super::router`] forces it so that it is built at start.
 pub(super) static DOCUMENT: LazyLock<Result<Bytes, String>> = LazyLock::new(|| {
-    ApiDoc::openapi()
-        .to_json()
+    document()
+        .and_then(|document| serde_json::to_vec(&document))
         .map(Bytes::from)
         .map_err(|error| error.to_string())
 });
@@ -289,8 +355,41 @@ mod tests {
     }
 
     #[test]
+    fn a_route_serving_a_documented_path_under_a_prefix_is_documented_as_it() {
+        let mut openapi = ApiDoc::openapi();
+        let original = "/enterprises/{enterprise}/consumed-licenses";
+        let alias = "/api/v3/enterprises/{enterprise}/consumed-licenses";
+        add_aliases(
+            &mut openapi,
+            &[original, alias, "/api/v3/unknown", "/api/v3"],
+        );
+        let paths = &openapi.paths.paths;
+        let operation = |path: &str| {
+            paths
+                .get(path)
+                .and_then(|item| item.get.clone())
+                .expect("GET")
+        };
+        assert_eq!(
+            operation(alias).operation_id.as_deref(),
+            Some("api_v3_consumed_licenses")
+        );
+        assert!(operation(alias).responses == operation(original).responses);
+        assert!(!paths.contains_key("/api/v3/unknown") && !paths.contains_key("/api/v3"));
+    }
+
+    #[test]
+    fn descriptions_have_no_rustdoc_links() {
+        let text = document().expect("serialises").to_string();
+        assert!(
+            !text.contains("[`"),
+            "a rustdoc link is left in the document"
+        );
+    }
+
+    #[test]
     fn enterprise_operations_need_the_token_and_list_the_shared_errors() {
-        let document = serde_json::to_value(ApiDoc::openapi()).expect("serialises");
+        let document = document().expect("serialises");
         assert_eq!(document["openapi"], "3.1.0");
         let paths = document["paths"].as_object().expect("paths");
         for (path, item) in paths {
