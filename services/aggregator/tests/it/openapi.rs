@@ -209,6 +209,11 @@ fn problems(document: &Value, answers: &[Answer]) -> Vec<String> {
     problems
 }
 
+/// The document the code describes, as a value.
+fn described_document() -> Value {
+    serde_json::from_str(&openapi_document().expect("serialises")).expect("JSON")
+}
+
 fn served_document(answer: &Answer) -> Value {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.content_type, "application/json");
@@ -239,7 +244,12 @@ async fn the_document_is_served_without_a_token_as_the_code_describes_it() {
     let document = served_document(&first);
     assert_eq!(first.body, second.body, "the same document every time");
     assert_eq!(document["openapi"], "3.1.0");
-    assert_eq!(document, openapi_document().expect("serialises"));
+    let described = openapi_document().expect("serialises");
+    assert_eq!(
+        first.body,
+        described.as_bytes(),
+        "served as the code describes it"
+    );
     let scheme = &document["components"]["securitySchemes"]["github_token"];
     assert_eq!(scheme["type"], "http");
     assert_eq!(scheme["scheme"], "bearer");
@@ -924,7 +934,7 @@ fn types_of(document: &Value, schema: &Value) -> Vec<String> {
 /// client generated from either reads our answers.
 #[test]
 fn our_schemas_of_githubs_endpoints_declare_githubs_fields_with_compatible_types() {
-    let document = openapi_document().expect("serialises");
+    let document = described_document();
     fn compare(
         document: &Value,
         ours: &Value,
@@ -1071,7 +1081,7 @@ async fn the_served_document_passes_openapi_spec_validator() {
 /// are each reported.
 #[test]
 fn the_answer_check_reports_undocumented_fields_wrong_types_statuses_and_content_types() {
-    let document = openapi_document().expect("serialises");
+    let document = described_document();
     let answer = |status: u16, content_type: &str, body: Value| Answer {
         method: Method::GET,
         template: "/enterprises/{enterprise}/usage-file-key",
