@@ -30,7 +30,10 @@ const SMALL_BODY_BYTES: usize = 64 * 1024;
 /// The `{enterprise}` and `{server_id}` path segments.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes path segments for the OpenAPI document; the handlers read them"
+)]
 pub(super) struct InstancePath {
     /// The enterprise's slug, or its numeric id.
     enterprise: String,
@@ -41,7 +44,10 @@ pub(super) struct InstancePath {
 /// An instance's sync request.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes path segments for the OpenAPI document; the handlers read them"
+)]
 pub(super) struct SyncRequestPath {
     /// The enterprise's slug, or its numeric id.
     enterprise: String,
@@ -187,6 +193,7 @@ pub(super) async fn sync_now(
     }
     Ok(response)
 }
+
 /// A "Sync now" request: delivered, acknowledged, refused or expired.
 #[utoipa::path(
     get,

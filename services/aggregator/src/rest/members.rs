@@ -52,7 +52,10 @@ pub(super) async fn import_cloud_members(
 /// The body of an import, as [`MembersImport`] reads it: an array of members, or an object holding one (its other
 /// keys are ignored). Only its schema is used; [`MembersImport`] reads it in one pass.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "a schema for the OpenAPI document only; never built"
+)]
 #[serde(untagged)]
 pub(super) enum MembersImportBody {
     Members(Vec<CloudMember>),

@@ -81,7 +81,10 @@ pub struct GitHubError {
 /// here.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "describes path segments for the OpenAPI document; the handlers read them"
+)]
 pub(super) struct EnterprisePath {
     /// The enterprise's slug, or its numeric id (as GitHub accepts).
     enterprise: String,

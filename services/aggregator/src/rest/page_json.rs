@@ -16,7 +16,10 @@ use crate::view::MergedView;
 /// used (the page is written by hand, around [`write_consumed_user`]); the test of the served answers against the
 /// OpenAPI document keeps the two the same.
 #[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "a schema for the OpenAPI document only; never built"
+)]
 pub(super) struct ConsumedLicenses<'a> {
     /// People consuming a license, enterprise-wide (every page has the totals).
     total_seats_consumed: u64,

@@ -856,7 +856,15 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         })
         .collect();
     let mut unseen = Vec::new();
-    for (template, item) in document["paths"].as_object().expect("paths") {
+    let paths = document["paths"].as_object().expect("paths");
+    for (template, item) in paths {
+        // An alias (a documented path under a prefix) is the same handler: its original is covered.
+        if paths
+            .keys()
+            .any(|other| other != template && template.ends_with(other.as_str()))
+        {
+            continue;
+        }
         for (method, operation) in item.as_object().expect("path item") {
             for status in operation["responses"]
                 .as_object()
