@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use license_sync_core::merge::{Explanation, Person, explain, explain_separation};
 use serde::{Deserialize, Serialize};
 
+use super::GitHubQuery;
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
@@ -79,8 +80,8 @@ fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v P
 )]
 pub(super) async fn license_explanation(
     State(app): State<Arc<App>>,
-    Query(query): Query<ExplainQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+    GitHubQuery(query): GitHubQuery<ExplainQuery>,
 ) -> ServiceResult<Json<LicenseExplanation>> {
     let reference = query.account.or(query.person).ok_or_else(|| {
         ServiceError::invalid(

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::overage;
+use super::{GitHubQuery, overage};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
@@ -95,8 +95,8 @@ fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
 )]
 pub(super) async fn usage_history(
     State(app): State<Arc<App>>,
-    Query(query): Query<HistoryQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+    GitHubQuery(query): GitHubQuery<HistoryQuery>,
 ) -> ServiceResult<Json<UsageHistory>> {
     let today = OffsetDateTime::now_utc().date();
     let until = match query.until.as_deref() {

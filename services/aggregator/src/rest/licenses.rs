@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use license_sync_core::merge::Person;
@@ -11,7 +11,7 @@ use license_sync_core::merge::Person;
 use super::page_json::{
     ConsumedLicenses, ConsumedUser, consumed_user, server_emails, write_consumed_user,
 };
-use super::{PageQuery, add_link_header, overage, parse_page};
+use super::{GitHubQuery, PageQuery, add_link_header, overage, parse_page};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
@@ -32,8 +32,8 @@ use crate::view::MergedView;
 )]
 pub(super) async fn consumed_licenses(
     State(app): State<Arc<App>>,
-    Query(query): Query<PageQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+    GitHubQuery(query): GitHubQuery<PageQuery>,
     headers: HeaderMap,
 ) -> ServiceResult<Response> {
     let (per_page, page) = parse_page(&query)?;

@@ -571,6 +571,15 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         None
     );
     expect(answer, 422);
+    // A parameter given twice: GitHub's 422 too, not axum's plain-text 400.
+    let answer = call!(
+        Method::GET,
+        consumed_path,
+        concrete(consumed_path, &ids) + "?per_page=1&per_page=2",
+        Some(&owner),
+        None
+    );
+    expect(answer, 422);
     let answer = call!(
         Method::GET,
         consumed_path,
