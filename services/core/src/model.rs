@@ -149,7 +149,9 @@ pub struct ExternalIdentity {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CloudMember {
     /// The cloud user id. Ties between cloud members go to the lowest id.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub id: i64,
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub login: String,
     #[serde(default)]
     pub name: Option<String>,

@@ -61,7 +61,8 @@ pub(super) struct SyncRequestPath {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EnrollmentTokenBody {
-    /// Hours until the token expires (`enrollment_token_ttl_hours` by default).
+    /// Hours until the token expires; 24 by default, at most `MAX_ENROLLMENT_TOKEN_HOURS`.
+    #[schema(minimum = 1, maximum = 720)]
     expires_in_hours: Option<i64>,
 }
 

@@ -260,10 +260,10 @@ where
 #[into_params(parameter_in = Query)]
 pub(super) struct PageQuery {
     /// Results per page; above 100 is served as 100.
-    #[param(value_type = Option<u32>, minimum = 1, default = json!(DEFAULT_PER_PAGE))]
+    #[param(value_type = Option<u64>, minimum = 1, default = json!(DEFAULT_PER_PAGE))]
     pub per_page: Option<String>,
     /// The page number; past the last page, an empty page.
-    #[param(value_type = Option<u32>, minimum = 1, default = 1)]
+    #[param(value_type = Option<u64>, minimum = 1, default = 1)]
     pub page: Option<String>,
 }
 

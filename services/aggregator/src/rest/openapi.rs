@@ -363,6 +363,18 @@ mod tests {
         assert!(!paths.contains_key("/api/v3/unknown") && !paths.contains_key("/api/v3"));
     }
 
+    /// The bounds written as literals in the annotations are the code's.
+    #[test]
+    fn documented_bounds_are_the_codes() {
+        let document: serde_json::Value =
+            serde_json::from_str(&document().expect("serialises")).expect("JSON");
+        let hours = &document["components"]["schemas"]["EnrollmentTokenBody"]["properties"]["expires_in_hours"];
+        assert_eq!(
+            hours["maximum"],
+            serde_json::json!(crate::enrollment::MAX_ENROLLMENT_TOKEN_HOURS)
+        );
+    }
+
     #[test]
     fn descriptions_have_no_rustdoc_links() {
         let text = document().expect("serialises");
