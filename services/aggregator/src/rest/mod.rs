@@ -37,7 +37,8 @@ pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
 
 /// Every route of the REST API with its handlers, in one table that both the router and the tests read (the scope
-/// test walks every path and method of it, so no route can be left out of it).
+/// test walks every path and method of it, so no route can be left out of it; so does the OpenAPI document's
+/// drift test, so a new route's handler needs its `#[utoipa::path]` and a line in `openapi::ApiDoc`).
 fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
     vec![
         ("/healthz", get(healthz)),
