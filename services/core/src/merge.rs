@@ -280,7 +280,6 @@ impl Person {
 
 /// Why separate people are probably one human (SPEC §4.8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "reason", content = "value", rename_all = "snake_case")]
 pub enum DuplicateReason {
     /// The same login (case-insensitive) on several instances or in the cloud.
@@ -291,7 +290,6 @@ pub enum DuplicateReason {
 
 /// License-consuming people that share a login or a display name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LikelyDuplicate {
     #[serde(flatten)]
     pub reason: DuplicateReason,
