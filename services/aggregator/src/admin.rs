@@ -119,18 +119,32 @@ pub async fn issue_api_token(
     Ok((record, token))
 }
 
-/// A token's record as `token list` prints it and REST shows it: never the secret or its hash.
-pub fn api_token_json(token: &ApiToken) -> serde_json::Value {
+/// A token's record as `token list` prints it and REST shows it: never the secret or its hash. Times are RFC 3339
+/// UTC.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ApiTokenRecord {
+    pub id: i64,
+    pub name: String,
+    pub scope: TokenScope,
+    pub created_at: String,
+    /// Null for a token that does not expire.
+    pub expires_at: Option<String>,
+    /// Within a minute; null before the first use.
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+pub fn api_token_json(token: &ApiToken) -> ApiTokenRecord {
     let time = |time: Option<OffsetDateTime>| time.map(crate::time_format::rfc3339);
-    serde_json::json!({
-        "id": token.id,
-        "name": token.name,
-        "scope": token.scope.as_str(),
-        "created_at": crate::time_format::rfc3339(token.created_at),
-        "expires_at": time(token.expires_at),
-        "last_used_at": time(token.last_used_at),
-        "revoked_at": time(token.revoked_at),
-    })
+    ApiTokenRecord {
+        id: token.id,
+        name: token.name.clone(),
+        scope: token.scope,
+        created_at: crate::time_format::rfc3339(token.created_at),
+        expires_at: time(token.expires_at),
+        last_used_at: time(token.last_used_at),
+        revoked_at: time(token.revoked_at),
+    }
 }
 
 /// Enrolls (or re-enrolls, rotating the credential) an instance; returns the new credential.

@@ -25,7 +25,7 @@ use crate::tokens;
 use crate::view::{Committed, Views};
 
 /// What the sender of a snapshot is told once it is committed.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Receipt {
     pub sync_id: Uuid,
     pub server_id: Uuid,

@@ -13,31 +13,61 @@ use serde::Serialize;
 
 use crate::view::MergedView;
 
+/// GitHub's "Enterprise Consumed Licenses": one page, as `consumed_licenses_body` writes it. Only its schema is
+/// used (the page is written by hand, around [`write_consumed_user`]); the test of the served answers against the
+/// OpenAPI document keeps the two the same.
+#[derive(utoipa::ToSchema)]
+#[allow(
+    dead_code,
+    reason = "a schema for the OpenAPI document only; never built"
+)]
+pub(crate) struct ConsumedLicenses<'a> {
+    /// People consuming a license, enterprise-wide (every page has the totals).
+    total_seats_consumed: u64,
+    total_seats_purchased: i64,
+    /// Ours: consumed above purchased, 0 when within.
+    total_seats_overage: u64,
+    users: Vec<ConsumedUser<'a>>,
+}
+
 /// One entry of `users` in GitHub's "Enterprise Consumed Licenses" schema. Borrows from the merged view: a page is
 /// serialised straight from it, without copying every string first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ConsumedUser<'a> {
+    /// Empty for a person without a cloud account (GitHub's example).
     pub(crate) github_com_login: &'a str,
     pub(crate) github_com_name: Option<&'a str>,
+    /// `<GHES hostname>:<user id on that instance>` of each of the person's GHES accounts.
+    #[schema(value_type = Vec<String>)]
     pub(crate) enterprise_server_user_ids: ServerUserIds<'a>,
     pub(crate) github_com_user: bool,
     pub(crate) enterprise_server_user: Option<bool>,
     pub(crate) visual_studio_subscription_user: bool,
     pub(crate) license_type: &'static str,
+    /// The cloud profile's URL; empty for a person without a cloud account.
+    #[schema(value_type = Option<String>)]
     pub(crate) github_com_profile: Option<Profile<'a>>,
+    #[schema(value_type = Vec<String>)]
     pub(crate) github_com_member_roles: Strings<'a>,
+    #[schema(value_type = Vec<String>)]
     pub(crate) github_com_enterprise_roles: Strings<'a>,
+    #[schema(value_type = Vec<String>)]
     pub(crate) github_com_verified_domain_emails: Strings<'a>,
     pub(crate) github_com_saml_name_id: Option<&'a str>,
+    #[schema(value_type = Vec<String>)]
     pub(crate) github_com_orgs_with_pending_invites: Strings<'a>,
     pub(crate) github_com_two_factor_auth: Option<bool>,
+    #[schema(value_type = Vec<String>)]
     pub(crate) enterprise_server_emails: &'a [&'a str],
     /// The name PyGithub's `NamedEnterpriseUser` reads; same content as `enterprise_server_emails`.
+    #[schema(value_type = Vec<String>)]
     pub(crate) enterprise_server_primary_emails: &'a [&'a str],
     pub(crate) visual_studio_license_status: Option<&'static str>,
     pub(crate) visual_studio_subscription_email: Option<&'static str>,
     pub(crate) total_user_accounts: usize,
-    /// Ours: the person's stable id, for `license-explanations?person=`.
+    /// Ours: the person's stable id (`cloud:<id>` or `server:<hostname>:<user id>`), for
+    /// `license-explanations?person=`.
+    #[schema(value_type = String)]
     pub(crate) person_id: PersonId<'a>,
     /// Ours: a tie rule decided which cloud member this person's GHES account joined.
     pub(crate) ambiguous: bool,

@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(ServiceError::from)?
             {
-                print_line(&admin::api_token_json(&token).to_string())?;
+                print_line(&serde_json::to_string(&admin::api_token_json(&token))?)?;
             }
         }
         Command::Token(TokenCommand::Revoke {

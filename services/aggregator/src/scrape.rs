@@ -198,9 +198,20 @@ async fn read_database(app: Arc<App>, sender: tokio::sync::mpsc::UnboundedSender
     }
 }
 
-/// `GET /metrics`.
 /// `GET /metrics`. With `metrics_token` set, only for `Authorization: Bearer <metrics_token>` (compared in constant
 /// time); a wrong token counts against the caller's failed-authentication limit.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "The metrics, in the OpenMetrics text format", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "`metrics_token` is set and the request lacks it or has another token", body = crate::rest::GitHubError),
+        (status = 429, description = "Too many refused tokens from this address: retry after `Retry-After` seconds", body = crate::rest::GitHubError),
+    ),
+)]
 pub async fn serve(
     State(app): State<Arc<App>>,
     client: Option<Extension<ConnectInfo<SocketAddr>>>,

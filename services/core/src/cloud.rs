@@ -303,6 +303,7 @@ impl CloudMembers {
 
 /// Which identity attribute matched (SPEC §4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityAttribute {
     NameId,

@@ -48,6 +48,7 @@ pub struct AccountRef {
 
 /// Why a GHES account belongs to its person.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "rule", rename_all = "snake_case")]
 pub enum MatchRule {
     /// Its primary email equals an identity attribute of the person's cloud member.
@@ -74,6 +75,7 @@ impl MatchRule {
 
 /// [`InvalidEmail`] in a serialisable form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum InvalidEmailReason {
     Empty,
@@ -297,6 +299,7 @@ pub struct LikelyDuplicate {
 
 /// Counts that summarise a merge, for status pages and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MergeStats {
     pub server_accounts: u64,
     pub cloud_members: u64,
@@ -611,6 +614,7 @@ where
 
 /// The answer to "why is this one license?" for one person.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Explanation {
     pub person_id: String,
     pub consumes_license: bool,
@@ -621,6 +625,7 @@ pub struct Explanation {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccountExplanation {
     /// `github.com:<login>` for the cloud account, `<hostname>:<user id>` for a GHES account.
     pub account: String,

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 /// A GHES account's role, from the `role` column of `all_users.csv`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UserRole {
     #[default]
@@ -35,6 +36,7 @@ pub const BUILT_IN_LOGINS: [&str; 2] = ["ghost", "scim-admin"];
 
 /// One account of a GHES instance, as read from its `all_users.csv` report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerUser {
     /// The account's id on its instance (unique per instance).
     pub id: i64,
@@ -95,6 +97,7 @@ pub fn consumption_of(login: &str, suspended: bool, dormant: bool) -> ServerCons
 
 /// Who a GHES instance is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceIdentity {
     pub server_id: Uuid,
     pub hostname: String,
@@ -104,6 +107,7 @@ pub struct InstanceIdentity {
 
 /// The GHES license as `GET /api/v3/enterprise/settings/license` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceLicense {
     /// `None` for unlimited-seat licenses.
     pub seats: Option<i64>,
@@ -115,6 +119,7 @@ pub struct InstanceLicense {
 
 /// What the agent's reader saw while building a snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SourceReport {
     pub rows_read: u64,
     pub rows_skipped: u64,
@@ -122,6 +127,7 @@ pub struct SourceReport {
 
 /// SAML/SCIM identity attributes linked to a cloud member (SPEC §4.3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExternalIdentity {
     #[serde(default)]
     pub name_id: Option<String>,
@@ -140,9 +146,12 @@ pub struct ExternalIdentity {
 
 /// A member of the enterprise in the cloud, as imported by an owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CloudMember {
     /// The cloud user id. Ties between cloud members go to the lowest id.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub id: i64,
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub login: String,
     #[serde(default)]
     pub name: Option<String>,

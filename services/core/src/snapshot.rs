@@ -14,6 +14,7 @@ use crate::model::{InstanceIdentity, InstanceLicense, ServerUser, SourceReport};
 
 /// Everything about a snapshot except its users.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotMeta {
     /// Unique per snapshot; a retry reuses it so that the aggregator applies the snapshot once.
     pub sync_id: Uuid,
@@ -317,6 +318,7 @@ impl SnapshotDigest {
 
 /// The exported usage file (SPEC §6): what an owner uploads by hand when the agent cannot reach the aggregator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageFile {
     /// Always [`UsageFile::FORMAT`]; lets the upload endpoint reject other JSON with a clear message.
     pub format: String,

@@ -4,19 +4,24 @@
 
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::State;
-use serde_json::Value;
-
-use crate::admin::api_token_json;
+use crate::admin::{ApiTokenRecord, api_token_json};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::ServiceResult;
+use axum::Json;
+use axum::extract::State;
 
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/api-tokens",
+    tag = "tokens",
+    params(super::openapi::EnterprisePath),
+    responses((status = 200, description = "The enterprise's REST tokens, revoked ones included", body = Vec<ApiTokenRecord>)),
+)]
 pub(super) async fn list_api_tokens(
     State(app): State<Arc<App>>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
-) -> ServiceResult<Json<Vec<Value>>> {
+) -> ServiceResult<Json<Vec<ApiTokenRecord>>> {
     let tokens = app.store.list_api_tokens(enterprise.id).await?;
     Ok(Json(tokens.iter().map(api_token_json).collect()))
 }

@@ -3,20 +3,53 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::overage;
+use super::{GitHubQuery, overage};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
+use crate::store::InstanceUsage;
 
-#[derive(Debug, Deserialize)]
+/// The period, inclusive UTC days; the last 90 days by default.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct HistoryQuery {
+    /// First day (`YYYY-MM-DD`); 89 days before `until` by default.
+    #[param(format = Date)]
     since: Option<String>,
+    /// Last day (`YYYY-MM-DD`); today by default.
+    #[param(format = Date)]
     until: Option<String>,
+}
+
+/// Daily counts of the period and its peak ("max historical users").
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct UsageHistory {
+    since: String,
+    until: String,
+    /// The recorded days, oldest first; a day without a record is absent.
+    days: Vec<UsageDay>,
+    /// The highest count in the period; null without a recorded day.
+    max_consumed: Option<i64>,
+    /// The first day it was reached.
+    max_consumed_date: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct UsageDay {
+    /// `YYYY-MM-DD`, UTC.
+    date: String,
+    /// The day's last count of consuming people.
+    consumed: i64,
+    /// The day's highest count.
+    max_consumed: i64,
+    purchased: i64,
+    overage: u64,
+    /// Each active instance's accounts that day.
+    instances: Vec<InstanceUsage>,
 }
 
 /// The most days one history request may span (ten years).
@@ -50,11 +83,21 @@ fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
 
 /// Daily consumed, purchased and per-instance counts, and the highest count in the period ("max historical
 /// users"). `since`/`until` are inclusive UTC dates; the default is the last 90 days.
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/usage-history",
+    tag = "usage",
+    params(super::openapi::EnterprisePath, HistoryQuery),
+    responses(
+        (status = 200, description = "The period's daily counts", body = UsageHistory),
+        (status = 422, description = "A day is not `YYYY-MM-DD` from 1970-01-01 to 9999-12-31, `since` is after `until`, or the period is over 3660 days", body = super::GitHubError),
+    ),
+)]
 pub(super) async fn usage_history(
     State(app): State<Arc<App>>,
-    Query(query): Query<HistoryQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
-) -> ServiceResult<Json<Value>> {
+    GitHubQuery(query): GitHubQuery<HistoryQuery>,
+) -> ServiceResult<Json<UsageHistory>> {
     let today = OffsetDateTime::now_utc().date();
     let until = match query.until.as_deref() {
         Some(value) => parse_day("until", value)?,
@@ -87,24 +130,24 @@ pub(super) async fn usage_history(
     let peak = days
         .iter()
         .max_by_key(|d| (d.max_consumed, std::cmp::Reverse(d.date.clone())));
-    let entries: Vec<Value> = days
+    let max_consumed = peak.map(|d| d.max_consumed);
+    let max_consumed_date = peak.map(|d| d.date.clone());
+    let entries = days
         .iter()
-        .map(|d| {
-            json!({
-                "date": d.date,
-                "consumed": d.consumed,
-                "max_consumed": d.max_consumed,
-                "purchased": d.purchased,
-                "overage": overage(d.consumed.max(0) as u64, d.purchased),
-                "instances": d.instances,
-            })
+        .map(|d| UsageDay {
+            date: d.date.clone(),
+            consumed: d.consumed,
+            max_consumed: d.max_consumed,
+            purchased: d.purchased,
+            overage: overage(d.consumed.max(0) as u64, d.purchased),
+            instances: d.instances.clone(),
         })
         .collect();
-    Ok(Json(json!({
-        "since": day(since),
-        "until": day(until),
-        "days": entries,
-        "max_consumed": peak.map(|d| d.max_consumed),
-        "max_consumed_date": peak.map(|d| d.date.clone()),
-    })))
+    Ok(Json(UsageHistory {
+        since: day(since),
+        until: day(until),
+        days: entries,
+        max_consumed,
+        max_consumed_date,
+    }))
 }

@@ -4,22 +4,37 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use license_sync_core::merge::Person;
 
-use super::{PageQuery, RequestBase, add_link_header, overage, parse_page};
+use super::{GitHubQuery, PageQuery, RequestBase, add_link_header, overage, parse_page};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
-use crate::consumed_user::{ConsumedUser, consumed_user, server_emails, write_consumed_user};
+use crate::consumed_user::{
+    ConsumedLicenses, ConsumedUser, consumed_user, server_emails, write_consumed_user,
+};
 use crate::error::{ServiceError, ServiceResult};
 use crate::view::MergedView;
 
+/// GitHub's "List enterprise consumed licenses": every person consuming a license, one page of them, with the
+/// enterprise's totals and GitHub's `Link` header.
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/consumed-licenses",
+    tag = "licensing",
+    params(super::openapi::EnterprisePath, PageQuery),
+    responses(
+        (status = 200, description = "One page of the people consuming a license", body = ConsumedLicenses,
+         headers(("Link" = String, description = "GitHub's pagination links (`prev`, `next`, `last`, `first`), when there is more than one page"))),
+        (status = 422, description = "`per_page` or `page` is not a positive integer", body = super::GitHubError),
+    ),
+)]
 pub(super) async fn consumed_licenses(
     State(app): State<Arc<App>>,
-    Query(query): Query<PageQuery>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
+    GitHubQuery(query): GitHubQuery<PageQuery>,
     base: RequestBase,
 ) -> ServiceResult<Response> {
     let (per_page, page) = parse_page(&query)?;
@@ -59,7 +74,18 @@ pub(super) async fn consumed_licenses(
     Ok(response)
 }
 
-/// The whole report as CSV, streamed.
+/// The whole report as CSV, streamed: GitHub's license report columns, then ours (see README).
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/consumed-licenses.csv",
+    tag = "licensing",
+    params(super::openapi::EnterprisePath),
+    responses(
+        (status = 200, description = "One row per person consuming a license, in the order of `consumed-licenses`",
+         content_type = "text/csv", body = String,
+         headers(("Content-Disposition" = String, description = "`attachment; filename=\"<enterprise>-consumed-licenses-<date>.csv\"`"))),
+    ),
+)]
 pub(super) async fn consumed_licenses_csv(
     State(app): State<Arc<App>>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,

@@ -32,6 +32,7 @@ mod history;
 mod instances;
 mod licenses;
 mod members;
+mod openapi;
 mod status;
 mod upload;
 
@@ -41,7 +42,8 @@ pub const API_V3_PREFIX: &str = "/api/v3";
 pub const DEFAULT_PER_PAGE: usize = 30;
 
 /// Every route of the REST API with its handlers, in one table that both the router and the tests read (the scope
-/// test walks every path and method of it, so no route can be left out of it).
+/// test walks every path and method of it, so no route can be left out of it; so does the OpenAPI document's
+/// drift test, so a new route's handler needs its `#[utoipa::path]` and a line in `openapi::ApiDoc`).
 fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
     vec![
         ("/healthz", get(healthz)),
@@ -55,6 +57,7 @@ fn routes(upload_timeout: (Duration, &'static str)) -> Vec<(&'static str, Method
         // GraphQL at api.github.com's and at GHES's path; only `viewer { login }` is answered (see `api_root`).
         ("/graphql", post(api_root::graphql)),
         ("/api/graphql", post(api_root::graphql)),
+        ("/openapi.json", get(openapi::serve)),
         (
             "/enterprises/{enterprise}/consumed-licenses",
             get(licenses::consumed_licenses),
@@ -152,7 +155,11 @@ pub fn route_paths() -> Vec<String> {
         .collect()
 }
 
+pub use openapi::{ApiDoc, GitHubError, document as openapi_document};
+
 pub fn router(app: Arc<App>) -> Router {
+    // Built now rather than at the first request: a start that succeeds serves the document.
+    std::sync::LazyLock::force(&openapi::DOCUMENT);
     let request_timeout = (
         Duration::from_secs(app.config.http_request_timeout_secs),
         "http_request_timeout_secs",
@@ -229,6 +236,13 @@ fn catch_panic_layer() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> R
     CatchPanicLayer::custom(answer)
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process answers", content_type = "text/plain", body = String, example = "ok")),
+)]
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -236,6 +250,15 @@ async fn healthz() -> &'static str {
 /// Ready means the store can read and write: a store that can no longer write (full disk) answers 503, so that
 /// a load balancer sends agents elsewhere and an operator sees why, and 200 again once a write goes through,
 /// without a restart.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The store reads and writes", content_type = "text/plain", body = String, example = "ready"),
+        (status = 503, description = "Not ready: the store cannot read or write (unreachable, disk full); the message says which", body = openapi::GitHubError),
+    ),
+)]
 async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
     let not_ready = |error: crate::store::StoreError| {
         let error = ServiceError::from(error);
@@ -249,9 +272,46 @@ async fn readyz(State(app): State<Arc<App>>) -> ServiceResult<&'static str> {
     Ok("ready")
 }
 
-#[derive(Debug, Deserialize)]
+/// `Query`, refused as the rest of the API refuses bad input: a GitHub-shaped 422, where axum's own rejection (a
+/// parameter given twice, say) is a plain-text 400 that no client of this API expects (found by schemathesis
+/// against the OpenAPI document). Extract it after `AuthorizedEnterprise`, so that a caller without a token gets the
+/// 401 first.
+pub(super) struct GitHubQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for GitHubQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ServiceError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(GitHubQuery(value)),
+            Err(rejection) => {
+                // serde_urlencoded names the parameter (ours), not its value; bounded all the same.
+                let problem: String = rejection.body_text().chars().take(120).collect();
+                Err(ServiceError::invalid(format!(
+                    "the query string cannot be read ({problem}): give each parameter at most once"
+                )))
+            }
+        }
+    }
+}
+
+/// GitHub's pagination parameters. Read as text so that a bad value gets a GitHub-style 422 naming it (see
+/// [`parse_page`]), described as the integers they must be.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct PageQuery {
+    /// Results per page; above 100 is served as 100.
+    #[param(value_type = Option<u64>, minimum = 1, default = json!(DEFAULT_PER_PAGE))]
     pub per_page: Option<String>,
+    /// The page number; past the last page, an empty page.
+    #[param(value_type = Option<u64>, minimum = 1, default = 1)]
     pub page: Option<String>,
 }
 

@@ -11,7 +11,7 @@ use license_sync_core::encrypted_usage_file::{self, EncryptedUsageFileError};
 use license_sync_core::snapshot::{UsageFile, UsageFileParseError};
 
 use super::{json_error, read_body};
-use crate::app::App;
+use crate::app::{App, Receipt};
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
@@ -20,6 +20,26 @@ use crate::usage_keys;
 
 /// "Add server usage": the manual upload of a usage file exported by an agent. The span `aggregator.upload` is
 /// the root of the upload's trace (validation, commit and merge are its children, as for a streamed sync).
+#[utoipa::path(
+    post,
+    path = "/enterprises/{enterprise}/server-usage",
+    tag = "usage",
+    params(super::openapi::EnterprisePath),
+    request_body(
+        description = "A usage file written by `license-sync-agent export`: plain JSON, or encrypted with age (binary \
+                       or armored) to one of the enterprise's usage-file keys",
+        content((UsageFile = "application/json"), (String = "application/octet-stream")),
+    ),
+    responses(
+        (status = 201, description = "Committed", body = Receipt),
+        (status = 200, description = "This sync id was committed before; nothing was applied again", body = Receipt),
+        (status = 404, description = "No such enterprise, or the file's instance is not one of its instances", body = super::GitHubError),
+        (status = 403, description = "A `read` token, or the file's instance is enrolled in another enterprise", body = super::GitHubError),
+        (status = 409, description = "The stored snapshot is newer, the sync id was used for other content, or the instance is retired", body = super::GitHubError),
+        (status = 413, description = "The body is over `max_upload_bytes`, or the file over `max_snapshot_users`", body = super::GitHubError),
+        (status = 422, description = "Not a usage file (the message says where), or a file no key of the enterprise decrypts", body = super::GitHubError),
+    ),
+)]
 #[tracing::instrument(name = "aggregator.upload", skip_all, fields(otel.kind = "server"))]
 pub(super) async fn upload_usage(
     State(app): State<Arc<App>>,
@@ -93,10 +113,20 @@ fn usage_file_error(error: UsageFileParseError) -> ServiceError {
 
 /// `GET /enterprises/{enterprise}/usage-file-key`: the public key agents encrypt usage files to (the newest of the
 /// enterprise's keys), for `export.recipient`. 404 while the enterprise has none.
+#[utoipa::path(
+    get,
+    path = "/enterprises/{enterprise}/usage-file-key",
+    tag = "usage",
+    params(super::openapi::EnterprisePath),
+    responses(
+        (status = 200, description = "The newest usage-file key", body = UsageFileKey),
+        (status = 404, description = "No such enterprise, or it has no usage-file key yet (`enterprise keygen`)", body = super::GitHubError),
+    ),
+)]
 pub(super) async fn usage_file_key(
     State(app): State<Arc<App>>,
     AuthorizedEnterprise(enterprise): AuthorizedEnterprise,
-) -> ServiceResult<Response> {
+) -> ServiceResult<Json<UsageFileKey>> {
     let key = usage_keys::current_public_key(&app.store, enterprise.id)
         .await?
         .ok_or_else(|| {
@@ -106,9 +136,19 @@ pub(super) async fn usage_file_key(
                 slug = enterprise.slug
             ))
         })?;
-    Ok(Json(serde_json::json!({
-        "public_key": key.public_key,
-        "created_at": crate::time_format::rfc3339(crate::time_format::unix_ms_to_time(key.created_at_ms)),
+    Ok(Json(UsageFileKey {
+        public_key: key.public_key,
+        created_at: crate::time_format::rfc3339(crate::time_format::unix_ms_to_time(
+            key.created_at_ms,
+        )),
     }))
-    .into_response())
+}
+
+/// An enterprise's usage-file key, as agents read it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct UsageFileKey {
+    /// The age X25519 recipient (`age1…`).
+    public_key: String,
+    /// RFC 3339 UTC.
+    created_at: String,
 }

@@ -39,7 +39,7 @@ pub struct Enterprise {
 
 /// What a REST token may do: `Read` answers every GET (reports, dashboards); `Admin` also every change (PUT, POST,
 /// DELETE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenScope {
     Read,
@@ -103,7 +103,7 @@ pub enum TokenSelector<'a> {
 pub const TOKEN_LAST_USE_RESOLUTION: time::Duration = time::Duration::minutes(1);
 
 /// How a snapshot reached the aggregator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Arrival {
     /// Streamed by an agent over gRPC (GitHub's "GitHub Connect" sync).
@@ -209,7 +209,7 @@ pub struct SyncRequest {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncRequestState {
     /// Waiting for the agent's control stream.
@@ -319,7 +319,7 @@ pub enum CommitOutcome {
 
 /// Everything the merge needs, read in one consistent transaction.
 /// Usage of one instance on one day.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct InstanceUsage {
     pub hostname: String,
     pub accounts: i64,

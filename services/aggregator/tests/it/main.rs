@@ -4,6 +4,7 @@
 mod control;
 mod github_api;
 mod ingest;
+mod openapi;
 mod report;
 mod servers;
 mod store_faults;
