@@ -220,8 +220,16 @@ fn walk_console(
 
     let mut console = browser();
     assert_eq!(console.get("/console/sign-in").0, 200);
-    assert_eq!(console.post("/console/sign-in", &[("token", WRONG_REST_TOKEN)]).0, 401);
-    assert_eq!(console.post("/console/sign-in", &[("token", rest_token)]).0, 303);
+    assert_eq!(
+        console
+            .post("/console/sign-in", &[("token", WRONG_REST_TOKEN)])
+            .0,
+        401
+    );
+    assert_eq!(
+        console.post("/console/sign-in", &[("token", rest_token)]).0,
+        303
+    );
     let token_session = console.session();
     let (status, overview) = console.get("/console/acme/");
     assert_eq!(status, 200, "{overview}");
@@ -248,13 +256,23 @@ fn walk_console(
         &[("csrf_token", &csrf_token)],
     );
     assert_eq!(status, 303, "{page}");
-    assert_eq!(console.post("/console/acme/enrollment-tokens", &[("csrf_token", &csrf_token)]).0, 201);
+    assert_eq!(
+        console
+            .post(
+                "/console/acme/enrollment-tokens",
+                &[("csrf_token", &csrf_token)]
+            )
+            .0,
+        201
+    );
     let form = reqwest::blocking::multipart::Form::new()
         .text("csrf_token", csrf_token.clone())
         .part(
             "file",
-            reqwest::blocking::multipart::Part::bytes(usage_file.replace("carol@", "CaRoL@").into_bytes())
-                .file_name("usage.json"),
+            reqwest::blocking::multipart::Part::bytes(
+                usage_file.replace("carol@", "CaRoL@").into_bytes(),
+            )
+            .file_name("usage.json"),
         );
     let request = console
         .http
@@ -263,7 +281,12 @@ fn walk_console(
     let (status, page) = console.send(request);
     assert!((200..500).contains(&status), "{status} {page}");
     assert!(page.contains("id=\"upload-result\""), "{page}");
-    assert_eq!(console.post("/console/sign-out", &[("csrf_token", &csrf_token)]).0, 303);
+    assert_eq!(
+        console
+            .post("/console/sign-out", &[("csrf_token", &csrf_token)])
+            .0,
+        303
+    );
     ConsoleSecrets {
         link_token,
         link_session,
@@ -702,7 +725,10 @@ fn no_email_address_or_secret_reaches_any_log() {
         ("a wrong REST token", WRONG_REST_TOKEN),
         ("a wrong credential", WRONG_CREDENTIAL),
         ("a wrong enrollment token", WRONG_ENROLLMENT),
-        ("the console sign-in link token", console.link_token.as_str()),
+        (
+            "the console sign-in link token",
+            console.link_token.as_str(),
+        ),
         ("a console session id", console.link_session.as_str()),
         ("a console session id", console.token_session.as_str()),
         ("a console CSRF token", console.csrf_token.as_str()),

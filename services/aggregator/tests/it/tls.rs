@@ -571,12 +571,15 @@ async fn unusable_tls_files_are_refused_at_start_naming_the_setting() {
 #[tokio::test]
 async fn the_console_session_cookie_is_secure_under_tls() {
     let tls = TlsServer::start(|_, _| {}).await;
-    let token = license_sync_aggregator::admin::create_api_token(&tls.server.app.store, "acme", "console")
-        .await
-        .expect("token");
+    let token =
+        license_sync_aggregator::admin::create_api_token(&tls.server.app.store, "acme", "console")
+            .await
+            .expect("token");
     let client = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(tls.ca.cert_pem().as_bytes()).expect("CA"))
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(tls.ca.cert_pem().as_bytes()).expect("CA"),
+        )
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
