@@ -519,7 +519,10 @@ async fn people_search(
     enterprise_id: i64,
     view: ViewGuard,
 ) -> ServiceResult<(ViewGuard, Arc<PeopleSearch>)> {
-    if let Some(search) = app.views.cached_people_search(enterprise_id, view.generation) {
+    if let Some(search) = app
+        .views
+        .cached_people_search(enterprise_id, view.generation)
+    {
         return Ok((view, search));
     }
     let (view, search) = tokio::task::spawn_blocking(move || {

@@ -294,6 +294,11 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     assert!(!cookie.contains(&harness.owner_token), "{cookie}");
     let home = get(&client, base, "/console/").await;
     assert_eq!(home.location.as_deref(), Some("/console/acme/"));
+    let slashless = get(&client, base, "/console/acme").await;
+    assert_eq!(slashless.location.as_deref(), Some("/console/acme/"));
+    let unknown_page = get(&client, base, "/console/acme/nothing-here").await;
+    assert_eq!(unknown_page.status, StatusCode::NOT_FOUND);
+    assert!(unknown_page.body.starts_with("<!DOCTYPE html>"));
     let overview = get(&client, base, "/console/acme/").await;
     assert_signed_in_frame(&overview, "/console/acme/");
 
