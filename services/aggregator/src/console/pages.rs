@@ -1032,11 +1032,8 @@ pub(super) async fn upload(
     signed: Signed,
     request: Request,
 ) -> ConsoleResult<Response> {
-    let (token, file) = match upload_parts(&app, request).await {
-        Ok(parts) => parts,
-        // A form that could not be read is shown on the page, unless its token could not be checked either.
-        Err(error) => return Err(error.into()),
-    };
+    // A form that cannot be read is refused as it is: its token cannot be checked, so nothing is applied.
+    let (token, file) = upload_parts(&app, request).await?;
     signed.check_csrf(token.as_deref())?;
     signed.require_admin()?;
     let result = match file.filter(|bytes| !bytes.is_empty()) {

@@ -810,6 +810,48 @@ async fn people_are_searched_filtered_and_paginated_on_the_server() {
             .contains("href=\"/console/acme/people?q=user&amp;filter=server&amp;page=2\""),
         "next link"
     );
+    // Cloud members: one joins user5's account (by verified email), one has no server account.
+    let members = serde_json::json!([
+        {"id": 501, "login": "user5-cloud", "name": "Five Cloud", "verified_emails": ["user5@example.com"],
+         "consumes_license": true},
+        {"id": 900, "login": "zz-cloud-only", "name": "Only Clouds", "verified_emails": ["zz@cloud.example"],
+         "consumes_license": true}
+    ]);
+    let (status, body) = harness
+        .rest(
+            reqwest::Method::PUT,
+            "/enterprises/acme/cloud-members",
+            Some(&harness.owner_token),
+            Some(&members.to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (query, expected) in [
+        ("", 121),
+        ("filter=both", 1),
+        ("filter=cloud", 1),
+        ("filter=server", 119),
+        ("q=only%20clouds", 1),
+        ("q=five&filter=both", 1),
+        ("q=five&filter=server", 0),
+    ] {
+        let page = get(&client, base, &format!("/console/acme/people?{query}")).await;
+        assert_eq!(
+            text_of(&page.body, "people-total"),
+            expected.to_string(),
+            "{query}"
+        );
+    }
+    let both = get(&client, base, "/console/acme/people?filter=both").await;
+    assert!(both.body.contains("data-person-id=\"cloud:501\""));
+    let explained = get(&client, base, "/console/acme/people/cloud:501").await;
+    assert!(
+        explained
+            .body
+            .contains(&format!("data-account=\"{HOSTNAME}:5\""))
+    );
+    assert!(explained.body.contains("verified email"));
+
     let bad = get(&client, base, "/console/acme/people?filter=everyone").await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(bad.body.contains("all, server, cloud, both, ambiguous"));
