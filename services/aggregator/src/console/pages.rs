@@ -257,10 +257,14 @@ fn instance_row(
                 @if instance.rows_skipped > 0 { br; span.rows-skipped { (instance.rows_skipped) " rows skipped" } }
             }
             td.actions {
-                form.sync-now method="post"
-                    action=(enterprise_path(signed, &format!("instances/{server_id}/sync-now"))) {
-                    (csrf_field(signed))
-                    button type="submit" aria-label=(format!("Sync now: {}", instance.hostname)) { "Sync now" }
+                @if instance.has_credential {
+                    form.sync-now method="post"
+                        action=(enterprise_path(signed, &format!("instances/{server_id}/sync-now"))) {
+                        (csrf_field(signed))
+                        button type="submit" aria-label=(format!("Sync now: {}", instance.hostname)) { "Sync now" }
+                    }
+                } @else {
+                    p.no-agent { "No agent enrolled: Sync now needs one (usage arrives by upload)." }
                 }
                 @if let Some((_, request)) = request {
                     @let state = request.state(now);

@@ -570,6 +570,16 @@ async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
             "{path}: an HTML page"
         );
     }
+    // Changes too, even with the session's own CSRF token.
+    let token = csrf(&get(&client, base, "/console/acme/").await.body);
+    let changed = post_form(
+        &client,
+        base,
+        &format!("/console/other/instances/{}/sync-now", Uuid::new_v4()),
+        &[("csrf_token", &token)],
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::NOT_FOUND);
     harness.shutdown().await;
 }
 
