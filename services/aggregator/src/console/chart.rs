@@ -13,6 +13,8 @@ const LEFT: f64 = 48.0;
 const BOTTOM: f64 = 24.0;
 const TOP: f64 = 12.0;
 const RIGHT: f64 = 12.0;
+/// Periods up to this long get a dot per day of consumed seats.
+const MAX_DOTTED_DAYS: usize = 31;
 
 /// `x,y` points of one series over the plot area.
 fn points(values: &[i64], max: i64) -> String {
@@ -70,6 +72,14 @@ pub(super) fn usage_chart(days: &[UsageDay]) -> Markup {
             @if !days.is_empty() {
                 polyline.series-purchased points=(points(&purchased, max)) fill="none" {}
                 polyline.series-consumed points=(points(&consumed, max)) fill="none" {}
+            }
+            // Dots on short periods: a line of one day is a point, and a few days read better as dots.
+            @if days.len() <= MAX_DOTTED_DAYS {
+                @for point in points(&consumed, max).split(' ').filter(|point| !point.is_empty()) {
+                    @if let Some((x, y)) = point.split_once(',') {
+                        circle.point-consumed cx=(x) cy=(y) r="3" {}
+                    }
+                }
             }
         }
         p.legend {
