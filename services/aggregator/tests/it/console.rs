@@ -984,7 +984,20 @@ async fn an_upload_is_applied_then_already_applied_and_a_bad_file_says_what_is_w
 
 #[tokio::test]
 async fn a_session_opened_on_one_replica_is_accepted_by_another_sharing_the_store() {
-    let harness = Harness::start(|_| {}).await;
+    sessions_are_shared_by_replicas(Harness::start(|_| {}).await).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_session_opened_on_one_replica_is_accepted_by_another_sharing_postgresql() {
+    let Some((url, _schema)) = crate::store_suite::postgres_schema_url().await else {
+        return;
+    };
+    sessions_are_shared_by_replicas(Harness::start(|config| config.database_url = url).await).await;
+}
+
+/// Signs in on the harness's server and uses the session on a second server over the same database.
+async fn sessions_are_shared_by_replicas(harness: Harness) {
     let mut config = (*harness.server().app.config).clone();
     config.grpc_listen = "127.0.0.1:0".parse().expect("address");
     config.http_listen = "127.0.0.1:0".parse().expect("address");

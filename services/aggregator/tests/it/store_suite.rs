@@ -2138,7 +2138,7 @@ fn postgres_url() -> Option<String> {
 
 /// Drops the test's schema when the test ends, whatever its outcome.
 #[cfg(feature = "postgres")]
-struct SchemaGuard {
+pub(crate) struct SchemaGuard {
     url: String,
     schema: String,
 }
@@ -2199,6 +2199,27 @@ async fn open_postgres() -> Option<(DynStore, SchemaGuard)> {
         .await
         .expect("open PostgreSQL store");
     Some((std::sync::Arc::new(store), guard))
+}
+
+/// A fresh schema in the configured database, as a URL a server can be configured with (`search_path` and the
+/// schema's name as `application_name`, so that the guard ends its connections), for tests of replicas sharing
+/// PostgreSQL.
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_schema_url() -> Option<(String, SchemaGuard)> {
+    use sqlx::Connection;
+    let url = postgres_url()?;
+    let schema = format!("ls_test_{}", Uuid::new_v4().simple());
+    let mut connection = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut connection)
+        .await
+        .expect("create schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let schema_url =
+        format!("{url}{separator}options=-c%20search_path%3D{schema}&application_name={schema}");
+    Some((schema_url, SchemaGuard { url, schema }))
 }
 
 #[cfg(feature = "postgres")]
