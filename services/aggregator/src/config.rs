@@ -745,6 +745,25 @@ mod tests {
     }
 
     #[test]
+    fn console_sessions_last_from_one_hour_to_thirty_days() {
+        for (hours, valid) in [(0, false), (1, true), (12, true), (720, true), (721, false)] {
+            let config = AggregatorConfig {
+                console_session_hours: hours,
+                ..AggregatorConfig::default()
+            };
+            match config.validate() {
+                Ok(()) => assert!(valid, "{hours} accepted"),
+                Err(InvalidConfig(problems)) => {
+                    assert!(!valid, "{hours} refused: {problems:?}");
+                    assert_eq!(problems.len(), 1);
+                    assert_eq!(problems[0].key, "console_session_hours");
+                }
+            }
+        }
+        assert_eq!(AggregatorConfig::default().console_session_hours, 12);
+    }
+
+    #[test]
     // figment's test jail fixes the closure's error type.
     #[allow(clippy::result_large_err)]
     fn every_problem_is_reported_at_once() {
