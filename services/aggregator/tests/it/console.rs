@@ -977,8 +977,22 @@ async fn an_upload_is_applied_then_already_applied_and_a_bad_file_says_what_is_w
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(tag_of(&bad.body, "upload-result").contains("error"));
     assert!(bad.body.contains("not valid JSON"), "{}", bad.body);
-    let forged = upload(file, "0".repeat(64)).await;
+    let forged = upload(file.clone(), "0".repeat(64)).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    // The raw file as the body, with the token in a header (scripts), takes the same path.
+    let raw = |token: &str| {
+        client
+            .post(format!("{base}/console/acme/upload"))
+            .header("content-type", "application/octet-stream")
+            .header("x-csrf-token", token)
+            .body(file.clone())
+            .send()
+    };
+    let raw_again = read(raw(&token).await.expect("raw upload")).await;
+    assert_eq!(raw_again.status, StatusCode::OK, "{}", raw_again.body);
+    assert!(tag_of(&raw_again.body, "upload-result").contains("already-applied"));
+    let raw_forged = read(raw("nope").await.expect("raw upload")).await;
+    assert_eq!(raw_forged.status, StatusCode::FORBIDDEN);
     harness.shutdown().await;
 }
 
