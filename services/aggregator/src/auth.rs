@@ -126,18 +126,18 @@ impl ApiTokens {
     }
 
     /// The token's enterprise and record, if it is live and unexpired at `now`; from the cache of checked tokens
-    /// when `cached` allows it.
+    /// when `use_cache` allows it.
     async fn check(
         &self,
         token: &str,
         now: OffsetDateTime,
-        cached: bool,
+        use_cache: bool,
     ) -> ServiceResult<(Enterprise, ApiToken)> {
         let token_sha256 = tokens::sha256_hex(token);
         let cached = self
             .checked
             .as_ref()
-            .filter(|_| cached)
+            .filter(|_| use_cache)
             .and_then(|checked| checked.get(&token_sha256));
         let (enterprise, record) = match cached {
             Some(checked) => checked,

@@ -1030,7 +1030,9 @@ async fn upload_parts(
     Ok((token, file))
 }
 
-/// `POST /console/{enterprise}/upload`: the REST upload's path into the app, with its result on the page.
+/// `POST /console/{enterprise}/upload`: the REST upload's path into the app, with its result on the page. Its span
+/// is the root of the upload's trace, as the REST upload's is.
+#[tracing::instrument(name = "aggregator.upload", skip_all, fields(otel.kind = "server"))]
 pub(super) async fn upload(
     State(app): State<Arc<App>>,
     signed: Signed,
