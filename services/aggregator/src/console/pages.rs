@@ -517,7 +517,7 @@ pub(super) struct PeopleQuery {
 }
 
 /// The view's people search, built off the async threads when this generation has none yet (a pass over every
-/// consuming person: about a second per million accounts unoptimised); the view comes back with it.
+/// consuming person: about 0.1 s per million accounts in release); the view comes back with it.
 async fn people_search(
     app: &App,
     enterprise_id: i64,
