@@ -120,7 +120,14 @@ pub(super) async fn overview(
                 summary { "The chart's figures" }
                 table #usage-history {
                     caption { "Seats per day" }
-                    thead { tr { th scope="col" { "Day" } th scope="col" { "Consumed" } th scope="col" { "Highest" } th scope="col" { "Purchased" } } }
+                    thead {
+                        tr {
+                            th scope="col" { "Day" }
+                            th scope="col" { "Consumed" }
+                            th scope="col" { "Highest" }
+                            th scope="col" { "Purchased" }
+                        }
+                    }
                     tbody {
                         @for day in history.iter().rev() {
                             tr { td { (day.date) } td { (day.consumed) } td { (day.max_consumed) } td { (day.purchased) } }
@@ -250,7 +257,10 @@ fn instance_row(
                 span.agent-connected { @if status.agent_connected { "connected" } @else { "not connected" } }
                 br; span.agent-last-seen { "last seen: " (date_or_dash(instance.agent.last_seen_at)) }
                 @if let Some(version) = &instance.agent.version { br; span.agent-version { "version " (version) } }
-                @if let Some(pending) = instance.agent.pending_deliveries { br; span.pending-deliveries { (pending) " pending deliveries" } }
+                @if let Some(pending) = instance.agent.pending_deliveries {
+                    br;
+                    span.pending-deliveries { (pending) " pending deliveries" }
+                }
             }
             td {
                 span.user-count { (instance.user_count) } " users"
@@ -721,7 +731,11 @@ pub(super) async fn people(
                                     (kind_of(person).as_str())
                                     @if person.ambiguous() { " " span.ambiguous { "(ambiguous)" } }
                                 }
-                                td { a.explain href=(enterprise_path(&signed, &format!("people/{person_id}"))) { "Explain " span.visually-hidden { (login) } } }
+                                td {
+                                    a.explain href=(enterprise_path(&signed, &format!("people/{person_id}"))) {
+                                        "Explain " span.visually-hidden { (login) }
+                                    }
+                                }
                             }
                         }
                     }
