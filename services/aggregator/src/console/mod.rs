@@ -312,7 +312,15 @@ pub(crate) fn layout(title: &str, signed: Option<(&Signed, Nav)>, body: Markup) 
                         }
                     }
                 }
-                main #main { (body) }
+                main #main {
+                    @if let Some((signed, _)) = signed
+                        && signed.scope == crate::store::TokenScope::Read {
+                        p #read-only-notice.notice {
+                            "You signed in with a read token: you can look at everything, but changes are refused."
+                        }
+                    }
+                    (body)
+                }
             }
         }
     }

@@ -525,6 +525,8 @@ async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_a
     let reading = browser();
     sign_in(&reading, base, &reader).await;
     let page = get(&reading, base, &retire).await;
+    assert!(page.body.contains("id=\"read-only-notice\""));
+    assert!(!confirm.body.contains("id=\"read-only-notice\""));
     let refused = post_form(
         &reading,
         base,
