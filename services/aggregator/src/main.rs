@@ -10,7 +10,7 @@ use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
 use license_sync_aggregator::store::{NewApiToken, TokenScope, TokenSelector};
 use license_sync_aggregator::view::MergedView;
-use license_sync_aggregator::{admin, enrollment, report, server, store, usage_keys};
+use license_sync_aggregator::{admin, console, enrollment, report, server, store, usage_keys};
 use license_sync_serve::fsutil;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -63,6 +63,16 @@ enum Command {
         /// The file to write: replaced whole or not at all, readable by its owner only (it holds email addresses).
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Print a one-time sign-in link to the web console (`/console/`) of an enterprise: it opens an `admin`
+    /// session once, within its lifetime. Uses `public_url` when set, else the HTTP listen address.
+    ConsoleLink {
+        /// The enterprise's slug.
+        #[arg(long)]
+        enterprise: String,
+        /// How long the link stays usable: 1 to 60 minutes.
+        #[arg(long, default_value_t = license_sync_aggregator::console::DEFAULT_LINK_MINUTES)]
+        expires_in_minutes: i64,
     },
 }
 
@@ -432,6 +442,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 enterprise.slug,
                 output.display()
             );
+        }
+        Command::ConsoleLink {
+            enterprise,
+            expires_in_minutes,
+        } => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let issued =
+                console::issue_console_link(&store, &enterprise, Some(expires_in_minutes)).await?;
+            let base_url = config.public_url.clone().unwrap_or_else(|| {
+                let scheme = if config.tls_cert_path.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", config.http_listen)
+            });
+            eprintln!(
+                "console sign-in link for {} (shown once; only its hash is stored), single use, valid until {}:",
+                enterprise.slug,
+                license_sync_aggregator::time_format::rfc3339(issued.expires_at)
+            );
+            print_line(&issued.url(&base_url))?;
         }
         Command::Members(MembersCommand::Import { enterprise, file }) => {
             let count = admin::import_members(&store, &enterprise, &file)

@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::config::AggregatorConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::metrics::Metrics;
+use crate::people_search::PeopleSearch;
 use crate::store::{DynStore, InstanceUsage, MergeChanges, UsageDay};
 use crate::time_format::utc_date;
 
@@ -73,6 +74,8 @@ struct ViewSlot {
     pages: Mutex<PageCache>,
     /// The likely duplicates of one view generation: a pass over every consuming person, so computed once.
     duplicates: Mutex<Option<(i64, Arc<Vec<LikelyDuplicate>>)>>,
+    /// The console's people search of one view generation, built when someone first searches it.
+    people_search: Mutex<Option<Arc<PeopleSearch>>>,
     /// The UTC day this process last recorded the enterprise's usage: each day gets a row even when nothing changes.
     usage_recorded_on: Mutex<Option<time::Date>>,
     /// A background catch-up from the store is waiting for commits to pause; a commit of this process that
@@ -356,6 +359,32 @@ impl Views {
             return Ok(view);
         }
         self.merged_view(enterprise_id).await
+    }
+
+    /// The view's people search (`crate::people_search`) if one was built for this generation.
+    pub fn cached_people_search(
+        &self,
+        enterprise_id: i64,
+        generation: i64,
+    ) -> Option<Arc<PeopleSearch>> {
+        let slot = self.view_slot(enterprise_id).ok()?;
+        let cached = slot.people_search.lock().ok()?;
+        cached
+            .as_ref()
+            .filter(|search| search.generation == generation)
+            .map(Arc::clone)
+    }
+
+    /// Keeps a people search for the readers of its generation (replacing an older one).
+    pub fn cache_people_search(&self, enterprise_id: i64, search: Arc<PeopleSearch>) {
+        if let Ok(slot) = self.view_slot(enterprise_id)
+            && let Ok(mut cached) = slot.people_search.lock()
+            && cached
+                .as_ref()
+                .is_none_or(|known| known.generation <= search.generation)
+        {
+            *cached = Some(search);
+        }
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

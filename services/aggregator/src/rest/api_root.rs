@@ -6,6 +6,8 @@
 
 use axum::Json;
 use axum::body::Body;
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -32,7 +34,8 @@ pub(super) struct ApiRoot {
 
 /// GitHub's API root: URL templates of what this host serves, under the scheme, host and prefix the client used.
 /// Without a token it answers too, as GitHub does; with a bad one it is GitHub's 401, which is how `gh auth status`
-/// tells a bad token from a good one.
+/// tells a bad token from a good one. A browser (`Accept: text/html`) at `/` is sent to the web console (303);
+/// GitHub clients ask for JSON, and `/api/v3/` always answers JSON.
 #[utoipa::path(
     get,
     path = "/",
@@ -42,7 +45,15 @@ pub(super) struct ApiRoot {
         (status = 401, description = "The token given is unknown, revoked or expired", body = super::GitHubError),
     ),
 )]
-pub(super) async fn api_root(_token: TokenHolder, RequestBase(base): RequestBase) -> Json<ApiRoot> {
+pub(super) async fn api_root(
+    uri: Uri,
+    headers: HeaderMap,
+    _token: TokenHolder,
+    RequestBase(base): RequestBase,
+) -> Response {
+    if uri.path() == "/" && crate::console::wants_html(&headers) {
+        return Redirect::to("/console/").into_response();
+    }
     let enterprise = format!("{base}/enterprises/{{enterprise}}");
     Json(ApiRoot {
         current_user_url: format!("{base}/user"),
@@ -58,6 +69,7 @@ pub(super) async fn api_root(_token: TokenHolder, RequestBase(base): RequestBase
         enterprise_likely_duplicates_url: format!("{enterprise}/likely-duplicates"),
         enterprise_api_tokens_url: format!("{enterprise}/api-tokens"),
     })
+    .into_response()
 }
 
 /// The token as a GitHub user: GitHub's user fields, plus what the token is here.

@@ -11,7 +11,7 @@ use super::{GitHubQuery, overage};
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
-use crate::store::InstanceUsage;
+use crate::store::{InstanceUsage, UsageDay as StoredUsageDay};
 
 /// The period, inclusive UTC days; the last 90 days by default.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -81,6 +81,12 @@ fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
     Ok(date)
 }
 
+/// The day of the period's highest count ("max historical users"), the earliest of equal ones.
+pub(crate) fn peak_day(days: &[StoredUsageDay]) -> Option<&StoredUsageDay> {
+    days.iter()
+        .max_by_key(|d| (d.max_consumed, std::cmp::Reverse(d.date.as_str())))
+}
+
 /// Daily consumed, purchased and per-instance counts, and the highest count in the period ("max historical
 /// users"). `since`/`until` are inclusive UTC dates; the default is the last 90 days.
 #[utoipa::path(
@@ -127,9 +133,7 @@ pub(super) async fn usage_history(
         .store
         .usage_history(enterprise.id, &day(since), &day(until))
         .await?;
-    let peak = days
-        .iter()
-        .max_by_key(|d| (d.max_consumed, std::cmp::Reverse(d.date.clone())));
+    let peak = peak_day(&days);
     let max_consumed = peak.map(|d| d.max_consumed);
     let max_consumed_date = peak.map(|d| d.date.clone());
     let entries = days

@@ -27,14 +27,14 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 mod api_root;
 mod api_tokens;
 mod duplicates;
-mod explanations;
-mod history;
-mod instances;
+pub(crate) mod explanations;
+pub(crate) mod history;
+pub(crate) mod instances;
 mod licenses;
 mod members;
 mod openapi;
-mod status;
-mod upload;
+pub(crate) mod status;
+pub(crate) mod upload;
 
 pub const MAX_PER_PAGE: usize = 100;
 /// Where GitHub Enterprise Server serves its REST API, and where `gh` looks for it on any host but github.com.
@@ -168,8 +168,10 @@ pub fn router(app: Arc<App>) -> Router {
         Duration::from_secs(app.config.http_upload_timeout_secs),
         "http_upload_timeout_secs",
     );
+    // The web console's pages ride on the same router, so they share its metrics, timeouts and request log.
     routes(upload_timeout)
         .into_iter()
+        .chain(crate::console::routes(&app.config, upload_timeout))
         .fold(Router::new(), |router, (path, methods)| {
             served_paths(path)
                 .iter()
@@ -179,7 +181,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(timeout_layer(request_timeout))
         // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
         .layer(DefaultBodyLimit::disable())
-        .fallback(|| async { ServiceError::not_found("Not Found") })
+        // The API's JSON 404, or an HTML page under `/console/`.
+        .fallback(crate::console::fallback)
         // Inside the metrics layer, so that a panic is counted as the 500 it answers.
         .layer(catch_panic_layer())
         // Last, so that it sees every route and the fallback (whose requests are labelled `unmatched`).
@@ -192,7 +195,7 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Ends a request that takes longer than `limit` with a GitHub-style 503 naming the setting; dropping the handler
 /// rolls back what it had not committed.
-fn timeout_layer(
+pub(crate) fn timeout_layer(
     (limit, key): (Duration, &'static str),
 ) -> axum::middleware::FromFnLayer<
     impl Fn(Request, Next) -> futures::future::BoxFuture<'static, Response> + Clone,
@@ -456,7 +459,7 @@ fn add_link_header(
     }
 }
 
-pub(super) fn overage(consumed: u64, purchased: i64) -> u64 {
+pub(crate) fn overage(consumed: u64, purchased: i64) -> u64 {
     consumed.saturating_sub(u64::try_from(purchased).unwrap_or(0))
 }
 /// Reads a request body up to the configured limit.
@@ -465,7 +468,7 @@ pub(super) async fn read_body(app: &App, body: Body) -> ServiceResult<Bytes> {
 }
 
 /// Reads a request body up to `limit` bytes; `limit_name` says which limit in the error.
-pub(super) async fn read_body_up_to(
+pub(crate) async fn read_body_up_to(
     body: Body,
     limit: usize,
     limit_name: &str,
