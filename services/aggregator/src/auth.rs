@@ -82,7 +82,7 @@ impl ApiTokens {
         method: &Method,
         client: Option<IpAddr>,
     ) -> ServiceResult<Authorized> {
-        let (owner, record) = match self.check(token, OffsetDateTime::now_utc()).await {
+        let (owner, record) = match self.check(token, OffsetDateTime::now_utc(), true).await {
             Ok(checked) => checked,
             Err(refusal) if refusal.kind == ErrorKind::Unauthenticated => {
                 return Err(self.limiter.refused(client, AuthSurface::Rest, refusal));
@@ -109,16 +109,35 @@ impl ApiTokens {
         })
     }
 
-    /// The token's enterprise and record, if it is live and unexpired at `now`.
+    /// Signs in to the web console with a REST token: its enterprise and record. Asks the store every time (a
+    /// sign-in is rare, and a token revoked a moment ago must not open a session that outlives the cache); a bad or
+    /// expired token counts against `client`'s failed-authentication limit like a REST request's.
+    pub async fn sign_in(&self, token: &str, client: Option<IpAddr>) -> ServiceResult<Authorized> {
+        match self.check(token, OffsetDateTime::now_utc(), false).await {
+            Ok((enterprise, token)) => {
+                self.record_use(token.id);
+                Ok(Authorized { enterprise, token })
+            }
+            Err(refusal) if refusal.kind == ErrorKind::Unauthenticated => Err(self
+                .limiter
+                .refused(client, AuthSurface::Console, refusal)),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The token's enterprise and record, if it is live and unexpired at `now`; from the cache of checked tokens
+    /// when `cached` allows it.
     async fn check(
         &self,
         token: &str,
         now: OffsetDateTime,
+        cached: bool,
     ) -> ServiceResult<(Enterprise, ApiToken)> {
         let token_sha256 = tokens::sha256_hex(token);
         let cached = self
             .checked
             .as_ref()
+            .filter(|_| cached)
             .and_then(|checked| checked.get(&token_sha256));
         let (enterprise, record) = match cached {
             Some(checked) => checked,
@@ -329,10 +348,10 @@ mod tests {
             .await
             .expect("token");
         let tokens = ApiTokens::new(store.clone(), Duration::from_secs(300), limiter());
-        assert!(tokens.check(&token, now).await.is_ok());
+        assert!(tokens.check(&token, now, true).await.is_ok());
         // Cached now; an hour later the cached entry is refused all the same.
         let later = tokens
-            .check(&token, now + time::Duration::hours(2))
+            .check(&token, now + time::Duration::hours(2), true)
             .await
             .expect_err("expired");
         assert_eq!(later.kind, ErrorKind::Unauthenticated);

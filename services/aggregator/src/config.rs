@@ -111,6 +111,8 @@ pub struct AggregatorConfig {
     pub auth_failures_per_minute: u32,
     /// Most client addresses whose failures are counted at once (about 100 bytes each).
     pub auth_failure_tracked_addresses: u64,
+    /// How long a web console session lasts from its sign-in, in hours (1 to 720); signing out ends it sooner.
+    pub console_session_hours: u32,
 }
 
 /// The `metrics_token` secret: `Debug` and `Serialize` print `"***"`, so neither a log line nor a dump of the
@@ -216,6 +218,7 @@ impl Default for AggregatorConfig {
             ingest_max_stream_messages: None,
             ingest_stream_max_secs: 600,
             tls_cert_path: None,
+            console_session_hours: 12,
             tls_key_path: None,
             tls_client_ca_path: None,
             tls_client_auth: TlsClientAuth::Required,
@@ -390,6 +393,15 @@ impl AggregatorConfig {
                 format!(
                     "must be at most 4096 (it is per enterprise), got {}",
                     self.page_cache_mib
+                ),
+            );
+        }
+        if !(1..=720).contains(&self.console_session_hours) {
+            refuse(
+                "console_session_hours",
+                format!(
+                    "must be from 1 to 720 (30 days), got {}",
+                    self.console_session_hours
                 ),
             );
         }

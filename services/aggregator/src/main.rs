@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use license_sync_aggregator::config::{AggregatorConfig, LogFormat};
 use license_sync_aggregator::error::ServiceError;
 use license_sync_aggregator::store::{NewApiToken, TokenScope, TokenSelector};
-use license_sync_aggregator::{admin, enrollment, server, store, usage_keys};
+use license_sync_aggregator::{admin, console, enrollment, server, store, usage_keys};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -52,6 +52,16 @@ enum Command {
     /// Manage one-time enrollment tokens, which agents exchange for their instance credential.
     #[command(subcommand)]
     EnrollmentToken(EnrollmentTokenCommand),
+    /// Print a one-time sign-in link to the web console (`/console/`) of an enterprise: it opens an `admin`
+    /// session once, within its lifetime. Uses `public_url` when set, else the HTTP listen address.
+    ConsoleLink {
+        /// The enterprise's slug.
+        #[arg(long)]
+        enterprise: String,
+        /// How long the link stays usable: 1 to 60 minutes.
+        #[arg(long, default_value_t = license_sync_aggregator::console::DEFAULT_LINK_MINUTES)]
+        expires_in_minutes: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +410,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 license_sync_aggregator::time_format::rfc3339(issued.expires_at)
             );
             print_line(&issued.token)?;
+        }
+        Command::ConsoleLink {
+            enterprise,
+            expires_in_minutes,
+        } => {
+            let enterprise = admin::enterprise(&store, &enterprise).await?;
+            let issued =
+                console::issue_console_link(&store, &enterprise, Some(expires_in_minutes)).await?;
+            let base_url = config.public_url.clone().unwrap_or_else(|| {
+                let scheme = if config.tls_cert_path.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", config.http_listen)
+            });
+            eprintln!(
+                "console sign-in link for {} (shown once; only its hash is stored), single use, valid until {}:",
+                enterprise.slug,
+                license_sync_aggregator::time_format::rfc3339(issued.expires_at)
+            );
+            print_line(&issued.url(&base_url))?;
         }
         Command::Members(MembersCommand::Import { enterprise, file }) => {
             let count = admin::import_members(&store, &enterprise, &file)

@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::config::AggregatorConfig;
 use crate::error::{ServiceError, ServiceResult};
 use crate::metrics::Metrics;
+use crate::people_search::PeopleSearch;
 use crate::store::{DynStore, InstanceUsage, MergeChanges, UsageDay};
 use crate::time_format::utc_date;
 
@@ -62,6 +63,8 @@ struct ViewSlot {
     pages: Mutex<PageCache>,
     /// The likely duplicates of one view generation: a pass over every consuming person, so computed once.
     duplicates: Mutex<Option<(i64, Arc<Vec<LikelyDuplicate>>)>>,
+    /// The console's people search of one view generation, built when someone first searches it.
+    people_search: Mutex<Option<Arc<PeopleSearch>>>,
     /// The UTC day this process last recorded the enterprise's usage: each day gets a row even when nothing changes.
     usage_recorded_on: Mutex<Option<time::Date>>,
     /// A background catch-up from the store is waiting for commits to pause; a commit of this process that
@@ -335,6 +338,25 @@ impl Views {
             *cached = Some((view.generation, Arc::clone(&duplicates)));
         }
         duplicates
+    }
+
+    /// The view's people search (`crate::people_search`), built once per generation.
+    pub fn people_search(&self, enterprise_id: i64, view: &MergedView) -> Arc<PeopleSearch> {
+        let slot = self.view_slot(enterprise_id).ok();
+        if let Some(slot) = &slot
+            && let Ok(cached) = slot.people_search.lock()
+            && let Some(search) = cached.as_ref()
+            && search.generation == view.generation
+        {
+            return Arc::clone(search);
+        }
+        let search = Arc::new(PeopleSearch::build(view));
+        if let Some(slot) = slot
+            && let Ok(mut cached) = slot.people_search.lock()
+        {
+            *cached = Some(Arc::clone(&search));
+        }
+        search
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

@@ -101,14 +101,17 @@ pub enum AuthSurface {
     InstanceCredential,
     /// The `metrics_token` of `GET /metrics`.
     Metrics,
+    /// A REST token or a sign-in link offered to the web console's sign-in.
+    Console,
 }
 
 impl AuthSurface {
-    pub const ALL: [AuthSurface; 4] = [
+    pub const ALL: [AuthSurface; 5] = [
         AuthSurface::Rest,
         AuthSurface::Enroll,
         AuthSurface::InstanceCredential,
         AuthSurface::Metrics,
+        AuthSurface::Console,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +120,7 @@ impl AuthSurface {
             AuthSurface::Enroll => "enroll",
             AuthSurface::InstanceCredential => "instance_credential",
             AuthSurface::Metrics => "metrics",
+            AuthSurface::Console => "console",
         }
     }
 }

@@ -23,7 +23,7 @@ pub(super) struct ExplainQuery {
 }
 
 /// Finds the person holding an account reference or with a person id.
-fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v Person> {
+pub(crate) fn find_person<'v>(view: &'v MergedView, reference: &str) -> ServiceResult<&'v Person> {
     if let Some(person) = view.people.person_by_id(reference) {
         return Ok(person);
     }

@@ -12,6 +12,7 @@ use super::overage;
 use crate::app::App;
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ServiceError, ServiceResult};
+use crate::store::UsageDay;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct HistoryQuery {
@@ -46,6 +47,12 @@ fn parse_day(name: &str, value: &str) -> ServiceResult<time::Date> {
         return Err(out_of_range(name));
     }
     Ok(date)
+}
+
+/// The day of the period's highest count ("max historical users"), the earliest of equal ones.
+pub(crate) fn peak_day(days: &[UsageDay]) -> Option<&UsageDay> {
+    days.iter()
+        .max_by_key(|d| (d.max_consumed, std::cmp::Reverse(d.date.as_str())))
 }
 
 /// Daily consumed, purchased and per-instance counts, and the highest count in the period ("max historical
@@ -84,9 +91,7 @@ pub(super) async fn usage_history(
         .store
         .usage_history(enterprise.id, &day(since), &day(until))
         .await?;
-    let peak = days
-        .iter()
-        .max_by_key(|d| (d.max_consumed, std::cmp::Reverse(d.date.clone())));
+    let peak = peak_day(&days);
     let entries: Vec<Value> = days
         .iter()
         .map(|d| {

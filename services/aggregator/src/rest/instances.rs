@@ -20,7 +20,7 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::store::SyncRequest;
 use crate::time_format::rfc3339;
 
-fn parse_uuid_segment(text: &str, what: &str) -> ServiceResult<Uuid> {
+pub(crate) fn parse_uuid_segment(text: &str, what: &str) -> ServiceResult<Uuid> {
     Uuid::parse_str(text)
         .map_err(|_| ServiceError::invalid(format!("{text:?} is not a {what} (UUID)")))
 }

@@ -23,14 +23,14 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 
 mod api_tokens;
 mod duplicates;
-mod explanations;
-mod history;
-mod instances;
+pub(crate) mod explanations;
+pub(crate) mod history;
+pub(crate) mod instances;
 mod licenses;
 mod members;
-mod page_json;
-mod status;
-mod upload;
+pub(crate) mod page_json;
+pub(crate) mod status;
+pub(crate) mod upload;
 
 pub const MAX_PER_PAGE: usize = 100;
 pub const DEFAULT_PER_PAGE: usize = 30;
@@ -116,8 +116,10 @@ pub fn router(app: Arc<App>) -> Router {
         Duration::from_secs(app.config.http_upload_timeout_secs),
         "http_upload_timeout_secs",
     );
+    // The web console's pages ride on the same router, so they share its metrics, timeouts and request log.
     routes(upload_timeout)
         .into_iter()
+        .chain(crate::console::routes(&app.config, upload_timeout))
         .fold(Router::new(), |router, (path, methods)| {
             router.route(path, methods)
         })
@@ -138,7 +140,7 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Ends a request that takes longer than `limit` with a GitHub-style 503 naming the setting; dropping the handler
 /// rolls back what it had not committed.
-fn timeout_layer(
+pub(crate) fn timeout_layer(
     (limit, key): (Duration, &'static str),
 ) -> axum::middleware::FromFnLayer<
     impl Fn(Request, Next) -> futures::future::BoxFuture<'static, Response> + Clone,
@@ -278,7 +280,7 @@ fn add_link_header(
     }
 }
 
-pub(super) fn overage(consumed: u64, purchased: i64) -> u64 {
+pub(crate) fn overage(consumed: u64, purchased: i64) -> u64 {
     consumed.saturating_sub(u64::try_from(purchased).unwrap_or(0))
 }
 /// Reads a request body up to the configured limit.
@@ -287,7 +289,7 @@ pub(super) async fn read_body(app: &App, body: Body) -> ServiceResult<Bytes> {
 }
 
 /// Reads a request body up to `limit` bytes; `limit_name` says which limit in the error.
-pub(super) async fn read_body_up_to(
+pub(crate) async fn read_body_up_to(
     body: Body,
     limit: usize,
     limit_name: &str,

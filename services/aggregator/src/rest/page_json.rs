@@ -110,7 +110,7 @@ impl Serialize for Strings<'_> {
 }
 
 /// The distinct primary emails of a person's GHES accounts (case-insensitive), as GHES reports them.
-pub(super) fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
+pub(crate) fn server_emails<'v>(view: &'v MergedView, person: &Person) -> Vec<&'v str> {
     let mut emails: Vec<&str> = Vec::new();
     for link in &person.server_accounts {
         let instance = &view.people.instance_slots()[link.account.instance as usize];

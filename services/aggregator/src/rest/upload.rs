@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -11,11 +11,11 @@ use license_sync_core::encrypted_usage_file::{self, EncryptedUsageFileError};
 use license_sync_core::snapshot::{UsageFile, UsageFileParseError};
 
 use super::{json_error, read_body};
-use crate::app::App;
+use crate::app::{App, Receipt};
 use crate::auth::AuthorizedEnterprise;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Rejection;
-use crate::store::Arrival;
+use crate::store::{Arrival, Enterprise};
 use crate::usage_keys;
 
 /// "Add server usage": the manual upload of a usage file exported by an agent. The span `aggregator.upload` is
@@ -27,6 +27,22 @@ pub(super) async fn upload_usage(
     body: Body,
 ) -> ServiceResult<Response> {
     let bytes = read_body(&app, body).await?;
+    let receipt = apply_usage_file(&app, &enterprise, bytes).await?;
+    let status = if receipt.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(receipt)).into_response())
+}
+
+/// Parses (decrypting it if it is encrypted) and commits one usage file for an instance of the enterprise: the one
+/// path of "Add server usage", for REST and the console.
+pub(crate) async fn apply_usage_file(
+    app: &Arc<App>,
+    enterprise: &Enterprise,
+    bytes: Bytes,
+) -> ServiceResult<Receipt> {
     let malformed = |error: ServiceError| {
         app.metrics.rejected(Rejection::MalformedFile);
         error
@@ -35,7 +51,7 @@ pub(super) async fn upload_usage(
     // keys; a plain file, as older agents and `export --unencrypted` write it, is parsed as before. Either way in one
     // pass straight into the struct (`UsageFile::from_json`, `encrypted_usage_file::read_encrypted`).
     let file = if encrypted_usage_file::is_encrypted(&bytes) {
-        let identities = usage_keys::identities(&app.store, &enterprise)
+        let identities = usage_keys::identities(&app.store, enterprise)
             .await
             .map_err(|error| match error.kind {
                 // No key to decrypt with: the file's fault, not the store's.
@@ -45,7 +61,7 @@ pub(super) async fn upload_usage(
         encrypted_usage_file::read_encrypted(&bytes, &identities).map_err(|error| {
             malformed(match error {
                 EncryptedUsageFileError::Content(error) => usage_file_error(error),
-                undecryptable => usage_keys::decryption_refusal(&enterprise, &undecryptable),
+                undecryptable => usage_keys::decryption_refusal(enterprise, &undecryptable),
             })
         })?
     } else {
@@ -65,15 +81,8 @@ pub(super) async fn upload_usage(
             return Err(error);
         }
     };
-    let receipt = app
-        .commit_snapshot(&instance, snapshot, Arrival::Upload, None)
-        .await?;
-    let status = if receipt.duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok((status, Json(receipt)).into_response())
+    app.commit_snapshot(&instance, snapshot, Arrival::Upload, None)
+        .await
 }
 
 /// The 422 for a body (or an encrypted file's plaintext) that is not a usage file: what it is instead, with a

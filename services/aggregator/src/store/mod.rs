@@ -98,6 +98,27 @@ pub enum TokenSelector<'a> {
     Name(&'a str),
 }
 
+/// A live session of the owner's web console (`crate::console`), as the store answers it for the SHA-256 of its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub enterprise: Enterprise,
+    /// The scope of the REST token signed in with (`Admin` for a sign-in link, which only an operator can print).
+    pub scope: TokenScope,
+    pub expires_at: OffsetDateTime,
+}
+
+/// What `create_console_session` stores: never the session id itself, only its hash.
+#[derive(Debug, Clone)]
+pub struct NewConsoleSession<'a> {
+    pub id_sha256: &'a str,
+    pub enterprise_id: i64,
+    /// The REST token signed in with; `None` for a sign-in link. A revoked or expired token ends its sessions.
+    pub api_token_id: Option<i64>,
+    pub scope: TokenScope,
+    pub expires_at: OffsetDateTime,
+}
+
+
 /// A token's last use is written at most once per this interval: a write per request would make every REST read
 /// a database write.
 pub const TOKEN_LAST_USE_RESOLUTION: time::Duration = time::Duration::minutes(1);
@@ -617,6 +638,40 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<UsageFileKey>;
     /// Every usage-file key of the enterprise, newest first.
     async fn usage_file_keys(&self, enterprise_id: i64) -> StoreResult<Vec<UsageFileKey>>;
+
+    // --- the owner's web console (issue 12) ---
+
+    /// Stores a console session; deletes the enterprise's sessions that expired before `now`.
+    async fn create_console_session(
+        &self,
+        session: &NewConsoleSession<'_>,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
+    /// The session with this id hash, if it is unexpired at `now` and the REST token it was opened with (if any)
+    /// is neither revoked nor expired.
+    async fn console_session(
+        &self,
+        id_sha256: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<ConsoleSession>>;
+    /// Deletes a session (sign-out); false when there was none.
+    async fn delete_console_session(&self, id_sha256: &str) -> StoreResult<bool>;
+    /// Stores a one-time sign-in link token of the enterprise, valid until `expires_at`. Deletes the enterprise's
+    /// links spent or expired longer than [`CONNECTION_RECORD_RETENTION`] ago.
+    async fn create_console_link(
+        &self,
+        enterprise_id: i64,
+        token_sha256: &str,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
+    /// Spends a sign-in link token, atomically (one redemption across all replicas): its enterprise when it exists,
+    /// is unused and is unexpired at `now`; `None` otherwise.
+    async fn redeem_console_link(
+        &self,
+        token_sha256: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Enterprise>>;
 }
 
 /// Opens the store named by the URL and applies pending migrations.

@@ -41,7 +41,8 @@ macro_rules! sql_store {
                 usage_day_from_row,
             };
             use $crate::store::{
-                AckOutcome, AgentReport, ApiToken, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome,
+                AckOutcome, AgentReport, ApiToken, Arrival, CONNECTION_RECORD_RETENTION, CommitOutcome, ConsoleSession,
+                NewConsoleSession, TokenScope,
                 Enterprise, NewApiToken, TOKEN_LAST_USE_RESOLUTION, TokenSelector, Instance, InstanceVersion, MergeChanges, SYNC_REQUEST_TTL, SnapshotCommit, Store,
                 StoreError, StoreResult, SyncAckRecord, SyncRequest, UsageDay, UsageFileKey, WRITE_PROBE_BYTES, time_to_unix_ms,
                 unix_ms_to_time,
@@ -1130,6 +1131,135 @@ macro_rules! sql_store {
                     .fetch_all(&self.pool)
                     .await?;
                     Ok(keys)
+                }
+
+                async fn create_console_session(
+                    &self,
+                    session: &NewConsoleSession<'_>,
+                    now: OffsetDateTime,
+                ) -> StoreResult<()> {
+                    let _write = self.write_guard().await;
+                    let mut tx = self.begin_write().await?;
+                    sqlx::query("DELETE FROM console_sessions WHERE enterprise_id = $1 AND expires_at_ms <= $2")
+                        .bind(session.enterprise_id)
+                        .bind(time_to_unix_ms(now))
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(
+                        "INSERT INTO console_sessions (id_sha256, enterprise_id, api_token_id, scope, created_at_ms, \
+                         expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(session.id_sha256)
+                    .bind(session.enterprise_id)
+                    .bind(session.api_token_id)
+                    .bind(session.scope.as_str())
+                    .bind(time_to_unix_ms(now))
+                    .bind(time_to_unix_ms(session.expires_at))
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn console_session(
+                    &self,
+                    id_sha256: &str,
+                    now: OffsetDateTime,
+                ) -> StoreResult<Option<ConsoleSession>> {
+                    let now_ms = time_to_unix_ms(now);
+                    // A session opened with a REST token lives only as long as the token does.
+                    let row = sqlx::query(
+                        "SELECT e.id, e.slug, e.name, e.seats_purchased, e.generation, s.scope, s.expires_at_ms \
+                         FROM console_sessions s JOIN enterprises e ON e.id = s.enterprise_id \
+                         LEFT JOIN api_tokens t ON t.id = s.api_token_id \
+                         WHERE s.id_sha256 = $1 AND s.expires_at_ms > $2 AND (s.api_token_id IS NULL OR \
+                         (t.revoked_at IS NULL AND (t.expires_at_ms IS NULL OR t.expires_at_ms > $2)))",
+                    )
+                    .bind(id_sha256)
+                    .bind(now_ms)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    let Some(row) = row else { return Ok(None) };
+                    let scope: String = row.try_get("scope")?;
+                    Ok(Some(ConsoleSession {
+                        enterprise: Enterprise::from_row(&row)?,
+                        // The column's CHECK allows only the two words.
+                        scope: TokenScope::parse(&scope).ok_or_else(|| {
+                            StoreError::corrupt("reading a console session", "unknown scope")
+                        })?,
+                        expires_at: unix_ms_to_time(row.try_get("expires_at_ms")?),
+                    }))
+                }
+
+                async fn delete_console_session(&self, id_sha256: &str) -> StoreResult<bool> {
+                    let _write = self.write_guard().await;
+                    let deleted = sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = $1")
+                        .bind(id_sha256)
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(deleted.rows_affected() > 0)
+                }
+
+                async fn create_console_link(
+                    &self,
+                    enterprise_id: i64,
+                    token_sha256: &str,
+                    expires_at: OffsetDateTime,
+                    now: OffsetDateTime,
+                ) -> StoreResult<()> {
+                    let _write = self.write_guard().await;
+                    let mut tx = self.begin_write().await?;
+                    let forget_before = time_to_unix_ms(now - CONNECTION_RECORD_RETENTION);
+                    sqlx::query(
+                        "DELETE FROM console_links WHERE enterprise_id = $1 \
+                         AND (expires_at_ms < $2 OR used_at_ms < $2)",
+                    )
+                    .bind(enterprise_id)
+                    .bind(forget_before)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO console_links (token_sha256, enterprise_id, created_at_ms, expires_at_ms) \
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(token_sha256)
+                    .bind(enterprise_id)
+                    .bind(time_to_unix_ms(now))
+                    .bind(time_to_unix_ms(expires_at))
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn redeem_console_link(
+                    &self,
+                    token_sha256: &str,
+                    now: OffsetDateTime,
+                ) -> StoreResult<Option<Enterprise>> {
+                    let _write = self.write_guard().await;
+                    let mut tx = self.begin_write().await?;
+                    // One statement decides: of two replicas redeeming at once, only one updates the row.
+                    let enterprise_id: Option<i64> = sqlx::query_scalar(
+                        "UPDATE console_links SET used_at_ms = $1 \
+                         WHERE token_sha256 = $2 AND used_at_ms IS NULL AND expires_at_ms > $1 \
+                         RETURNING enterprise_id",
+                    )
+                    .bind(time_to_unix_ms(now))
+                    .bind(token_sha256)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(enterprise_id) = enterprise_id else {
+                        return Ok(None);
+                    };
+                    let enterprise = sqlx::query_as(
+                        "SELECT id, slug, name, seats_purchased, generation FROM enterprises WHERE id = $1",
+                    )
+                    .bind(enterprise_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(enterprise)
                 }
             }
         }

@@ -1,0 +1,339 @@
+//! The owner's web console at `/console/` on the HTTP port: server-rendered HTML (maud, checked at compile time),
+//! one CSS and one small JS file embedded in the binary, no CDN; every page reads without JS. It is a front end of
+//! the same code the REST API runs (the merged view, the sync status, "Sync now", the upload path, explanations),
+//! never a copy of it. Invariants: a session is opaque and server-side, stored only as a hash (`session`); every
+//! state-changing request (POST) carries the session's CSRF token, checked in constant time; a session of one
+//! enterprise gets 404 on another's pages, as the API answers; errors are HTML pages with the status of
+//! [`ServiceError`]'s table. The routes sit in the REST router, so they share its metrics (labelled by route
+//! template), timeouts and request log (path only, never a query string).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{MethodRouter, get, post};
+use maud::{DOCTYPE, Markup, html};
+
+use crate::app::App;
+use crate::config::AggregatorConfig;
+use crate::error::{ServiceError, ServiceResult};
+
+mod chart;
+mod pages;
+mod session;
+
+pub use session::{
+    DEFAULT_LINK_MINUTES, IssuedConsoleLink, MAX_LINK_MINUTES, SESSION_COOKIE, issue_console_link,
+};
+use session::Signed;
+
+const CSS: &str = include_str!("console.css");
+const JS: &str = include_str!("console.js");
+
+/// Largest body of a console form other than the upload: a CSRF token and a few fields.
+const FORM_BODY_BYTES: usize = 64 * 1024;
+/// Room for the multipart framing and the CSRF field around an upload of `max_upload_bytes`.
+const MULTIPART_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The console's routes, for the REST router to serve (see `rest::router`). `upload_timeout` is the REST upload's.
+pub(crate) fn routes(
+    config: &AggregatorConfig,
+    upload_timeout: (Duration, &'static str),
+) -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
+    let form_limit = || DefaultBodyLimit::max(FORM_BODY_BYTES);
+    vec![
+        ("/", get(root)),
+        ("/console", get(|| async { Redirect::to("/console/") })),
+        ("/console/", get(session::home)),
+        ("/console/assets/console.css", get(css)),
+        ("/console/assets/console.js", get(js)),
+        (
+            "/console/sign-in",
+            get(session::sign_in_page)
+                .post(session::sign_in)
+                .layer(form_limit()),
+        ),
+        ("/console/sign-in/link", get(session::sign_in_with_link)),
+        (
+            "/console/sign-out",
+            post(session::sign_out).layer(form_limit()),
+        ),
+        ("/console/{enterprise}/", get(pages::overview)),
+        ("/console/{enterprise}/instances", get(pages::instances)),
+        (
+            "/console/{enterprise}/instances/{server_id}/sync-now",
+            post(pages::sync_now).layer(form_limit()),
+        ),
+        (
+            "/console/{enterprise}/instances/{server_id}/sync-requests/{request_id}",
+            get(pages::sync_request_state),
+        ),
+        (
+            "/console/{enterprise}/instances/{server_id}/retire",
+            get(pages::retire_page)
+                .post(pages::retire)
+                .layer(form_limit()),
+        ),
+        (
+            "/console/{enterprise}/enrollment-tokens",
+            post(pages::create_enrollment_token).layer(form_limit()),
+        ),
+        ("/console/{enterprise}/people", get(pages::people)),
+        (
+            "/console/{enterprise}/people/{person_id}",
+            get(pages::person),
+        ),
+        ("/console/{enterprise}/compare", get(pages::compare)),
+        ("/console/{enterprise}/duplicates", get(pages::duplicates)),
+        (
+            "/console/{enterprise}/upload",
+            get(pages::upload_page)
+                .post(pages::upload)
+                .layer(DefaultBodyLimit::max(
+                    config
+                        .max_upload_bytes
+                        .saturating_add(MULTIPART_OVERHEAD_BYTES),
+                ))
+                .layer(crate::rest::timeout_layer(upload_timeout)),
+        ),
+        ("/console/{enterprise}/downloads", get(pages::downloads)),
+        (
+            "/console/{enterprise}/downloads/consumed-licenses.csv",
+            get(pages::consumed_licenses_csv),
+        ),
+        ("/console/{*rest}", get(not_found).post(not_found)),
+    ]
+}
+
+/// `GET /`: browsers (an `Accept` with `text/html`) go to the console; API clients keep the JSON 404.
+async fn root(headers: HeaderMap) -> Response {
+    let wants_html = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("text/html"));
+    if wants_html {
+        Redirect::to("/console/").into_response()
+    } else {
+        ServiceError::not_found("Not Found").into_response()
+    }
+}
+
+async fn not_found() -> ConsoleError {
+    ConsoleError(ServiceError::not_found(
+        "there is no console page here; start from the overview (/console/)",
+    ))
+}
+
+async fn css() -> Response {
+    asset(CSS, "text/css; charset=utf-8")
+}
+
+async fn js() -> Response {
+    asset(JS, "text/javascript; charset=utf-8")
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            // Embedded in the binary: a new release may change it, so browsers keep it only a few minutes.
+            (header::CACHE_CONTROL, HeaderValue::from_static("max-age=300")),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A console page's answer: HTML with the headers every page carries. Pages hold an enterprise's people (and a
+/// shown-once token), so nothing is cached; no page may be framed, and only the console's own scripts and styles run.
+pub(crate) fn html_response(status: StatusCode, markup: Markup) -> Response {
+    let mut response = (status, markup).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // The sign-in link carries its token in the query: no other site may see it in a Referer.
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+/// A [`ServiceError`] answered as an HTML page, with the status of the error's table.
+#[derive(Debug)]
+pub(crate) struct ConsoleError(pub ServiceError);
+
+impl From<ServiceError> for ConsoleError {
+    fn from(error: ServiceError) -> Self {
+        ConsoleError(error)
+    }
+}
+
+pub(crate) type ConsoleResult<T> = Result<T, ConsoleError>;
+
+impl IntoResponse for ConsoleError {
+    fn into_response(self) -> Response {
+        let status = self.0.kind.http_status();
+        let title = status.canonical_reason().unwrap_or("Error");
+        let markup = layout(
+            title,
+            None,
+            html! {
+                h1 { (status.as_u16()) " " (title) }
+                p #error-message role="alert" { (self.0.message) }
+                p { a href="/console/" { "Back to the console" } }
+            },
+        );
+        let mut response = html_response(status, markup);
+        if let Some(wait) = self.0.retry_after
+            && let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// The six pages of the navigation, in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nav {
+    Overview,
+    Instances,
+    People,
+    Duplicates,
+    Upload,
+    Downloads,
+}
+
+impl Nav {
+    const ALL: [Nav; 6] = [
+        Nav::Overview,
+        Nav::Instances,
+        Nav::People,
+        Nav::Duplicates,
+        Nav::Upload,
+        Nav::Downloads,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Nav::Overview => "Overview",
+            Nav::Instances => "Instances",
+            Nav::People => "People",
+            Nav::Duplicates => "Likely duplicates",
+            Nav::Upload => "Add server usage",
+            Nav::Downloads => "Downloads",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Nav::Overview => "",
+            Nav::Instances => "instances",
+            Nav::People => "people",
+            Nav::Duplicates => "duplicates",
+            Nav::Upload => "upload",
+            Nav::Downloads => "downloads",
+        }
+    }
+}
+
+/// A whole page: the navigation and sign-out form when signed in (`signed`), then `body` as the page's `main`.
+pub(crate) fn layout(title: &str, signed: Option<(&Signed, Nav)>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                @if let Some((signed, _)) = signed {
+                    meta name="csrf-token" content=(signed.csrf_token);
+                }
+                title { (title) " · license-sync console" }
+                link rel="stylesheet" href="/console/assets/console.css";
+                script src="/console/assets/console.js" defer {}
+            }
+            body {
+                a.skip-link href="#main" { "Skip to content" }
+                @if let Some((signed, current)) = signed {
+                    header.site-header {
+                        p.brand { "license-sync · " (signed.enterprise.name) }
+                        nav #console-nav aria-label="Console pages" {
+                            ul {
+                                @for item in Nav::ALL {
+                                    li {
+                                        a href=(format!("/console/{}/{}", signed.enterprise.slug, item.path()))
+                                            aria-current=[(item == current).then_some("page")] {
+                                            (item.label())
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        form #sign-out method="post" action="/console/sign-out" {
+                            (csrf_field(signed))
+                            button #sign-out-submit type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main #main { (body) }
+            }
+        }
+    }
+}
+
+/// The hidden CSRF field every POST form carries.
+pub(crate) fn csrf_field(signed: &Signed) -> Markup {
+    html! { input type="hidden" name="csrf_token" value=(signed.csrf_token); }
+}
+
+/// `/console/{enterprise}/{rest}` of the signed-in enterprise.
+pub(crate) fn enterprise_path(signed: &Signed, rest: &str) -> String {
+    format!("/console/{}/{rest}", signed.enterprise.slug)
+}
+
+/// A query string of `pairs`, encoded.
+pub(crate) fn query_string<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+/// A positive integer query parameter, or `default` when absent or empty.
+pub(crate) fn positive_parameter(
+    name: &str,
+    value: Option<&str>,
+    default: usize,
+    max: usize,
+) -> ServiceResult<usize> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(text) => match text.parse::<usize>() {
+            Ok(number) if (1..=max).contains(&number) => Ok(number),
+            _ => {
+                let shown: String = text.chars().take(32).collect();
+                Err(ServiceError::invalid(format!(
+                    "`{name}` must be a whole number from 1 to {max}, got {shown:?}"
+                )))
+            }
+        },
+    }
+}
