@@ -103,7 +103,6 @@ pub(crate) fn routes(
             "/console/{enterprise}/downloads/consumed-licenses.csv",
             get(pages::consumed_licenses_csv),
         ),
-        ("/console/{*rest}", get(not_found).post(not_found)),
     ]
 }
 
@@ -121,10 +120,16 @@ async fn root(headers: HeaderMap) -> Response {
     }
 }
 
-async fn not_found() -> ConsoleError {
-    ConsoleError(ServiceError::not_found(
-        "there is no console page here; start from the overview (/console/)",
-    ))
+/// The answer to a path no route matched: an HTML page under `/console`, the API's JSON 404 elsewhere.
+pub(crate) async fn fallback(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/console/") {
+        ConsoleError(ServiceError::not_found(
+            "there is no console page here; start from the overview (/console/)",
+        ))
+        .into_response()
+    } else {
+        ServiceError::not_found("Not Found").into_response()
+    }
 }
 
 async fn css() -> Response {

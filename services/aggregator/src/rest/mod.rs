@@ -127,7 +127,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(timeout_layer(request_timeout))
         // Bodies are read with our own limit so that an oversized upload gets a GitHub-style error.
         .layer(DefaultBodyLimit::disable())
-        .fallback(|| async { ServiceError::not_found("Not Found") })
+        // The API's JSON 404, or an HTML page under `/console/`.
+        .fallback(crate::console::fallback)
         // Inside the metrics layer, so that a panic is counted as the 500 it answers.
         .layer(catch_panic_layer())
         // Last, so that it sees every route and the fallback (whose requests are labelled `unmatched`).
