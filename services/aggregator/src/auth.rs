@@ -118,9 +118,9 @@ impl ApiTokens {
                 self.record_use(token.id);
                 Ok(Authorized { enterprise, token })
             }
-            Err(refusal) if refusal.kind == ErrorKind::Unauthenticated => Err(self
-                .limiter
-                .refused(client, AuthSurface::Console, refusal)),
+            Err(refusal) if refusal.kind == ErrorKind::Unauthenticated => {
+                Err(self.limiter.refused(client, AuthSurface::Console, refusal))
+            }
             Err(error) => Err(error),
         }
     }

@@ -26,7 +26,11 @@ fn push_lowercase(text: &mut String, field: &str) {
         return;
     }
     if field.is_ascii() {
-        text.extend(field.bytes().map(|byte| char::from(byte.to_ascii_lowercase())));
+        text.extend(
+            field
+                .bytes()
+                .map(|byte| char::from(byte.to_ascii_lowercase())),
+        );
     } else {
         text.push_str(&field.to_lowercase());
     }
@@ -205,7 +209,8 @@ mod tests {
             .filter(|&&slot| {
                 view.people.person(slot).is_some_and(|person| {
                     person.server_accounts.iter().any(|link| {
-                        let instance = &view.people.instance_slots()[link.account.instance as usize];
+                        let instance =
+                            &view.people.instance_slots()[link.account.instance as usize];
                         let user = link.account.user as usize;
                         instance.users.login(user).to_lowercase().contains(&query)
                             || instance.users.email(user).to_lowercase().contains(&query)

@@ -559,11 +559,11 @@ fn people_can_be_searched_explained_and_compared() {
 }
 
 #[test]
-fn sync_now_on_an_instance_with_a_connected_agent_reaches_succeeded() {
+fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commits() {
     let world = World::start();
-    let Some(browser) =
-        world.signed_in_browser("sync_now_on_an_instance_with_a_connected_agent_reaches_succeeded")
-    else {
+    let Some(browser) = world.signed_in_browser(
+        "sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commits",
+    ) else {
         return;
     };
     // A sidecar agent, enrolled and enabled, with its control stream connected.
@@ -616,19 +616,50 @@ fn sync_now_on_an_instance_with_a_connected_agent_reaches_succeeded() {
         .map(Vec::len)
         .unwrap_or_default();
     browser.click_and_load(&format!("{row} form.sync-now button"));
-    let request_state = browser.until("the Sync now request to succeed", |b| {
-        let text = b.texts(".sync-request-state").join(" ");
-        text.contains("succeeded").then_some(text)
+    // The state as the REST sync-request resource names it, followed by the page's poll until the agent answers:
+    // `queued` → `delivered` → `accepted` (the agent started a job) or `refused`/`expired`.
+    let state_element = format!("{row} .sync-request-state");
+    let mut seen = vec![browser.text(&state_element)];
+    let answered = browser.until("the agent to accept the Sync now request", |b| {
+        let state = b.text(&state_element).trim().to_owned();
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        ["accepted", "refused", "expired"]
+            .contains(&state.as_str())
+            .then_some(state)
     });
-    assert!(!request_state.contains("failed"), "{request_state}");
+    assert_eq!(answered, "accepted", "the states shown: {seen:?}");
+    for state in &seen {
+        assert!(
+            ["queued", "delivered", "accepted"].contains(&state.trim()),
+            "a state of the REST resource: {seen:?}"
+        );
+    }
+    // The same request over REST, and the job it started commits on the agent.
+    let path = browser.path();
+    let request_id = path
+        .split(['?', '&'])
+        .find_map(|pair| pair.strip_prefix("request_id="))
+        .unwrap_or_else(|| panic!("no request id in {path}"));
+    let request = world.rest(&format!(
+        "/enterprises/acme/instances/{}/sync-requests/{request_id}",
+        agent.server_id
+    ));
+    assert_eq!(request["state"], "accepted", "{request}");
+    let job_id = request["job_id"].as_str().expect("job id");
+    let job = agent
+        .wait_job(job_id, harness::WAIT, |job| job["state"] == "committed")
+        .expect("the requested job commits");
+    assert_eq!(job["trigger"], "cloud", "{job}");
     browser.screenshot("instances-sync-now");
-    // The agent ran a job for the cloud's request.
-    let jobs = agent.get("/api/v1/jobs").expect("jobs");
-    let jobs = jobs["jobs"].as_array().expect("jobs");
-    assert!(jobs.len() > jobs_before, "a new job ran: {jobs:?}");
     assert!(
-        jobs.iter().any(|job| job["trigger"] == "cloud"),
-        "a cloud-triggered job: {jobs:?}"
+        agent.get("/api/v1/jobs").expect("jobs")["jobs"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or_default()
+            > jobs_before,
+        "a new job ran"
     );
 }
 
@@ -907,7 +938,11 @@ fn an_enrollment_token_is_shown_once() {
     };
     browser.goto("/console/acme/instances");
     browser.click_and_load("form#create-enrollment-token button");
-    let token = browser.text("#enrollment-token");
+    // Shown in a read-only input (to copy from) or as text.
+    let token = browser
+        .attr("#enrollment-token", "value")
+        .filter(|value| !value.is_empty())
+        .unwrap_or_else(|| browser.text("#enrollment-token"));
     assert!(token.trim().starts_with("lse_"), "{token}");
     browser.screenshot("enrollment-token");
     // Reloading the instances page does not show it again.

@@ -24,10 +24,10 @@ mod chart;
 mod pages;
 mod session;
 
+use session::Signed;
 pub use session::{
     DEFAULT_LINK_MINUTES, IssuedConsoleLink, MAX_LINK_MINUTES, SESSION_COOKIE, issue_console_link,
 };
-use session::Signed;
 
 const CSS: &str = include_str!("console.css");
 const JS: &str = include_str!("console.js");
@@ -145,7 +145,10 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             // Embedded in the binary: a new release may change it, so browsers keep it only a few minutes.
-            (header::CACHE_CONTROL, HeaderValue::from_static("max-age=300")),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            ),
             (
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::session::{CsrfForm, Signed, csrf_refusal};
 use super::{
-    ConsoleResult, Nav, csrf_field, enterprise_path, html_response, layout,
-    positive_parameter, query_string,
+    ConsoleResult, Nav, csrf_field, enterprise_path, html_response, layout, positive_parameter,
+    query_string,
 };
 use crate::app::App;
 use crate::enrollment::issue_enrollment_token;
@@ -416,7 +416,9 @@ pub(super) async fn create_enrollment_token(
     let hours = match form.expires_in_hours.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => Some(text.parse::<i64>().map_err(|_| {
-            ServiceError::invalid("the token lifetime must be a whole number of hours, from 1 to 720")
+            ServiceError::invalid(
+                "the token lifetime must be a whole number of hours, from 1 to 720",
+            )
         })?),
     };
     let issued = issue_enrollment_token(&app.store, &signed.enterprise, hours).await?;
@@ -483,7 +485,9 @@ impl PeopleFilter {
                 .into_iter()
                 .find(|filter| filter.as_str() == text)
                 .ok_or_else(|| {
-                    ServiceError::invalid("`filter` must be one of all, server, cloud, both, ambiguous")
+                    ServiceError::invalid(
+                        "`filter` must be one of all, server, cloud, both, ambiguous",
+                    )
                 }),
         }
     }
@@ -574,7 +578,10 @@ fn account_references(view: &MergedView, person: &Person) -> Vec<String> {
 }
 
 fn kind_of(person: &Person) -> PeopleFilter {
-    match (person.cloud_member.is_some(), person.server_accounts.is_empty()) {
+    match (
+        person.cloud_member.is_some(),
+        person.server_accounts.is_empty(),
+    ) {
         (true, false) => PeopleFilter::Both,
         (true, true) => PeopleFilter::Cloud,
         _ => PeopleFilter::Server,
@@ -619,7 +626,11 @@ pub(super) async fn people(
             pairs.push(("filter", filter.as_str()));
         }
         pairs.push(("page", page.as_str()));
-        format!("{}?{}", enterprise_path(&signed, "people"), query_string(pairs))
+        format!(
+            "{}?{}",
+            enterprise_path(&signed, "people"),
+            query_string(pairs)
+        )
     };
     let body = html! {
         h1 { "People" }
@@ -778,7 +789,11 @@ pub(super) async fn compare(
     };
     let view = app.views.merged_view(signed.enterprise.id).await?;
     let people = &view.people;
-    let (instances, cloud, ties) = (people.instance_slots(), people.cloud_members(), people.ties());
+    let (instances, cloud, ties) = (
+        people.instance_slots(),
+        people.cloud_members(),
+        people.ties(),
+    );
     let person_a = find_person(&view, first)?;
     let person_b = find_person(&view, second)?;
     let reasons = explain_separation((person_a, first), (person_b, second), instances, cloud);
@@ -968,7 +983,9 @@ async fn upload_parts(
     };
     let mut multipart = Multipart::from_request(request, &())
         .await
-        .map_err(|error| ServiceError::invalid(format!("the upload is not a form: {}", error.body_text())))?;
+        .map_err(|error| {
+            ServiceError::invalid(format!("the upload is not a form: {}", error.body_text()))
+        })?;
     let (mut token, mut file) = (None, None);
     while let Some(field) = multipart.next_field().await.map_err(unreadable)? {
         match field.name() {

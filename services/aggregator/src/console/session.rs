@@ -64,11 +64,7 @@ impl Signed {
         let matches = presented.is_some_and(|presented| {
             bool::from(presented.as_bytes().ct_eq(self.csrf_token.as_bytes()))
         });
-        if matches {
-            Ok(())
-        } else {
-            Err(csrf_refusal())
-        }
+        if matches { Ok(()) } else { Err(csrf_refusal()) }
     }
 }
 
@@ -159,11 +155,16 @@ async fn current_session(app: &App, headers: &HeaderMap) -> Result<Signed, NoSes
 impl FromRequestParts<Arc<App>> for Signed {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
         let signed = match current_session(app, &parts.headers).await {
             Ok(signed) => signed,
             Err(NoSession::Error(error)) => return Err(ConsoleError(error).into_response()),
-            Err(NoSession::Missing) if parts.method == Method::GET || parts.method == Method::HEAD => {
+            Err(NoSession::Missing)
+                if parts.method == Method::GET || parts.method == Method::HEAD =>
+            {
                 return Err(Redirect::to("/console/sign-in").into_response());
             }
             Err(NoSession::Missing) => {
@@ -197,7 +198,9 @@ impl FromRequestParts<Arc<App>> for Signed {
 /// `GET /console/`: the overview when signed in, else the sign-in page.
 pub(super) async fn home(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     match current_session(&app, &headers).await {
-        Ok(signed) => Redirect::to(&format!("/console/{}/", signed.enterprise.slug)).into_response(),
+        Ok(signed) => {
+            Redirect::to(&format!("/console/{}/", signed.enterprise.slug)).into_response()
+        }
         Err(NoSession::Missing) => Redirect::to("/console/sign-in").into_response(),
         Err(NoSession::Error(error)) => ConsoleError(error).into_response(),
     }
@@ -376,7 +379,10 @@ pub(super) async fn sign_in_with_link(
         Ok(Some(enterprise)) => enterprise,
         Ok(None) => {
             let error = refusal();
-            return html_response(error.kind.http_status(), sign_in_markup(Some(&error.message)));
+            return html_response(
+                error.kind.http_status(),
+                sign_in_markup(Some(&error.message)),
+            );
         }
         Err(error) => return ConsoleError(error).into_response(),
     };
@@ -470,10 +476,16 @@ mod tests {
     #[test]
     fn the_session_cookie_is_found_among_others_and_the_csrf_token_is_bound_to_the_session() {
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("a=1; license_sync_console=lsc_x"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; license_sync_console=lsc_x"),
+        );
         assert_eq!(session_cookie(&headers), Some("lsc_x"));
         headers.clear();
-        headers.append(header::COOKIE, HeaderValue::from_static("license_sync_consolex=no"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("license_sync_consolex=no"),
+        );
         assert_eq!(session_cookie(&headers), None);
         let csrf = csrf_token_of("lsc_one");
         assert_eq!(csrf, csrf_token_of("lsc_one"));

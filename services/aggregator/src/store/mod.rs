@@ -118,7 +118,6 @@ pub struct NewConsoleSession<'a> {
     pub expires_at: OffsetDateTime,
 }
 
-
 /// A token's last use is written at most once per this interval: a write per request would make every REST read
 /// a database write.
 pub const TOKEN_LAST_USE_RESOLUTION: time::Duration = time::Duration::minutes(1);

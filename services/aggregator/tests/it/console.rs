@@ -62,10 +62,22 @@ async fn read(response: reqwest::Response) -> Page {
 }
 
 async fn get(client: &reqwest::Client, base: &str, path: &str) -> Page {
-    read(client.get(format!("{base}{path}")).send().await.expect("GET")).await
+    read(
+        client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("GET"),
+    )
+    .await
 }
 
-async fn post_form(client: &reqwest::Client, base: &str, path: &str, form: &[(&str, &str)]) -> Page {
+async fn post_form(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    form: &[(&str, &str)],
+) -> Page {
     read(
         client
             .post(format!("{base}{path}"))
@@ -91,7 +103,9 @@ fn csrf(body: &str) -> String {
 /// The text right after the opening tag of the element with this id (up to the next tag).
 fn text_of<'b>(body: &'b str, id: &str) -> &'b str {
     let marker = format!("id=\"{id}\"");
-    let at = body.find(&marker).unwrap_or_else(|| panic!("#{id} in the page"));
+    let at = body
+        .find(&marker)
+        .unwrap_or_else(|| panic!("#{id} in the page"));
     let open_end = at + body[at..].find('>').expect("tag end") + 1;
     let close = open_end + body[open_end..].find('<').expect("next tag");
     &body[open_end..close]
@@ -100,7 +114,9 @@ fn text_of<'b>(body: &'b str, id: &str) -> &'b str {
 /// The opening tag of the element with this id.
 fn tag_of<'b>(body: &'b str, id: &str) -> &'b str {
     let marker = format!("id=\"{id}\"");
-    let at = body.find(&marker).unwrap_or_else(|| panic!("#{id} in the page"));
+    let at = body
+        .find(&marker)
+        .unwrap_or_else(|| panic!("#{id} in the page"));
     let start = body[..at].rfind('<').expect("tag start");
     let end = at + body[at..].find('>').expect("tag end");
     &body[start..=end]
@@ -136,9 +152,14 @@ async fn seeded(app: &Arc<App>, users: usize) -> Instance {
         license_sync_aggregator::admin::add_instance(&app.store, "acme", server_id, HOSTNAME)
             .await
             .expect("instance");
-    app.commit_snapshot(&instance, snapshot_of(server_id, users), Arrival::Connect, None)
-        .await
-        .expect("commit");
+    app.commit_snapshot(
+        &instance,
+        snapshot_of(server_id, users),
+        Arrival::Connect,
+        None,
+    )
+    .await
+    .expect("commit");
     instance
 }
 
@@ -154,9 +175,17 @@ fn assert_signed_in_frame(page: &Page, path: &str) {
     ] {
         assert!(page.body.contains(element), "{path}: {element}");
     }
-    for link in ["", "instances", "people", "duplicates", "upload", "downloads"] {
+    for link in [
+        "",
+        "instances",
+        "people",
+        "duplicates",
+        "upload",
+        "downloads",
+    ] {
         assert!(
-            page.body.contains(&format!("href=\"/console/acme/{link}\"")),
+            page.body
+                .contains(&format!("href=\"/console/acme/{link}\"")),
             "{path}: nav link {link:?}"
         );
     }
@@ -218,13 +247,20 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
         .expect("read")
         .expect("acme");
     store
-        .revoke_api_token(acme.id, TokenSelector::Name("revoked"), OffsetDateTime::now_utc())
+        .revoke_api_token(
+            acme.id,
+            TokenSelector::Name("revoked"),
+            OffsetDateTime::now_utc(),
+        )
         .await
         .expect("revoke");
     let refused = sign_in(&client, base, &revoked).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     assert!(refused.body.contains("id=\"sign-in-error\""));
-    assert!(!refused.body.contains(&revoked), "the token is never echoed");
+    assert!(
+        !refused.body.contains(&revoked),
+        "the token is never echoed"
+    );
     let now = OffsetDateTime::now_utc();
     let (_, expired) = license_sync_aggregator::admin::issue_api_token(
         store,
@@ -246,7 +282,12 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     assert_eq!(signed.status, StatusCode::SEE_OTHER, "{}", signed.body);
     assert_eq!(signed.location.as_deref(), Some("/console/acme/"));
     let cookie = signed.set_cookie.first().expect("a session cookie");
-    for flag in ["HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age=43200"] {
+    for flag in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+        "Max-Age=43200",
+    ] {
         assert!(cookie.contains(flag), "{flag} in {cookie}");
     }
     assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
@@ -268,7 +309,10 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     )
     .await;
     assert!(
-        behind_tls.set_cookie.iter().any(|cookie| cookie.contains("; Secure")),
+        behind_tls
+            .set_cookie
+            .iter()
+            .any(|cookie| cookie.contains("; Secure")),
         "{:?}",
         behind_tls.set_cookie
     );
@@ -287,7 +331,10 @@ async fn a_sign_in_link_works_once_and_not_after_its_expiry() {
         .expect("acme");
     let link = issue_console_link(store, &acme, None).await.expect("link");
     let url = link.url(base);
-    assert!(url.starts_with(&format!("{base}/console/sign-in/link?token=lsl_")), "{url}");
+    assert!(
+        url.starts_with(&format!("{base}/console/sign-in/link?token=lsl_")),
+        "{url}"
+    );
     let client = browser();
     let opened = read(client.get(&url).send().await.expect("GET link")).await;
     assert_eq!(opened.status, StatusCode::SEE_OTHER, "{}", opened.body);
@@ -311,7 +358,12 @@ async fn a_sign_in_link_works_once_and_not_after_its_expiry() {
         )
         .await
         .expect("link");
-    let late = get(&browser(), base, &format!("/console/sign-in/link?token={expired}")).await;
+    let late = get(
+        &browser(),
+        base,
+        &format!("/console/sign-in/link?token={expired}"),
+    )
+    .await;
     assert_eq!(late.status, StatusCode::UNAUTHORIZED);
     assert!(late.set_cookie.is_empty());
     harness.shutdown().await;
@@ -329,11 +381,26 @@ async fn sign_out_needs_its_csrf_token_and_ends_the_session_as_does_the_token_ex
     let forged = post_form(&client, base, "/console/sign-out", &[]).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert!(text_of(&forged.body, "error-message").contains("nothing was changed"));
-    let wrong = post_form(&client, base, "/console/sign-out", &[("csrf_token", &"0".repeat(64))]).await;
+    let wrong = post_form(
+        &client,
+        base,
+        "/console/sign-out",
+        &[("csrf_token", &"0".repeat(64))],
+    )
+    .await;
     assert_eq!(wrong.status, StatusCode::FORBIDDEN);
-    assert_eq!(get(&client, base, "/console/acme/").await.status, StatusCode::OK);
+    assert_eq!(
+        get(&client, base, "/console/acme/").await.status,
+        StatusCode::OK
+    );
 
-    let out = post_form(&client, base, "/console/sign-out", &[("csrf_token", &token)]).await;
+    let out = post_form(
+        &client,
+        base,
+        "/console/sign-out",
+        &[("csrf_token", &token)],
+    )
+    .await;
     assert_eq!(out.status, StatusCode::SEE_OTHER);
     assert_eq!(out.location.as_deref(), Some("/console/sign-in"));
     assert!(out.set_cookie.iter().any(|c| c.contains("Max-Age=0")));
@@ -356,8 +423,14 @@ async fn sign_out_needs_its_csrf_token_and_ends_the_session_as_does_the_token_ex
     .await
     .expect("token");
     let client = browser();
-    assert_eq!(sign_in(&client, base, &short).await.status, StatusCode::SEE_OTHER);
-    assert_eq!(get(&client, base, "/console/acme/").await.status, StatusCode::OK);
+    assert_eq!(
+        sign_in(&client, base, &short).await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        get(&client, base, "/console/acme/").await.status,
+        StatusCode::OK
+    );
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let ended = get(&client, base, "/console/acme/").await;
     assert_eq!(ended.location.as_deref(), Some("/console/sign-in"));
@@ -365,7 +438,8 @@ async fn sign_out_needs_its_csrf_token_and_ends_the_session_as_does_the_token_ex
 }
 
 #[tokio::test]
-async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_and_change_nothing() {
+async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_and_change_nothing()
+{
     let harness = Harness::start(|_| {}).await;
     let base = &harness.base;
     let app = &harness.server().app;
@@ -382,7 +456,10 @@ async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_a
         let refused = post_form(&client, base, &retire, &form).await;
         assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
         let sync = format!("/console/acme/instances/{}/sync-now", instance.server_id);
-        assert_eq!(post_form(&client, base, &sync, &form).await.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            post_form(&client, base, &sync, &form).await.status,
+            StatusCode::FORBIDDEN
+        );
     }
     let still = app
         .store
@@ -409,7 +486,13 @@ async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_a
     let reading = browser();
     sign_in(&reading, base, &reader).await;
     let page = get(&reading, base, &retire).await;
-    let refused = post_form(&reading, base, &retire, &[("csrf_token", &csrf(&page.body))]).await;
+    let refused = post_form(
+        &reading,
+        base,
+        &retire,
+        &[("csrf_token", &csrf(&page.body))],
+    )
+    .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert!(text_of(&refused.body, "error-message").contains("`read` token"));
 
@@ -424,9 +507,14 @@ async fn changes_without_the_right_csrf_token_or_by_a_read_session_are_refused_a
 async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
     let harness = Harness::start(|_| {}).await;
     let base = &harness.base;
-    license_sync_aggregator::admin::create_enterprise(&harness.server().app.store, "other", "Other", 5)
-        .await
-        .expect("enterprise");
+    license_sync_aggregator::admin::create_enterprise(
+        &harness.server().app.store,
+        "other",
+        "Other",
+        5,
+    )
+    .await
+    .expect("enterprise");
     let client = browser();
     sign_in(&client, base, &harness.owner_token).await;
     for path in [
@@ -438,7 +526,10 @@ async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
     ] {
         let page = get(&client, base, path).await;
         assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}");
-        assert!(page.body.starts_with("<!DOCTYPE html>"), "{path}: an HTML page");
+        assert!(
+            page.body.starts_with("<!DOCTYPE html>"),
+            "{path}: an HTML page"
+        );
     }
     harness.shutdown().await;
 }
@@ -448,8 +539,16 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
     let harness = Harness::start(|_| {}).await;
     let base = &harness.base;
     let app = &harness.server().app;
-    let acme = app.store.enterprise_by_slug("acme").await.expect("read").expect("acme");
-    app.store.set_seats_purchased(acme.id, 2).await.expect("seats");
+    let acme = app
+        .store
+        .enterprise_by_slug("acme")
+        .await
+        .expect("read")
+        .expect("acme");
+    app.store
+        .set_seats_purchased(acme.id, 2)
+        .await
+        .expect("seats");
     let instance = seeded(app, 3).await;
     let client = browser();
     sign_in(&client, base, &harness.owner_token).await;
@@ -462,21 +561,40 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
     assert!(tag_of(&overview.body, "overage").contains("over"));
     let peak_at = overview.body.find("id=\"peak\"").expect("#peak");
     let today = license_sync_aggregator::time_format::utc_date(OffsetDateTime::now_utc());
-    assert!(overview.body[peak_at..peak_at + 200].contains(">3<"), "peak count");
-    assert!(overview.body[peak_at..peak_at + 200].contains(&today), "peak date");
+    assert!(
+        overview.body[peak_at..peak_at + 200].contains(">3<"),
+        "peak count"
+    );
+    assert!(
+        overview.body[peak_at..peak_at + 200].contains(&today),
+        "peak date"
+    );
     assert!(overview.body.contains("<svg id=\"usage-chart\""));
     assert!(overview.body.contains("polyline"));
     assert!(overview.body.contains("id=\"instance-usage\""));
-    assert!(overview.body.contains(&format!("<th scope=\"row\">{HOSTNAME}</th><td>3</td><td>3</td>")));
+    assert!(overview.body.contains(&format!(
+        "<th scope=\"row\">{HOSTNAME}</th><td>3</td><td>3</td>"
+    )));
     let short = get(&client, base, "/console/acme/?days=7").await;
     assert!(short.body.contains("last 7 days"));
-    assert_eq!(get(&client, base, "/console/acme/?days=0").await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        get(&client, base, "/console/acme/?days=0").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
 
     let instances = get(&client, base, "/console/acme/instances").await;
     assert_signed_in_frame(&instances, "instances");
     assert!(instances.body.contains("id=\"instances\""));
-    assert!(instances.body.contains(&format!("data-server-id=\"{}\"", instance.server_id)));
-    assert!(instances.body.contains("<span class=\"sync-state\">GitHub Connect server usage synced</span>"));
+    assert!(
+        instances
+            .body
+            .contains(&format!("data-server-id=\"{}\"", instance.server_id))
+    );
+    assert!(
+        instances
+            .body
+            .contains("<span class=\"sync-state\">GitHub Connect server usage synced</span>")
+    );
     assert!(instances.body.contains(&format!(
         "action=\"/console/acme/instances/{}/sync-now\"",
         instance.server_id
@@ -488,7 +606,10 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
         &client,
         base,
         "/console/acme/enrollment-tokens",
-        &[("csrf_token", &csrf(&instances.body)), ("expires_in_hours", "2")],
+        &[
+            ("csrf_token", &csrf(&instances.body)),
+            ("expires_in_hours", "2"),
+        ],
     )
     .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
@@ -496,20 +617,38 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
 
     let people = get(&client, base, "/console/acme/people").await;
     assert_signed_in_frame(&people, "people");
-    for element in ["id=\"people-search\"", "id=\"q\"", "id=\"filter\"", "id=\"people\"", "id=\"compare-form\""] {
+    for element in [
+        "id=\"people-search\"",
+        "id=\"q\"",
+        "id=\"filter\"",
+        "id=\"people\"",
+        "id=\"compare-form\"",
+    ] {
         assert!(people.body.contains(element), "{element}");
     }
     assert_eq!(text_of(&people.body, "people-total"), "3");
     assert_eq!(count(&people.body, "data-person-id="), 3);
     let first = format!("server:{HOSTNAME}:1");
-    assert!(people.body.contains(&format!("href=\"/console/acme/people/{first}\"")));
-    assert!(people.body.contains(&format!("name=\"compare\" value=\"{first}\"")));
+    assert!(
+        people
+            .body
+            .contains(&format!("href=\"/console/acme/people/{first}\""))
+    );
+    assert!(
+        people
+            .body
+            .contains(&format!("name=\"compare\" value=\"{first}\""))
+    );
     assert!(people.body.contains("user1@example.com"));
 
     let person = get(&client, base, &format!("/console/acme/people/{first}")).await;
     assert_signed_in_frame(&person, "person");
     assert!(person.body.contains("id=\"explanation\""));
-    assert!(person.body.contains(&format!("class=\"account\" data-account=\"{HOSTNAME}:1\"")));
+    assert!(
+        person
+            .body
+            .contains(&format!("class=\"account\" data-account=\"{HOSTNAME}:1\""))
+    );
     assert!(person.body.contains("Consumes a license"));
     assert!(person.body.contains("unmatched"));
     let missing = get(&client, base, "/console/acme/people/server:nowhere:9").await;
@@ -523,7 +662,11 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
         let compared = get(&client, base, &format!("/console/acme/compare?{query}")).await;
         assert_signed_in_frame(&compared, "compare");
         assert!(tag_of(&compared.body, "comparison").contains("data-licenses=\"2\""));
-        assert!(compared.body.contains(&format!("data-account=\"{HOSTNAME}:2\"")));
+        assert!(
+            compared
+                .body
+                .contains(&format!("data-account=\"{HOSTNAME}:2\""))
+        );
     }
     let one = get(&client, base, &format!("/console/acme/compare?a={first}")).await;
     assert_eq!(one.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -540,12 +683,26 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
 
     let downloads = get(&client, base, "/console/acme/downloads").await;
     assert_signed_in_frame(&downloads, "downloads");
-    assert!(tag_of(&downloads.body, "download-csv")
-        .contains("href=\"/console/acme/downloads/consumed-licenses.csv\""));
-    let csv = get(&client, base, "/console/acme/downloads/consumed-licenses.csv").await;
+    assert!(
+        tag_of(&downloads.body, "download-csv")
+            .contains("href=\"/console/acme/downloads/consumed-licenses.csv\"")
+    );
+    let csv = get(
+        &client,
+        base,
+        "/console/acme/downloads/consumed-licenses.csv",
+    )
+    .await;
     assert_eq!(csv.status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(
-        get(&browser(), base, "/console/acme/downloads/consumed-licenses.csv").await.location.as_deref(),
+        get(
+            &browser(),
+            base,
+            "/console/acme/downloads/consumed-licenses.csv"
+        )
+        .await
+        .location
+        .as_deref(),
         Some("/console/sign-in"),
         "the report needs a session"
     );
@@ -573,7 +730,11 @@ async fn people_are_searched_filtered_and_paginated_on_the_server() {
     let first = get(&client, base, "/console/acme/people").await;
     assert_eq!(text_of(&first.body, "people-total"), "120");
     assert_eq!(count(&first.body, "data-person-id="), 50);
-    assert!(first.body.contains("rel=\"next\" href=\"/console/acme/people?page=2\""));
+    assert!(
+        first
+            .body
+            .contains("rel=\"next\" href=\"/console/acme/people?page=2\"")
+    );
     assert!(!first.body.contains("rel=\"prev\""));
     let last = get(&client, base, "/console/acme/people?page=3").await;
     assert_eq!(count(&last.body, "data-person-id="), 20);
@@ -592,12 +753,24 @@ async fn people_are_searched_filtered_and_paginated_on_the_server() {
     ] {
         let page = get(&client, base, &format!("/console/acme/people?{query}")).await;
         assert_eq!(page.status, StatusCode::OK, "{query}");
-        assert_eq!(text_of(&page.body, "people-total"), expected.to_string(), "{query}");
-        assert_eq!(count(&page.body, "data-person-id="), expected.min(50), "{query}");
+        assert_eq!(
+            text_of(&page.body, "people-total"),
+            expected.to_string(),
+            "{query}"
+        );
+        assert_eq!(
+            count(&page.body, "data-person-id="),
+            expected.min(50),
+            "{query}"
+        );
     }
     // The search and filter carry over to the next page's link.
     let many = get(&client, base, "/console/acme/people?q=user&filter=server").await;
-    assert!(many.body.contains("href=\"/console/acme/people?q=user&amp;filter=server&amp;page=2\""), "next link");
+    assert!(
+        many.body
+            .contains("href=\"/console/acme/people?q=user&amp;filter=server&amp;page=2\""),
+        "next link"
+    );
     let bad = get(&client, base, "/console/acme/people?filter=everyone").await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(bad.body.contains("all, server, cloud, both, ambiguous"));
@@ -671,14 +844,20 @@ async fn an_upload_is_applied_then_already_applied_and_a_bad_file_says_what_is_w
     let client = browser();
     sign_in(&client, base, &harness.owner_token).await;
     let token = csrf(&get(&client, base, "/console/acme/upload").await.body);
-    let file = serde_json::to_vec(&UsageFile::from_snapshot(snapshot_of(instance.server_id, 4)))
-        .expect("json");
+    let file = serde_json::to_vec(&UsageFile::from_snapshot(snapshot_of(
+        instance.server_id,
+        4,
+    )))
+    .expect("json");
     let upload = |bytes: Vec<u8>, token: String| {
         let client = client.clone();
         async move {
             let form = reqwest::multipart::Form::new()
                 .text("csrf_token", token)
-                .part("file", reqwest::multipart::Part::bytes(bytes).file_name("usage.json"));
+                .part(
+                    "file",
+                    reqwest::multipart::Part::bytes(bytes).file_name("usage.json"),
+                );
             read(
                 client
                     .post(format!("{base}/console/acme/upload"))
@@ -693,7 +872,11 @@ async fn an_upload_is_applied_then_already_applied_and_a_bad_file_says_what_is_w
     let applied = upload(file.clone(), token.clone()).await;
     assert_eq!(applied.status, StatusCode::CREATED, "{}", applied.body);
     assert!(tag_of(&applied.body, "upload-result").contains("applied"));
-    let view = app.views.merged_view(instance.enterprise_id).await.expect("view");
+    let view = app
+        .views
+        .merged_view(instance.enterprise_id)
+        .await
+        .expect("view");
     assert_eq!(view.people.total_seats_consumed(), 4);
     drop(view);
     let again = upload(file.clone(), token.clone()).await;
@@ -718,11 +901,21 @@ async fn a_session_opened_on_one_replica_is_accepted_by_another_sharing_the_stor
     let replica_base = format!("http://{}", replica.http_addr);
     let client = browser();
     let signed = sign_in(&client, &harness.base, &harness.owner_token).await;
-    let cookie = signed.set_cookie[0].split(';').next().expect("name=value").to_owned();
+    let cookie = signed.set_cookie[0]
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_owned();
     let page = get(&client, &replica_base, "/console/acme/people").await;
     assert_signed_in_frame(&page, "people on the replica");
     // Signing out on the replica ends it on the first one too.
-    let out = post_form(&client, &replica_base, "/console/sign-out", &[("csrf_token", &csrf(&page.body))]).await;
+    let out = post_form(
+        &client,
+        &replica_base,
+        "/console/sign-out",
+        &[("csrf_token", &csrf(&page.body))],
+    )
+    .await;
     assert_eq!(out.status, StatusCode::SEE_OTHER);
     // The browser dropped the cookie (Max-Age=0); a saved copy of it is refused by the first replica as well.
     let ended = read(

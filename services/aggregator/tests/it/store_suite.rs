@@ -4,8 +4,8 @@
 use license_sync_aggregator::error::{ErrorKind, ServiceError};
 use license_sync_aggregator::store::{
     AckOutcome, AgentReport, Arrival, CommitOutcome, DynStore, NewApiToken, NewConsoleSession,
-    SnapshotCommit,
-    SyncAckRecord, SyncRequestState, TOKEN_LAST_USE_RESOLUTION, TokenScope, TokenSelector,
+    SnapshotCommit, SyncAckRecord, SyncRequestState, TOKEN_LAST_USE_RESOLUTION, TokenScope,
+    TokenSelector,
 };
 use license_sync_core::cloud::CloudMembers;
 use license_sync_core::model::{CloudMember, InstanceIdentity, ServerUser, SourceReport, UserRole};
@@ -1879,17 +1879,18 @@ pub async fn console_sessions_expire_end_with_their_token_and_sign_out(store: Dy
         )
         .await
         .expect("token");
-    let session = |id_sha256: &'static str, api_token_id: Option<i64>, hours: i64| NewConsoleSession {
-        id_sha256,
-        enterprise_id: acme.id,
-        api_token_id,
-        scope: if api_token_id.is_some() {
-            TokenScope::Read
-        } else {
-            TokenScope::Admin
-        },
-        expires_at: now + time::Duration::hours(hours),
-    };
+    let session =
+        |id_sha256: &'static str, api_token_id: Option<i64>, hours: i64| NewConsoleSession {
+            id_sha256,
+            enterprise_id: acme.id,
+            api_token_id,
+            scope: if api_token_id.is_some() {
+                TokenScope::Read
+            } else {
+                TokenScope::Admin
+            },
+            expires_at: now + time::Duration::hours(hours),
+        };
     store
         .create_console_session(&session("s-token", Some(token.id), 12), now)
         .await
@@ -1912,28 +1913,80 @@ pub async fn console_sessions_expire_end_with_their_token_and_sign_out(store: Dy
         .expect("read")
         .expect("live");
     assert_eq!(link.scope, TokenScope::Admin);
-    assert!(store.console_session("unknown", now).await.expect("read").is_none());
+    assert!(
+        store
+            .console_session("unknown", now)
+            .await
+            .expect("read")
+            .is_none()
+    );
     // Expired at its expiry.
     let later = now + time::Duration::hours(1);
-    assert!(store.console_session("s-link", later).await.expect("read").is_none());
-    assert!(store.console_session("s-token", later).await.expect("read").is_some());
+    assert!(
+        store
+            .console_session("s-link", later)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        store
+            .console_session("s-token", later)
+            .await
+            .expect("read")
+            .is_some()
+    );
     // A new session sweeps the enterprise's expired ones: the link session is gone even for an earlier "now".
     store
         .create_console_session(&session("s-other", None, 12), later)
         .await
         .expect("session");
-    assert!(store.console_session("s-link", now).await.expect("read").is_none());
+    assert!(
+        store
+            .console_session("s-link", now)
+            .await
+            .expect("read")
+            .is_none()
+    );
     // Revoking the token ends the sessions opened with it, and only those.
     store
         .revoke_api_token(acme.id, TokenSelector::Id(token.id), later)
         .await
         .expect("revoke");
-    assert!(store.console_session("s-token", later).await.expect("read").is_none());
-    assert!(store.console_session("s-other", later).await.expect("read").is_some());
+    assert!(
+        store
+            .console_session("s-token", later)
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        store
+            .console_session("s-other", later)
+            .await
+            .expect("read")
+            .is_some()
+    );
     // Sign-out deletes it; a second sign-out finds nothing.
-    assert!(store.delete_console_session("s-other").await.expect("delete"));
-    assert!(!store.delete_console_session("s-other").await.expect("delete"));
-    assert!(store.console_session("s-other", later).await.expect("read").is_none());
+    assert!(
+        store
+            .delete_console_session("s-other")
+            .await
+            .expect("delete")
+    );
+    assert!(
+        !store
+            .delete_console_session("s-other")
+            .await
+            .expect("delete")
+    );
+    assert!(
+        store
+            .console_session("s-other", later)
+            .await
+            .expect("read")
+            .is_none()
+    );
 }
 
 pub async fn console_links_are_single_use_and_expire(store: DynStore) {
@@ -1951,17 +2004,41 @@ pub async fn console_links_are_single_use_and_expire(store: DynStore) {
         .create_console_link(acme.id, "link-2", minutes(15), now)
         .await
         .expect("link");
-    assert!(store.redeem_console_link("unknown", now).await.expect("redeem").is_none());
+    assert!(
+        store
+            .redeem_console_link("unknown", now)
+            .await
+            .expect("redeem")
+            .is_none()
+    );
     let redeemed = store
         .redeem_console_link("link-1", minutes(1))
         .await
         .expect("redeem");
     assert_eq!(redeemed, Some(acme.clone()));
     // Once only.
-    assert!(store.redeem_console_link("link-1", minutes(2)).await.expect("redeem").is_none());
+    assert!(
+        store
+            .redeem_console_link("link-1", minutes(2))
+            .await
+            .expect("redeem")
+            .is_none()
+    );
     // Expired at its expiry, never redeemed after.
-    assert!(store.redeem_console_link("link-2", minutes(15)).await.expect("redeem").is_none());
-    assert!(store.redeem_console_link("link-2", minutes(14)).await.expect("redeem").is_some());
+    assert!(
+        store
+            .redeem_console_link("link-2", minutes(15))
+            .await
+            .expect("redeem")
+            .is_none()
+    );
+    assert!(
+        store
+            .redeem_console_link("link-2", minutes(14))
+            .await
+            .expect("redeem")
+            .is_some()
+    );
     // Concurrent redemptions of one link: exactly one wins.
     store
         .create_console_link(acme.id, "link-3", minutes(15), now)
