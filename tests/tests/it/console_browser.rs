@@ -406,6 +406,14 @@ fn the_sign_in_form_works_with_the_keyboard_only() {
         "sign-in-submit",
         "Tab goes from the token to the button"
     );
+    // The focus is visible: the button draws an outline (or a box shadow) while it has the focus.
+    let focus_ring = browser.execute(
+        "const style = getComputedStyle(document.activeElement); \
+         return [style.outlineStyle, style.outlineWidth, style.boxShadow];",
+        vec![],
+    );
+    let visible = (focus_ring[0] != "none" && focus_ring[1] != "0px") || focus_ring[2] != "none";
+    assert!(visible, "the focused button shows its focus: {focus_ring}");
     browser.screenshot("sign-in-keyboard-focus");
     let enter = fantoccini::key::Key::Enter.to_string();
     browser.navigating(|b| b.press(&enter));
@@ -474,7 +482,37 @@ fn people_can_be_searched_explained_and_compared() {
     );
     browser.screenshot("people-search");
 
-    // Its explanation: one account, on ghes-b, which consumes.
+    // The filter: only monalisa has accounts on a server and in the cloud.
+    let monalisa = world.person_id("github.com:monalisa");
+    browser.goto("/console/acme/people");
+    browser
+        .run(
+            browser
+                .wait("form#people-search select#filter[name=filter]")
+                .select_by_value("both"),
+        )
+        .expect("choose a filter");
+    browser.navigating(|b| {
+        b.execute(
+            "document.querySelector('form#people-search').requestSubmit();",
+            vec![],
+        );
+    });
+    assert!(browser.path().contains("filter=both"), "{}", browser.path());
+    assert_eq!(number(&browser.text("#people-total")), 1);
+    let rows = browser.all("table#people tr[data-person-id]");
+    assert_eq!(
+        rows.iter()
+            .map(|row| browser
+                .element_attr(row, "data-person-id")
+                .unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [monalisa.clone()]
+    );
+    browser.screenshot("people-filter-both");
+
+    // Back to dave's row, and its explanation: one account, on ghes-b, which consumes.
+    browser.goto("/console/acme/people?q=dave");
     browser.click_and_load(&format!("tr[data-person-id={}] a.explain", quoted(&dave)));
     assert_eq!(
         browser.path(),
@@ -492,7 +530,6 @@ fn people_can_be_searched_explained_and_compared() {
     browser.screenshot("person");
 
     // Monalisa is one person of three accounts; the explanation lists them all.
-    let monalisa = world.person_id("github.com:monalisa");
     browser.goto(&format!("/console/acme/people/{monalisa}"));
     for account in ["ghes-a.test:1", "ghes-b.test:10", "github.com:monalisa"] {
         browser.wait(&format!(

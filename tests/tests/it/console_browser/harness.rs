@@ -372,9 +372,33 @@ impl Browser {
     /// Saves the page as it looks now to `target/console-screenshots/<name>.png`, for a person to look at. Written
     /// to a temporary file and renamed, because tests in other processes may save the same page at once.
     pub fn screenshot(&self, name: &str) {
+        // WebDriver captures the viewport only: the window grows to the page's height for the picture (bounded, so
+        // that a runaway page cannot ask for a gigantic image), then shrinks back.
+        let sizes = self.execute(
+            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight];",
+            vec![],
+        );
+        let page_height = sizes[0].as_u64().unwrap_or(0);
+        let frame_height = sizes[1].as_u64().unwrap_or(0);
+        let (width, height) = self
+            .run(self.client().get_window_size())
+            .expect("the window's size");
+        let full_height = (page_height + frame_height).clamp(height, 6_000);
+        let resize = |h: u64| {
+            let h = u32::try_from(h).unwrap_or(u32::MAX);
+            let w = u32::try_from(width).unwrap_or(u32::MAX);
+            self.run(self.client().set_window_size(w, h))
+                .expect("resize the window");
+        };
+        if full_height > height {
+            resize(full_height);
+        }
         let png = self
             .run(self.client().screenshot())
             .unwrap_or_else(|error| panic!("screenshot {name}: {error}"));
+        if full_height > height {
+            resize(height);
+        }
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir).expect("create the screenshot directory");
         let temporary = dir.join(format!(".{name}.{}.png", std::process::id()));
