@@ -422,6 +422,45 @@ fn the_sign_in_form_works_with_the_keyboard_only() {
 }
 
 #[test]
+fn a_console_link_signs_in_once() {
+    let world = World::start();
+    let Some(browser) = Browser::start("a_console_link_signs_in_once", &world.aggregator.http_url)
+    else {
+        return;
+    };
+    let link = world
+        .aggregator
+        .admin(&["console-link", "--enterprise", "acme"])
+        .expect("console link");
+    // The printed link names the configured address; the path and its token are what the browser follows here.
+    let path = &link[link
+        .find("/console/")
+        .unwrap_or_else(|| panic!("a console link: {link}"))..];
+    assert!(path.starts_with("/console/sign-in/link?token="), "{path}");
+    browser.goto(path);
+    assert_eq!(browser.path(), "/console/acme/", "{}", browser.body_text());
+    browser.wait("#consumed");
+
+    // Signed out, the same link is refused: it was for one use.
+    browser.click_and_load("form#sign-out button#sign-out-submit");
+    browser.goto(path);
+    assert!(
+        browser.path() != "/console/acme/" && !browser.exists("#consumed"),
+        "a used link signs in no more: {}",
+        browser.path()
+    );
+    assert!(
+        !browser.text("#sign-in-error").trim().is_empty(),
+        "the refusal says why"
+    );
+    browser.screenshot("console-link-used");
+    browser.goto("/console/acme/");
+    browser.until("the sign-in page", |b| {
+        (b.path() == "/console/sign-in").then_some(())
+    });
+}
+
+#[test]
 fn a_bad_token_is_refused_with_a_message_and_no_session() {
     let world = World::start();
     let Some(browser) = Browser::start(
