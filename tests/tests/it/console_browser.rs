@@ -546,7 +546,7 @@ fn people_can_be_searched_explained_and_compared() {
                 .element_attr(row, "data-person-id")
                 .unwrap_or_default())
             .collect::<Vec<_>>(),
-        [monalisa.clone()]
+        std::slice::from_ref(&monalisa)
     );
     browser.screenshot("people-filter-both");
 

@@ -255,14 +255,6 @@ impl Browser {
         self.run(element.text()).unwrap_or_default()
     }
 
-    /// The texts of every element matching `css` now.
-    pub fn texts(&self, css: &str) -> Vec<String> {
-        self.all(css)
-            .iter()
-            .map(|element| self.element_text(element))
-            .collect()
-    }
-
     /// An attribute of the first element matching `css`, waited for.
     pub fn attr(&self, css: &str, name: &str) -> Option<String> {
         let element = self.wait(css);
