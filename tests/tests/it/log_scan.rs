@@ -5,7 +5,8 @@
 //! The scenario touches everything that handles an address or a secret: the GHES report read over basic auth
 //! (with rows the reader skips), one-shot syncs with good and bad credentials, `check` and `export`, a sidecar
 //! enrolled with an enrollment token and a refused one, Sync now (local and from the cloud), cloud members import
-//! (valid and malformed), usage upload (applied and refused), every read endpoint, and a wrong REST token. The
+//! (valid and malformed), usage upload (applied and refused), every read endpoint, a wrong REST token, and the web
+//! console (sign-in by link and by token, every page, a search for an address, Sync now, upload, sign-out). The
 //! administration commands' stdout is left out: printing the new token there, once, is their job.
 
 use std::path::{Path, PathBuf};
@@ -124,6 +125,173 @@ impl Rest {
         let status = response.status().as_u16();
         let text = response.text().unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+/// The secrets the console walk used, for the scan.
+struct ConsoleSecrets {
+    link_token: String,
+    link_session: String,
+    token_session: String,
+    csrf_token: String,
+}
+
+/// A browser on the console: follows no redirect, sends the session cookie it was given.
+struct ConsoleBrowser {
+    http: reqwest::blocking::Client,
+    base: String,
+    cookie: Option<String>,
+}
+
+impl ConsoleBrowser {
+    fn send(&mut self, request: reqwest::blocking::RequestBuilder) -> (u16, String) {
+        let request = match &self.cookie {
+            Some(cookie) => request.header("cookie", cookie),
+            None => request,
+        };
+        let response = request.send().expect("console request");
+        if let Some(cookie) = response
+            .headers()
+            .get("set-cookie")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+        {
+            self.cookie = Some(cookie.to_owned());
+        }
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
+    }
+
+    fn get(&mut self, path: &str) -> (u16, String) {
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(request)
+    }
+
+    fn post(&mut self, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let request = self.http.post(format!("{}{path}", self.base)).form(form);
+        self.send(request)
+    }
+
+    fn session(&self) -> String {
+        let cookie = self.cookie.as_deref().expect("a session cookie");
+        cookie.split_once('=').expect("name=value").1.to_owned()
+    }
+}
+
+fn csrf_of(page: &str) -> String {
+    let marker = "name=\"csrf-token\" content=\"";
+    let start = page.find(marker).expect("a signed-in page") + marker.len();
+    page[start..start + 64].to_owned()
+}
+
+fn walk_console(
+    aggregator: &Aggregator,
+    logs: &Path,
+    rest_token: &str,
+    server_id: &str,
+    usage_file: &str,
+) -> ConsoleSecrets {
+    let browser = || ConsoleBrowser {
+        http: reqwest::blocking::Client::builder()
+            .timeout(WAIT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client"),
+        base: aggregator.http_url.clone(),
+        cookie: None,
+    };
+    let printed = admin(
+        aggregator,
+        logs,
+        "console-link",
+        &["console-link", "--enterprise", "acme"],
+    );
+    let link_token = printed
+        .split("token=")
+        .nth(1)
+        .expect("a sign-in link")
+        .trim()
+        .to_owned();
+    let mut by_link = browser();
+    let link = format!("/console/sign-in/link?token={link_token}");
+    assert_eq!(by_link.get(&link).0, 303);
+    let link_session = by_link.session();
+    assert_eq!(browser().get(&link).0, 401, "a link works once");
+
+    let mut console = browser();
+    assert_eq!(console.get("/console/sign-in").0, 200);
+    assert_eq!(
+        console
+            .post("/console/sign-in", &[("token", WRONG_REST_TOKEN)])
+            .0,
+        401
+    );
+    assert_eq!(
+        console.post("/console/sign-in", &[("token", rest_token)]).0,
+        303
+    );
+    let token_session = console.session();
+    let (status, overview) = console.get("/console/acme/");
+    assert_eq!(status, 200, "{overview}");
+    let csrf_token = csrf_of(&overview);
+    for path in [
+        "/console/acme/?days=30".to_owned(),
+        "/console/acme/instances".to_owned(),
+        "/console/acme/people".to_owned(),
+        "/console/acme/people?q=mona%40leakscan.example&filter=both".to_owned(),
+        "/console/acme/people/cloud:100".to_owned(),
+        "/console/acme/compare?a=cloud:100&b=cloud:200".to_owned(),
+        "/console/acme/duplicates".to_owned(),
+        "/console/acme/upload".to_owned(),
+        "/console/acme/downloads".to_owned(),
+    ] {
+        let (status, page) = console.get(&path);
+        assert_eq!(status, 200, "{path}: {page}");
+    }
+    // A search for an address finds its person: the address is on the page, never in a log.
+    let (_, found) = console.get("/console/acme/people?q=MONA%40leakscan.example");
+    assert!(found.contains("data-person-id=\"cloud:100\""), "{found}");
+    let (status, page) = console.post(
+        &format!("/console/acme/instances/{server_id}/sync-now"),
+        &[("csrf_token", &csrf_token)],
+    );
+    assert_eq!(status, 303, "{page}");
+    assert_eq!(
+        console
+            .post(
+                "/console/acme/enrollment-tokens",
+                &[("csrf_token", &csrf_token)]
+            )
+            .0,
+        201
+    );
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("csrf_token", csrf_token.clone())
+        .part(
+            "file",
+            reqwest::blocking::multipart::Part::bytes(
+                usage_file.replace("carol@", "CaRoL@").into_bytes(),
+            )
+            .file_name("usage.json"),
+        );
+    let request = console
+        .http
+        .post(format!("{}/console/acme/upload", console.base))
+        .multipart(form);
+    let (status, page) = console.send(request);
+    assert!((200..500).contains(&status), "{status} {page}");
+    assert!(page.contains("id=\"upload-result\""), "{page}");
+    assert_eq!(
+        console
+            .post("/console/sign-out", &[("csrf_token", &csrf_token)])
+            .0,
+        303
+    );
+    ConsoleSecrets {
+        link_token,
+        link_session,
+        token_session,
+        csrf_token,
     }
 }
 
@@ -478,6 +646,10 @@ fn no_email_address_or_secret_reaches_any_log() {
         let (status, body) = rest.call("GET", &path, None);
         assert_eq!(status, 200, "{path}: {body}");
     }
+    // The web console: a wrong token, a sign-in link (used, then refused), a token sign-in, every page (a search
+    // for an address among them), Sync now, an upload and sign-out.
+    let console = walk_console(&aggregator, logs, &rest_token, &server_id, &upload);
+
     // An owner who types an address where an account is expected: refused, and the address is not logged (the
     // request logs carry the path, not the query).
     let (status, body) = rest.call(
@@ -553,6 +725,13 @@ fn no_email_address_or_secret_reaches_any_log() {
         ("a wrong REST token", WRONG_REST_TOKEN),
         ("a wrong credential", WRONG_CREDENTIAL),
         ("a wrong enrollment token", WRONG_ENROLLMENT),
+        (
+            "the console sign-in link token",
+            console.link_token.as_str(),
+        ),
+        ("a console session id", console.link_session.as_str()),
+        ("a console session id", console.token_session.as_str()),
+        ("a console CSRF token", console.csrf_token.as_str()),
     ];
     for (what, secret) in secrets {
         assert_absent(&files, secret, what);

@@ -320,6 +320,40 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
 }
 
 #[tokio::test]
+async fn refused_sign_ins_are_limited_per_address_like_rest_authentication() {
+    let harness = Harness::start(|config| config.auth_failures_per_minute = 2).await;
+    let base = &harness.base;
+    let client = browser();
+    for _ in 0..2 {
+        assert_eq!(
+            sign_in(&client, base, "lst_guess").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let throttled = sign_in(&client, base, "lst_guess").await;
+    assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(text_of(&throttled.body, "sign-in-error").contains("too many failed authentications"));
+    let link = get(&client, base, "/console/sign-in/link?token=lsl_guess").await;
+    assert_eq!(
+        link.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "links count too"
+    );
+    // A valid token is always let in.
+    assert_eq!(
+        sign_in(&client, base, &harness.owner_token).await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert!(
+        harness
+            .metrics()
+            .await
+            .contains("license_sync_auth_failures_total{surface=\"console\"}")
+    );
+    harness.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_sign_in_link_works_once_and_not_after_its_expiry() {
     let harness = Harness::start(|_| {}).await;
     let base = &harness.base;

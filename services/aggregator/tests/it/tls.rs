@@ -566,3 +566,38 @@ async fn unusable_tls_files_are_refused_at_start_naming_the_setting() {
         .expect_err("a client CA without TLS");
     assert!(error.to_string().contains("tls_client_ca_path"), "{error}");
 }
+
+/// The console's session cookie is `Secure` when the aggregator serves TLS itself.
+#[tokio::test]
+async fn the_console_session_cookie_is_secure_under_tls() {
+    let tls = TlsServer::start(|_, _| {}).await;
+    let token =
+        license_sync_aggregator::admin::create_api_token(&tls.server.app.store, "acme", "console")
+            .await
+            .expect("token");
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(tls.ca.cert_pem().as_bytes()).expect("CA"),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let signed = client
+        .post(tls.https("/console/sign-in"))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .expect("HTTPS sign-in");
+    assert_eq!(signed.status(), 303);
+    let cookie = signed
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|value| value.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    for flag in ["; Secure", "HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(cookie.contains(flag), "{flag} in {cookie}");
+    }
+    tls.server.shutdown().await.expect("clean shutdown");
+}
