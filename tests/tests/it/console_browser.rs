@@ -254,6 +254,18 @@ fn quoted(value: &str) -> String {
     format!("{value:?}")
 }
 
+/// Saves the page's screenshot and asserts that the accessibility audit finds nothing on it.
+fn check_page(browser: &Browser, name: &str) {
+    browser.screenshot(name);
+    let problems = browser.accessibility_problems();
+    assert!(
+        problems.is_empty(),
+        "accessibility of {name} ({}):\n{}",
+        browser.path(),
+        problems.join("\n")
+    );
+}
+
 #[test]
 fn the_harness_drives_chromium_against_the_aggregator() {
     let world = World::start();
@@ -279,6 +291,29 @@ fn the_harness_drives_chromium_against_the_aggregator() {
         browser.body_text()
     );
     browser.screenshot("not-a-page");
+
+    // The accessibility audit finds each kind of problem it looks for.
+    browser.execute(
+        "document.body.innerHTML = '<h1>One</h1><h1>Two</h1><h3>Skipped</h3><input name=unlabelled>\
+         <label>Named <input name=labelled></label>\
+         <p style=\"color: #aaaaaa; background: #ffffff\">faint</p><p style=\"color: #595959\">dark enough</p>';",
+        vec![],
+    );
+    let problems = browser.accessibility_problems().join("\n");
+    for expected in [
+        "2 h1 elements",
+        "heading H3 \"Skipped\" follows h1",
+        "input[name=unlabelled] has no label",
+        "of \"faint\"",
+    ] {
+        assert!(problems.contains(expected), "{expected:?} in:\n{problems}");
+    }
+    for fine in ["[name=labelled]", "dark enough"] {
+        assert!(
+            !problems.contains(fine),
+            "{fine:?} is no problem:\n{problems}"
+        );
+    }
     assert!(
         harness::screenshot_dir().join("not-a-page.png").exists(),
         "the screenshot was saved"
@@ -312,7 +347,7 @@ fn signing_in_with_the_token_form_shows_the_overview_with_the_rest_totals() {
         browser.attr("input#token", "type").as_deref(),
         Some("password")
     );
-    browser.screenshot("sign-in");
+    check_page(&browser, "sign-in");
 
     sign_in(&browser, &world.token);
     assert_eq!(browser.path(), "/console/acme/", "{}", browser.body_text());
@@ -360,7 +395,7 @@ fn signing_in_with_the_token_form_shows_the_overview_with_the_rest_totals() {
     assert!(browser.all("nav#console-nav a").len() >= 6);
     assert_eq!(browser.all("h1").len(), 1);
     browser.wait("meta[name=csrf-token]");
-    browser.screenshot("overview");
+    check_page(&browser, "overview");
 
     // With a session, the console's root leads to the overview.
     browser.goto("/console/");
@@ -374,6 +409,55 @@ fn signing_in_with_the_token_form_shows_the_overview_with_the_rest_totals() {
     browser.until("the sign-in page after signing out", |b| {
         (b.path() == "/console/sign-in").then_some(())
     });
+}
+
+#[test]
+fn every_page_of_the_navigation_loads_and_passes_the_audit() {
+    let world = World::start();
+    let Some(browser) =
+        world.signed_in_browser("every_page_of_the_navigation_loads_and_passes_the_audit")
+    else {
+        return;
+    };
+    let links: Vec<String> = browser
+        .all("nav#console-nav a")
+        .iter()
+        .filter_map(|link| browser.element_attr(link, "href"))
+        .collect();
+    let expected = [
+        "/console/acme/",
+        "/console/acme/instances",
+        "/console/acme/people",
+        "/console/acme/duplicates",
+        "/console/acme/upload",
+        "/console/acme/downloads",
+    ];
+    for path in expected {
+        assert!(
+            links.iter().any(|href| href.ends_with(path)),
+            "the navigation links {path}: {links:?}"
+        );
+    }
+    for path in expected {
+        browser.click_and_load(&format!("nav#console-nav a[href$={}]", quoted(path)));
+        assert_eq!(browser.path(), path);
+        assert_eq!(browser.status(), 200, "{path}");
+        browser.wait("meta[name=csrf-token]");
+        browser.wait("form#sign-out input[name=csrf_token]");
+        let name = match path.trim_end_matches('/').rsplit('/').next() {
+            Some("acme") | None => "overview",
+            Some(page) => page,
+        };
+        check_page(&browser, name);
+    }
+    // The downloads page links the CSV at the contract's address.
+    let href = browser
+        .attr("a#download-csv", "href")
+        .expect("the download link has an href");
+    assert!(
+        href.ends_with("/console/acme/downloads/consumed-licenses.csv"),
+        "{href}"
+    );
 }
 
 #[test]
@@ -414,7 +498,7 @@ fn the_sign_in_form_works_with_the_keyboard_only() {
     );
     let visible = (focus_ring[0] != "none" && focus_ring[1] != "0px") || focus_ring[2] != "none";
     assert!(visible, "the focused button shows its focus: {focus_ring}");
-    browser.screenshot("sign-in-keyboard-focus");
+    check_page(&browser, "sign-in-keyboard-focus");
     let enter = fantoccini::key::Key::Enter.to_string();
     browser.navigating(|b| b.press(&enter));
     assert_eq!(browser.path(), "/console/acme/", "{}", browser.body_text());
@@ -453,7 +537,7 @@ fn a_console_link_signs_in_once() {
         !browser.text("#sign-in-error").trim().is_empty(),
         "the refusal says why"
     );
-    browser.screenshot("console-link-used");
+    check_page(&browser, "console-link-used");
     browser.goto("/console/acme/");
     browser.until("the sign-in page", |b| {
         (b.path() == "/console/sign-in").then_some(())
@@ -478,7 +562,7 @@ fn a_bad_token_is_refused_with_a_message_and_no_session() {
         "the message does not echo the token: {error}"
     );
     browser.wait("form#sign-in input#token");
-    browser.screenshot("sign-in-error");
+    check_page(&browser, "sign-in-error");
     // Still no session: the overview sends to the sign-in page.
     browser.goto("/console/acme/");
     browser.until("the sign-in page", |b| {
@@ -503,7 +587,7 @@ fn people_can_be_searched_explained_and_compared() {
             .unwrap_or_default() as i64
     );
     assert_eq!(browser.all("table#people tr[data-person-id]").len(), 6);
-    browser.screenshot("people");
+    check_page(&browser, "people");
 
     // Search with the form: one person, dave.
     let dave = world.person_id("ghes-b.test:11");
@@ -519,7 +603,7 @@ fn people_can_be_searched_explained_and_compared() {
         browser.element_attr(&rows[0], "data-person-id").as_deref(),
         Some(dave.as_str())
     );
-    browser.screenshot("people-search");
+    check_page(&browser, "people-search");
 
     // The filter: only monalisa has accounts on a server and in the cloud.
     let monalisa = world.person_id("github.com:monalisa");
@@ -548,7 +632,7 @@ fn people_can_be_searched_explained_and_compared() {
             .collect::<Vec<_>>(),
         std::slice::from_ref(&monalisa)
     );
-    browser.screenshot("people-filter-both");
+    check_page(&browser, "people-filter-both");
 
     // Back to dave's row, and its explanation: one account, on ghes-b, which consumes.
     browser.goto("/console/acme/people?q=dave");
@@ -566,7 +650,7 @@ fn people_can_be_searched_explained_and_compared() {
             .as_deref(),
         Some("ghes-b.test:11")
     );
-    browser.screenshot("person");
+    check_page(&browser, "person");
 
     // Monalisa is one person of three accounts; the explanation lists them all.
     browser.goto(&format!("/console/acme/people/{monalisa}"));
@@ -606,7 +690,7 @@ fn people_can_be_searched_explained_and_compared() {
             "{account} in the comparison: {comparison}"
         );
     }
-    browser.screenshot("compare");
+    check_page(&browser, "compare");
 
     // host:id search.
     browser.goto("/console/acme/people?q=ghes-c.test%3A21");
@@ -629,7 +713,7 @@ fn people_can_be_searched_explained_and_compared() {
             .max(1),
         "a comparison link per pair: {rest_duplicates}"
     );
-    browser.screenshot("duplicates");
+    check_page(&browser, "duplicates");
     browser.click_and_load("table#duplicates a.compare");
     browser.wait("#comparison");
 }
@@ -685,7 +769,7 @@ fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commit
         quoted(world.server_id("ghes-a.test"))
     ));
     assert!(!other.trim().is_empty());
-    browser.screenshot("instances");
+    check_page(&browser, "instances");
 
     let jobs_before = agent.get("/api/v1/jobs").expect("jobs")["jobs"]
         .as_array()
@@ -728,7 +812,7 @@ fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commit
         .wait_job(job_id, harness::WAIT, |job| job["state"] == "committed")
         .expect("the requested job commits");
     assert_eq!(job["trigger"], "cloud", "{job}");
-    browser.screenshot("instances-sync-now");
+    check_page(&browser, "instances-sync-now");
     assert!(
         agent.get("/api/v1/jobs").expect("jobs")["jobs"]
             .as_array()
@@ -780,7 +864,7 @@ fn an_uploaded_usage_file_is_applied_then_already_applied_and_a_corrupt_one_is_a
 
     let (class, text) = upload(&export);
     assert!(has_class(&class, "applied"), "{class:?}: {text}");
-    browser.screenshot("upload-applied");
+    check_page(&browser, "upload-applied");
     let server_id = world.server_id("ghes-e.test").to_owned();
     let instance = world.instance_status(&server_id).expect("ghes-e's status");
     assert_eq!(instance["user_count"], 2, "{instance}");
@@ -791,7 +875,7 @@ fn an_uploaded_usage_file_is_applied_then_already_applied_and_a_corrupt_one_is_a
 
     let (class, text) = upload(&export);
     assert!(has_class(&class, "already-applied"), "{class:?}: {text}");
-    browser.screenshot("upload-already-applied");
+    check_page(&browser, "upload-already-applied");
 
     let corrupt = world.aggregator.dir.path().join("corrupt.json");
     std::fs::write(
@@ -802,7 +886,7 @@ fn an_uploaded_usage_file_is_applied_then_already_applied_and_a_corrupt_one_is_a
     let (class, text) = upload(&corrupt);
     assert!(has_class(&class, "error"), "{class:?}: {text}");
     assert!(text.len() > 10, "the error says what was wrong: {text:?}");
-    browser.screenshot("upload-error");
+    check_page(&browser, "upload-error");
     assert_eq!(
         world.instance_status(&server_id).expect("status")["user_count"],
         2,
@@ -830,7 +914,7 @@ fn the_downloaded_csv_matches_the_api_row_by_row() {
         href.ends_with("/console/acme/downloads/consumed-licenses.csv"),
         "{href}"
     );
-    browser.screenshot("downloads");
+    check_page(&browser, "downloads");
     // The file as the browser gets it, with the session cookie (a download would land outside the page).
     let fetched = browser.execute(
         "return fetch(arguments[0], {credentials: 'same-origin'}) \
@@ -912,7 +996,7 @@ fn a_form_posted_without_its_csrf_token_is_refused_and_changes_nothing() {
         );
     });
     browser.wait("button#confirm-retire");
-    browser.screenshot("retire-confirm");
+    check_page(&browser, "retire-confirm");
     let removed = browser.execute(
         "const form = document.querySelector('button#confirm-retire').form; \
          const inputs = form.querySelectorAll('input[name=csrf_token]'); \
@@ -928,7 +1012,7 @@ fn a_form_posted_without_its_csrf_token_is_refused_and_changes_nothing() {
     browser.click_and_load("button#confirm-retire");
     assert_eq!(browser.status(), 403, "{}", browser.body_text());
     assert!(!browser.body_text().trim().is_empty(), "a page says why");
-    browser.screenshot("csrf-refused");
+    check_page(&browser, "csrf-refused");
     assert!(
         world.instance_status(server_id).is_some(),
         "the instance is still there"
@@ -993,7 +1077,7 @@ fn another_enterprises_pages_answer_404() {
             "{path} shows no enterprise data"
         );
     }
-    browser.screenshot("not-found");
+    check_page(&browser, "not-found");
     // globex's own owner sees globex's console, and acme's is a 404 for them.
     let globex = Browser::start(
         "another_enterprises_pages_answer_404",
@@ -1020,7 +1104,7 @@ fn an_enrollment_token_is_shown_once() {
         .filter(|value| !value.is_empty())
         .unwrap_or_else(|| browser.text("#enrollment-token"));
     assert!(token.trim().starts_with("lse_"), "{token}");
-    browser.screenshot("enrollment-token");
+    check_page(&browser, "enrollment-token");
     // Reloading the instances page does not show it again.
     browser.goto("/console/acme/instances");
     browser.wait("table#instances");

@@ -352,6 +352,23 @@ impl Browser {
         }
     }
 
+    /// The page's accessibility problems a script can see, one line each (empty when there are none): not exactly
+    /// one `h1`; a heading level skipped; a visible form control without a label (`label`, `aria-label` or
+    /// `aria-labelledby`); visible text whose contrast with its background is below 4.5:1 (WCAG AA for normal text,
+    /// computed from the CSS colours, backgrounds taken from the nearest ancestor that paints one).
+    pub fn accessibility_problems(&self) -> Vec<String> {
+        let problems = self.execute(ACCESSIBILITY_AUDIT, vec![]);
+        problems
+            .as_array()
+            .map(|problems| {
+                problems
+                    .iter()
+                    .filter_map(|problem| problem.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The session's cookies as the browser holds them.
     pub fn cookie_names(&self) -> Vec<String> {
         self.run(self.client().get_all_cookies())
@@ -411,6 +428,61 @@ impl Drop for Browser {
         }
     }
 }
+
+/// The audit of [`Browser::accessibility_problems`], run in the page.
+const ACCESSIBILITY_AUDIT: &str = r#"
+const problems = [];
+const visible = (element) => {
+  const style = getComputedStyle(element);
+  const box = element.getBoundingClientRect();
+  return style.visibility !== 'hidden' && style.display !== 'none' && box.width > 0 && box.height > 0;
+};
+const h1s = document.querySelectorAll('h1').length;
+if (h1s !== 1) { problems.push(`${h1s} h1 elements (one expected)`); }
+let level = 0;
+for (const heading of document.querySelectorAll('h1, h2, h3, h4, h5, h6')) {
+  const next = Number(heading.tagName[1]);
+  if (next > level + 1) { problems.push(`heading ${heading.tagName} "${heading.textContent.trim()}" follows h${level}`); }
+  level = next;
+}
+for (const control of document.querySelectorAll('input, select, textarea')) {
+  if (control.type === 'hidden' || control.type === 'submit' || control.type === 'button' || !visible(control)) { continue; }
+  const labelled = (control.labels && control.labels.length > 0) || control.getAttribute('aria-label')
+    || control.getAttribute('aria-labelledby') || control.getAttribute('title');
+  if (!labelled) { problems.push(`${control.tagName.toLowerCase()}[name=${control.name}] has no label`); }
+}
+const rgba = (text) => {
+  const parts = (text.match(/[\d.]+/g) || []).map(Number);
+  return { r: parts[0] || 0, g: parts[1] || 0, b: parts[2] || 0, a: parts.length > 3 ? parts[3] : 1 };
+};
+const luminance = (c) => {
+  const channel = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+  return 0.2126 * channel(c.r) + 0.7152 * channel(c.g) + 0.0722 * channel(c.b);
+};
+const background = (element) => {
+  for (let node = element; node && node.nodeType === 1; node = node.parentElement) {
+    const color = rgba(getComputedStyle(node).backgroundColor);
+    if (color.a > 0.5) { return color; }
+  }
+  return { r: 255, g: 255, b: 255, a: 1 };
+};
+const seen = new Set();
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let text = walker.nextNode(); text; text = walker.nextNode()) {
+  const element = text.parentElement;
+  if (!text.textContent.trim() || !element || seen.has(element) || !visible(element)) { continue; }
+  if (element.closest('svg')) { continue; }
+  seen.add(element);
+  const fg = rgba(getComputedStyle(element).color);
+  const bg = background(element);
+  const [light, dark] = [luminance(fg), luminance(bg)].sort((a, b) => b - a);
+  const ratio = (light + 0.05) / (dark + 0.05);
+  if (ratio < 4.5) {
+    problems.push(`contrast ${ratio.toFixed(2)}:1 of "${text.textContent.trim().slice(0, 40)}" (${getComputedStyle(element).color} on rgb(${bg.r}, ${bg.g}, ${bg.b}))`);
+  }
+}
+return problems;
+"#;
 
 pub fn screenshot_dir() -> PathBuf {
     license_sync_e2e::target_root().join("console-screenshots")
