@@ -11,7 +11,11 @@
 //! - cloud: monalisa* (verified mona@example.com), erin*, billing (does not consume).
 //!
 //! So 6 people consume and the overage is 3. A second enterprise, `globex`, exists to show that one enterprise's
-//! session never sees the other's pages.
+//! session never sees the other's pages. The Sync now test adds a sidecar agent reading the GHES simulator; the
+//! upload test an air-gapped instance's export; the pagination test 120 more people.
+//!
+//! Every page a test visits is checked by a small accessibility audit (one `h1`, heading order, labels, contrast)
+//! as its screenshot is saved.
 //!
 //! Without Chromium or chromedriver the tests print `SKIPPED …`, and fail under `LICENSE_SYNC_REQUIRE_ALL_TESTS`.
 
@@ -21,10 +25,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harness::Browser;
-use license_sync_e2e::{Aggregator, SidecarAgent, SidecarOptions, agent_json, eventually};
+use license_sync_e2e::{
+    AgentSource, Aggregator, GhesSim, SidecarAgent, SidecarOptions, agent_json, eventually,
+};
 use serde_json::{Value, json};
 
 const SEATS: &str = "3";
+
+/// The site-admin token the GHES simulator of the Sync now test accepts.
+const SIM_TOKEN: &str = "ghes-site-admin-token-browser";
 
 const GHES_A: &str = "\
 id,login,email,suspended?
@@ -775,13 +784,18 @@ fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commit
     ) else {
         return;
     };
-    // A sidecar agent, enrolled and enabled, with its control stream connected.
-    let agent = SidecarAgent::start(SidecarOptions::new(
-        &world.aggregator.grpc_url,
-        "ghes-live.test",
-        GHES_A,
-    ))
-    .expect("agent starts");
+    // A sidecar agent reading the GHES simulator (which answers 202 twice before each report, as GHES does while
+    // it prepares one), enrolled and enabled, with its control stream connected.
+    let sim_csv = world.aggregator.dir.path().join("ghes-live.csv");
+    std::fs::write(&sim_csv, GHES_A).expect("write the simulator's users");
+    let sim = GhesSim::start(&sim_csv, SIM_TOKEN, 2, world.aggregator.dir.path())
+        .expect("the simulator starts");
+    let mut options = SidecarOptions::new(&world.aggregator.grpc_url, "ghes-live.test", GHES_A);
+    options.source = AgentSource::Ghes {
+        url: sim.url.clone(),
+        token: SIM_TOKEN.to_owned(),
+    };
+    let agent = SidecarAgent::start(options).expect("agent starts");
     let enrollment = world
         .http
         .post(world.url("/enterprises/acme/enrollment-tokens"))
@@ -838,6 +852,7 @@ fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commit
             .contains(&state.as_str())
             .then_some(state)
     });
+    eprintln!("the Sync now request's states as the page showed them: {seen:?}");
     assert_eq!(answered, "accepted", "the states shown: {seen:?}");
     for state in &seen {
         assert!(
