@@ -888,6 +888,45 @@ fn sync_now_on_an_instance_with_a_connected_agent_is_accepted_and_its_job_commit
 }
 
 #[test]
+fn without_javascript_the_instances_page_shows_the_sync_request_state_on_reload() {
+    let world = World::start();
+    let test = "without_javascript_the_instances_page_shows_the_sync_request_state_on_reload";
+    let Some(browser) = Browser::start_without_javascript(test, &world.aggregator.http_url) else {
+        return;
+    };
+    // The page's own scripts are off: the console's poll cannot run. Probed on a page outside the console, whose
+    // Content-Security-Policy would refuse the inline probe anyway.
+    browser.goto("/no-such-page");
+    let scripts_run = browser.execute(
+        "const probe = document.createElement('script'); \
+         probe.textContent = 'window.__pageScriptsRun = true;'; \
+         document.head.appendChild(probe); \
+         return window.__pageScriptsRun === true;",
+        vec![],
+    );
+    assert_eq!(scripts_run, json!(false), "page scripts are blocked");
+    sign_in(&browser, &world.token);
+    assert_eq!(browser.path(), "/console/acme/");
+    check_page(&browser, "overview-without-javascript");
+
+    // No agent is connected to ghes-a: the request waits in `queued`, and each reload shows it.
+    let server_id = world.server_id("ghes-a.test");
+    browser.goto("/console/acme/instances");
+    let row = format!("table#instances tr[data-server-id={}]", quoted(server_id));
+    browser.click_and_load(&format!("{row} form.sync-now button"));
+    let state = browser.text(&format!("{row} .sync-request-state"));
+    assert_eq!(state.trim(), "queued");
+    let reloaded = browser.path();
+    browser.goto(&reloaded);
+    assert_eq!(
+        browser.text(&format!("{row} .sync-request-state")).trim(),
+        "queued",
+        "the state shown again on reload"
+    );
+    check_page(&browser, "instances-without-javascript");
+}
+
+#[test]
 fn an_uploaded_usage_file_is_applied_then_already_applied_and_a_corrupt_one_is_an_error() {
     let mut world = World::start();
     let Some(browser) = world.signed_in_browser(

@@ -122,6 +122,16 @@ impl Browser {
     /// Starts chromedriver and a browser session, or returns `None` after printing `SKIPPED` when Chromium or its
     /// driver is missing (a failure under `LICENSE_SYNC_REQUIRE_ALL_TESTS`).
     pub fn start(test: &str, base: &str) -> Option<Browser> {
+        Self::start_with(test, base, true)
+    }
+
+    /// As [`Browser::start`], with the pages' scripts off (content setting "JavaScript: blocked"), to show what the
+    /// console does without them. WebDriver's own scripts still run.
+    pub fn start_without_javascript(test: &str, base: &str) -> Option<Browser> {
+        Self::start_with(test, base, false)
+    }
+
+    fn start_with(test: &str, base: &str, javascript: bool) -> Option<Browser> {
         let (chromium, driver_path) = match browser_paths() {
             Ok(paths) => paths,
             Err(reason) => {
@@ -129,10 +139,15 @@ impl Browser {
                 return None;
             }
         };
-        Some(Self::launch(&chromium, &driver_path, base).expect("the browser starts"))
+        Some(Self::launch(&chromium, &driver_path, base, javascript).expect("the browser starts"))
     }
 
-    fn launch(chromium: &Path, driver_path: &Path, base: &str) -> Result<Browser> {
+    fn launch(
+        chromium: &Path,
+        driver_path: &Path,
+        base: &str,
+        javascript: bool,
+    ) -> Result<Browser> {
         let profile = tempfile::tempdir()?;
         let driver = ChromeDriver::start(driver_path, &profile.path().join("chromedriver.log"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -149,7 +164,13 @@ impl Browser {
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
             "goog:chromeOptions".to_owned(),
-            json!({"binary": chromium, "args": args}),
+            json!({
+                "binary": chromium,
+                "args": args,
+                "prefs": {
+                    "profile.managed_default_content_settings.javascript": if javascript { 1 } else { 2 },
+                },
+            }),
         );
         let client = runtime.block_on(async {
             ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
