@@ -82,7 +82,12 @@ struct World {
 
 impl World {
     fn start() -> World {
-        let aggregator = Aggregator::start().expect("aggregator starts");
+        // Debug logs with the HTTP request spans, so that a test can check what the console's requests log.
+        let aggregator = Aggregator::start_with_env(&[(
+            "RUST_LOG",
+            "info,license_sync_aggregator=debug,tower_http=debug",
+        )])
+        .expect("aggregator starts");
         for (slug, seats) in [("acme", SEATS), ("globex", "5")] {
             aggregator
                 .admin(&["enterprise", "create", "--slug", slug, "--seats", seats])
@@ -705,6 +710,25 @@ fn people_can_be_searched_explained_and_compared() {
     browser.goto("/console/acme/people?q=ghes-c.test%3A21");
     assert_eq!(number(&browser.text("#people-total")), 1);
     assert!(browser.exists(&format!("tr[data-person-id={}]", quoted(&other_mona))));
+
+    // An address search, typed into the form: found, and the address is in no log line of the aggregator (its
+    // request log carries paths, never query strings), nor is the token the browser signed in with.
+    browser.goto("/console/acme/people");
+    browser.type_into("form#people-search input#q", "Carol@Example.COM");
+    browser.navigating(|b| b.press(&fantoccini::key::Key::Enter.to_string()));
+    assert_eq!(number(&browser.text("#people-total")), 1);
+    let log = world.aggregator.log().to_lowercase();
+    assert!(
+        log.contains("/console/acme/people"),
+        "the request log has the path"
+    );
+    for secret in [
+        "carol@example.com",
+        "carol%40example.com",
+        &world.token.to_lowercase(),
+    ] {
+        assert!(!log.contains(secret), "{secret} is in the aggregator's log");
+    }
 
     // The likely duplicates: the two monas, linked to their comparison.
     browser.goto("/console/acme/duplicates");
