@@ -53,7 +53,7 @@ impl PeopleSearch {
         let consuming = people.consuming();
         let instances = people.instance_slots();
         let cloud = people.cloud_members();
-        // About 60 bytes per account in practice (login, email, host:id).
+        // About 64 bytes per account in practice (login, email, host:id).
         let mut text = String::with_capacity(consuming.len() * 64);
         let mut ends = Vec::with_capacity(consuming.len());
         for &slot in consuming {
@@ -76,8 +76,7 @@ impl PeopleSearch {
                     let user = link.account.user as usize;
                     push_lowercase(&mut text, instance.users.login(user));
                     push_lowercase(&mut text, instance.users.email(user));
-                    push_lowercase(&mut text, &instance.hostname);
-                    // `host:id` again as one field, so that a query of the whole reference matches.
+                    // `host:id` as one field: a query of the whole reference, or of the hostname, matches it.
                     let start = text.len();
                     let _ = write!(text, "{}:{}", instance.hostname, instance.users.id(user));
                     text[start..].make_ascii_lowercase();

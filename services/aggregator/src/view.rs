@@ -340,23 +340,30 @@ impl Views {
         duplicates
     }
 
-    /// The view's people search (`crate::people_search`), built once per generation.
-    pub fn people_search(&self, enterprise_id: i64, view: &MergedView) -> Arc<PeopleSearch> {
-        let slot = self.view_slot(enterprise_id).ok();
-        if let Some(slot) = &slot
-            && let Ok(cached) = slot.people_search.lock()
-            && let Some(search) = cached.as_ref()
-            && search.generation == view.generation
-        {
-            return Arc::clone(search);
-        }
-        let search = Arc::new(PeopleSearch::build(view));
-        if let Some(slot) = slot
+    /// The view's people search (`crate::people_search`) if one was built for this generation.
+    pub fn cached_people_search(
+        &self,
+        enterprise_id: i64,
+        generation: i64,
+    ) -> Option<Arc<PeopleSearch>> {
+        let slot = self.view_slot(enterprise_id).ok()?;
+        let cached = slot.people_search.lock().ok()?;
+        cached
+            .as_ref()
+            .filter(|search| search.generation == generation)
+            .map(Arc::clone)
+    }
+
+    /// Keeps a people search for the readers of its generation (replacing an older one).
+    pub fn cache_people_search(&self, enterprise_id: i64, search: Arc<PeopleSearch>) {
+        if let Ok(slot) = self.view_slot(enterprise_id)
             && let Ok(mut cached) = slot.people_search.lock()
+            && cached
+                .as_ref()
+                .is_none_or(|known| known.generation <= search.generation)
         {
-            *cached = Some(Arc::clone(&search));
+            *cached = Some(search);
         }
-        search
     }
 
     /// The enterprise's merged view, brought up to date when the store's generation moved on.

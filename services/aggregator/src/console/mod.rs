@@ -122,7 +122,17 @@ async fn root(headers: HeaderMap) -> Response {
 
 /// The answer to a path no route matched: an HTML page under `/console`, the API's JSON 404 elsewhere.
 pub(crate) async fn fallback(uri: axum::http::Uri) -> Response {
-    if uri.path().starts_with("/console/") {
+    let path = uri.path();
+    // `/console/acme` is the overview without its slash: typed by hand, so sent on.
+    if let Some(enterprise) = path.strip_prefix("/console/")
+        && !enterprise.is_empty()
+        && enterprise
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Redirect::to(&format!("/console/{enterprise}/")).into_response();
+    }
+    if path.starts_with("/console/") {
         ConsoleError(ServiceError::not_found(
             "there is no console page here; start from the overview (/console/)",
         ))

@@ -24,7 +24,7 @@ use super::{
 use crate::app::App;
 use crate::enrollment::issue_enrollment_token;
 use crate::error::{ServiceError, ServiceResult};
-use crate::people_search::normalise_query;
+use crate::people_search::{PeopleSearch, normalise_query};
 use crate::rest::explanations::find_person;
 use crate::rest::history::peak_day;
 use crate::rest::instances::parse_uuid_segment;
@@ -33,7 +33,7 @@ use crate::rest::status::{InstanceStatus, LastSync, active_instances, statuses};
 use crate::rest::upload::apply_usage_file;
 use crate::store::SyncRequestState;
 use crate::time_format::{rfc3339, utc_date};
-use crate::view::MergedView;
+use crate::view::{MergedView, ViewGuard};
 
 /// People per page of the people list and of the likely duplicates.
 pub const PEOPLE_PER_PAGE: usize = 50;
@@ -257,10 +257,14 @@ fn instance_row(
                 @if instance.rows_skipped > 0 { br; span.rows-skipped { (instance.rows_skipped) " rows skipped" } }
             }
             td.actions {
-                form.sync-now method="post"
-                    action=(enterprise_path(signed, &format!("instances/{server_id}/sync-now"))) {
-                    (csrf_field(signed))
-                    button type="submit" aria-label=(format!("Sync now: {}", instance.hostname)) { "Sync now" }
+                @if instance.has_credential {
+                    form.sync-now method="post"
+                        action=(enterprise_path(signed, &format!("instances/{server_id}/sync-now"))) {
+                        (csrf_field(signed))
+                        button type="submit" aria-label=(format!("Sync now: {}", instance.hostname)) { "Sync now" }
+                    }
+                } @else {
+                    p.no-agent { "No agent enrolled: Sync now needs one (usage arrives by upload)." }
                 }
                 @if let Some((_, request)) = request {
                     @let state = request.state(now);
@@ -512,12 +516,35 @@ pub(super) struct PeopleQuery {
     page: Option<String>,
 }
 
-/// The positions (in the consuming order) of the people a query and filter select; `None` for everyone (no query,
-/// no filter), which needs no list.
-fn selected_people(
+/// The view's people search, built off the async threads when this generation has none yet (a pass over every
+/// consuming person: about a second per million accounts unoptimised); the view comes back with it.
+async fn people_search(
     app: &App,
     enterprise_id: i64,
+    view: ViewGuard,
+) -> ServiceResult<(ViewGuard, Arc<PeopleSearch>)> {
+    if let Some(search) = app
+        .views
+        .cached_people_search(enterprise_id, view.generation)
+    {
+        return Ok((view, search));
+    }
+    let (view, search) = tokio::task::spawn_blocking(move || {
+        let search = Arc::new(PeopleSearch::build(&view));
+        (view, search)
+    })
+    .await
+    .map_err(|error| ServiceError::internal("building the people search", error))?;
+    app.views
+        .cache_people_search(enterprise_id, Arc::clone(&search));
+    Ok((view, search))
+}
+
+/// The positions (in the consuming order) of the people a query (matched by `search`) and filter select; `None`
+/// for everyone (no query, no filter), which needs no list.
+fn selected_people(
     view: &MergedView,
+    search: Option<&PeopleSearch>,
     query: &str,
     filter: PeopleFilter,
 ) -> Option<Vec<u32>> {
@@ -528,8 +555,8 @@ fn selected_people(
             .and_then(|&slot| view.people.person(slot))
             .is_some_and(|person| filter.keeps(person))
     };
-    if !query.is_empty() {
-        let mut found = app.views.people_search(enterprise_id, view).matching(query);
+    if let Some(search) = search.filter(|_| !query.is_empty()) {
+        let mut found = search.matching(query);
         found.retain(keeps);
         return Some(found);
     }
@@ -598,8 +625,14 @@ pub(super) async fn people(
     let page_number = positive_parameter("page", query.page.as_deref(), 1, usize::MAX)?;
     let raw_query: String = query.q.as_deref().unwrap_or("").chars().take(200).collect();
     let search = normalise_query(&raw_query);
-    let view = app.views.merged_view(signed.enterprise.id).await?;
-    let selected = selected_people(&app, signed.enterprise.id, &view, &search, filter);
+    let mut view = app.views.merged_view(signed.enterprise.id).await?;
+    let mut people_search_index = None;
+    if !search.is_empty() {
+        let (returned, index) = people_search(&app, signed.enterprise.id, view).await?;
+        view = returned;
+        people_search_index = Some(index);
+    }
+    let selected = selected_people(&view, people_search_index.as_deref(), &search, filter);
     let consuming = view.people.consuming();
     let total = selected.as_ref().map_or(consuming.len(), Vec::len);
     let last_page = total.div_ceil(PEOPLE_PER_PAGE).max(1);
@@ -1003,11 +1036,8 @@ pub(super) async fn upload(
     signed: Signed,
     request: Request,
 ) -> ConsoleResult<Response> {
-    let (token, file) = match upload_parts(&app, request).await {
-        Ok(parts) => parts,
-        // A form that could not be read is shown on the page, unless its token could not be checked either.
-        Err(error) => return Err(error.into()),
-    };
+    // A form that cannot be read is refused as it is: its token cannot be checked, so nothing is applied.
+    let (token, file) = upload_parts(&app, request).await?;
     signed.check_csrf(token.as_deref())?;
     signed.require_admin()?;
     let result = match file.filter(|bytes| !bytes.is_empty()) {

@@ -267,7 +267,7 @@ pub(super) async fn sign_in(
         let status = error.kind.http_status();
         let message = match error.kind {
             ErrorKind::Unauthenticated => format!(
-                "{} The token must be a live REST token of your enterprise (not revoked, not expired).",
+                "{}. The token must be a live REST token of your enterprise (not revoked, not expired).",
                 error.message.trim_end_matches('.')
             ),
             _ => error.message,

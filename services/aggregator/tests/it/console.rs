@@ -294,6 +294,11 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     assert!(!cookie.contains(&harness.owner_token), "{cookie}");
     let home = get(&client, base, "/console/").await;
     assert_eq!(home.location.as_deref(), Some("/console/acme/"));
+    let slashless = get(&client, base, "/console/acme").await;
+    assert_eq!(slashless.location.as_deref(), Some("/console/acme/"));
+    let unknown_page = get(&client, base, "/console/acme/nothing-here").await;
+    assert_eq!(unknown_page.status, StatusCode::NOT_FOUND);
+    assert!(unknown_page.body.starts_with("<!DOCTYPE html>"));
     let overview = get(&client, base, "/console/acme/").await;
     assert_signed_in_frame(&overview, "/console/acme/");
 
@@ -565,6 +570,16 @@ async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
             "{path}: an HTML page"
         );
     }
+    // Changes too, even with the session's own CSRF token.
+    let token = csrf(&get(&client, base, "/console/acme/").await.body);
+    let changed = post_form(
+        &client,
+        base,
+        &format!("/console/other/instances/{}/sync-now", Uuid::new_v4()),
+        &[("csrf_token", &token)],
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::NOT_FOUND);
     harness.shutdown().await;
 }
 
@@ -805,6 +820,48 @@ async fn people_are_searched_filtered_and_paginated_on_the_server() {
             .contains("href=\"/console/acme/people?q=user&amp;filter=server&amp;page=2\""),
         "next link"
     );
+    // Cloud members: one joins user5's account (by verified email), one has no server account.
+    let members = serde_json::json!([
+        {"id": 501, "login": "user5-cloud", "name": "Five Cloud", "verified_emails": ["user5@example.com"],
+         "consumes_license": true},
+        {"id": 900, "login": "zz-cloud-only", "name": "Only Clouds", "verified_emails": ["zz@cloud.example"],
+         "consumes_license": true}
+    ]);
+    let (status, body) = harness
+        .rest(
+            reqwest::Method::PUT,
+            "/enterprises/acme/cloud-members",
+            Some(&harness.owner_token),
+            Some(&members.to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (query, expected) in [
+        ("", 121),
+        ("filter=both", 1),
+        ("filter=cloud", 1),
+        ("filter=server", 119),
+        ("q=only%20clouds", 1),
+        ("q=five&filter=both", 1),
+        ("q=five&filter=server", 0),
+    ] {
+        let page = get(&client, base, &format!("/console/acme/people?{query}")).await;
+        assert_eq!(
+            text_of(&page.body, "people-total"),
+            expected.to_string(),
+            "{query}"
+        );
+    }
+    let both = get(&client, base, "/console/acme/people?filter=both").await;
+    assert!(both.body.contains("data-person-id=\"cloud:501\""));
+    let explained = get(&client, base, "/console/acme/people/cloud:501").await;
+    assert!(
+        explained
+            .body
+            .contains(&format!("data-account=\"{HOSTNAME}:5\""))
+    );
+    assert!(explained.body.contains("verified email"));
+
     let bad = get(&client, base, "/console/acme/people?filter=everyone").await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(bad.body.contains("all, server, cloud, both, ambiguous"));
