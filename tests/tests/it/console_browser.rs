@@ -343,8 +343,8 @@ fn signing_in_with_the_token_form_shows_the_overview_with_the_rest_totals() {
     ) else {
         return;
     };
-    // Without a session the console sends the browser to the sign-in page.
-    browser.goto("/console/");
+    // A browser opening the aggregator's root lands in the console; without a session, on its sign-in page.
+    browser.goto("/");
     browser.until("the sign-in page", |b| {
         (b.path() == "/console/sign-in").then_some(())
     });
