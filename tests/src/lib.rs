@@ -34,6 +34,22 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// The `target/` directory the tests were built in (its profile directory's parent): where tests leave files for a
+/// person to look at, such as the console's screenshots.
+pub fn target_root() -> PathBuf {
+    let dir = target_dir();
+    dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+}
+
+/// Reports a missing prerequisite (a browser, a database, a tool): prints `SKIPPED <test>: <reason>` so that the test
+/// can return, or panics under `LICENSE_SYNC_REQUIRE_ALL_TESTS` (CI), where nothing may be skipped.
+pub fn skip_unless_required(test: &str, reason: &str) {
+    if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_some() {
+        panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {test} cannot run: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
 /// A binary of the workspace. `cargo test --workspace` / `cargo nextest run --workspace` (what `scripts/test.sh`
 /// runs) build them, because their packages have integration tests. Building them here instead would use another
 /// feature set (dev-dependencies are not unified into plain builds) and rebuild half the graph on every run.

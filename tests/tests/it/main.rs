@@ -3,6 +3,7 @@
 //! nextest still runs each test in its own process; under `cargo test` they share this one, so no test may set
 //! process-wide state (environment variables, the working directory): child processes get theirs explicitly.
 
+mod console_browser;
 mod encrypted_export;
 mod gh_cli;
 mod grpc_faults;
