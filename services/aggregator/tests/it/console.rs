@@ -214,7 +214,11 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     // Other clients get GitHub's API root, as `gh` expects.
     let api_root = get(&client, base, "/").await;
     assert_eq!(api_root.status, StatusCode::OK);
-    assert!(api_root.body.contains("\"current_user_url\""), "{}", api_root.body);
+    assert!(
+        api_root.body.contains("\"current_user_url\""),
+        "{}",
+        api_root.body
+    );
 
     let home = get(&client, base, "/console/").await;
     assert_eq!(home.status, StatusCode::SEE_OTHER);
@@ -758,7 +762,11 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
         .expect("the REST report");
     assert_eq!(csv.body, rest_csv);
     assert!(csv.body.starts_with("GitHub com login,"), "{}", csv.body);
-    assert_eq!(csv.body.lines().count(), 1 + 3, "a header and the 3 consuming people");
+    assert_eq!(
+        csv.body.lines().count(),
+        1 + 3,
+        "a header and the 3 consuming people"
+    );
     assert_eq!(
         get(
             &browser(),

@@ -841,7 +841,7 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         call!(
             Method::POST,
             "/graphql",
-            "/graphql".to_owned(),
+            "/graphql",
             Some(&reader),
             graphql("query UserCurrent{viewer{login}}")
         ),
@@ -851,7 +851,7 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         call!(
             Method::POST,
             "/graphql",
-            "/graphql".to_owned(),
+            "/graphql",
             Some(&reader),
             graphql("{ enterprise { id } }")
         ),
@@ -861,7 +861,7 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         call!(
             Method::POST,
             "/graphql",
-            "/graphql".to_owned(),
+            "/graphql",
             None,
             graphql("{viewer{login}}")
         ),
@@ -871,7 +871,7 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         call!(
             Method::POST,
             "/graphql",
-            "/graphql".to_owned(),
+            "/graphql",
             Some(&reader),
             Some("not json".to_owned())
         ),
@@ -881,7 +881,7 @@ async fn every_answer_matches_the_documented_schema_of_its_status() {
         call!(
             Method::POST,
             "/graphql",
-            "/graphql".to_owned(),
+            "/graphql",
             Some(&reader),
             graphql(&"x".repeat(70 * 1024))
         ),
