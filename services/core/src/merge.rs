@@ -733,17 +733,21 @@ pub fn explain(
         });
     }
     let consuming_accounts = accounts.iter().filter(|a| a.consumes_license).count();
-    let summary = if person.consumes_license {
-        format!(
-            "One license: {} account(s) belong to this person, {} of them consume a license, and all count once.",
-            accounts.len(),
-            consuming_accounts
-        )
-    } else {
-        format!(
-            "No license: none of this person's {} account(s) consumes one.",
-            accounts.len()
-        )
+    let plural =
+        |count: usize, one: &'static str, many: &'static str| if count == 1 { one } else { many };
+    let summary = match (person.consumes_license, accounts.len()) {
+        (true, 1) => {
+            "One license: this person has one account, and it consumes the license.".to_owned()
+        }
+        (true, total) => format!(
+            "One license: {total} {} to this person, {consuming_accounts} of them {} a license, and all count once.",
+            plural(total, "account belongs", "accounts belong"),
+            plural(consuming_accounts, "consumes", "consume"),
+        ),
+        (false, 1) => "No license: this person's one account does not consume one.".to_owned(),
+        (false, total) => {
+            format!("No license: none of this person's {total} accounts consumes one.")
+        }
     };
     Explanation {
         person_id: person_id(person, instances, cloud).to_string(),
@@ -1226,7 +1230,16 @@ mod tests {
         assert_eq!(explanation.total_user_accounts, 2);
         assert_eq!(explanation.accounts[0].account, "ghes-1:1");
         assert_eq!(explanation.accounts[1].account, "ghes-2:2");
-        assert!(explanation.summary.starts_with("One license"));
+        assert_eq!(
+            explanation.summary,
+            "One license: 2 accounts belong to this person, 2 of them consume a license, and all count once."
+        );
+        let alone = merge(&instances[..1], &[]);
+        let single = explain(&alone.people[0], &instances[..1], &alone.cloud, &alone.ties);
+        assert_eq!(
+            single.summary,
+            "One license: this person has one account, and it consumes the license."
+        );
         let json = serde_json::to_value(&explanation).expect("serialize");
         assert_eq!(json["accounts"][0]["rule"]["rule"], "same_primary_email");
     }

@@ -19,7 +19,6 @@ const MAX_DOTTED_DAYS: usize = 31;
 /// `x,y` points of one series over the plot area.
 fn points(values: &[i64], max: i64) -> String {
     let plot_width = WIDTH - LEFT - RIGHT;
-    let plot_height = HEIGHT - TOP - BOTTOM;
     let step = if values.len() > 1 {
         plot_width / (values.len() - 1) as f64
     } else {
@@ -30,11 +29,20 @@ fn points(values: &[i64], max: i64) -> String {
         .enumerate()
         .map(|(index, &value)| {
             let x = LEFT + step * index as f64;
-            let y = TOP + plot_height * (1.0 - value.max(0) as f64 / max.max(1) as f64);
+            let y = y_of(value, max);
             format!("{x:.1},{y:.1}")
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Half the width of the short line that stands for a single day's value, which a polyline of one point cannot draw.
+const SINGLE_DAY_HALF_WIDTH: f64 = 40.0;
+
+/// The y of `value` on the plot.
+fn y_of(value: i64, max: i64) -> f64 {
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    TOP + plot_height * (1.0 - value.max(0) as f64 / max.max(1) as f64)
 }
 
 /// `svg#usage-chart` for `days` (oldest first).
@@ -51,33 +59,73 @@ pub(super) fn usage_chart(days: &[UsageDay]) -> Markup {
     let first = days.first().map(|day| day.date.as_str()).unwrap_or("");
     let last = days.last().map(|day| day.date.as_str()).unwrap_or("");
     let baseline = HEIGHT - BOTTOM;
-    let description = if days.is_empty() {
-        "No usage recorded in this period.".to_owned()
-    } else {
-        format!(
+    let middle_x = LEFT + (WIDTH - LEFT - RIGHT) / 2.0;
+    let description = match days {
+        [] => "No usage recorded in this period.".to_owned(),
+        [day] => format!(
+            "One day recorded, {first}: {} seats consumed, {} purchased.",
+            day.consumed, day.purchased
+        ),
+        _ => format!(
             "Consumed and purchased seats per day from {first} to {last}; the highest value shown is {max}."
-        )
+        ),
     };
+    // A middle tick only where it is a whole number of seats.
+    let middle_tick = (max >= 2 && max % 2 == 0).then_some(max / 2);
     html! {
         svg #usage-chart role="img" aria-labelledby="usage-chart-title usage-chart-desc"
             viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) width="100%" preserveAspectRatio="xMidYMid meet" {
             title #usage-chart-title { "Usage history" }
             desc #usage-chart-desc { (description) }
+            @if let Some(tick) = middle_tick {
+                line.grid x1=(LEFT) y1=(y_of(tick, max)) x2=(WIDTH - RIGHT) y2=(y_of(tick, max)) {}
+                text.axis-label x=(LEFT - 6.0) y=(y_of(tick, max) + 4.0) text-anchor="end" { (tick) }
+            }
+            line.grid x1=(LEFT) y1=(TOP) x2=(WIDTH - RIGHT) y2=(TOP) {}
             line.axis x1=(LEFT) y1=(TOP) x2=(LEFT) y2=(baseline) {}
             line.axis x1=(LEFT) y1=(baseline) x2=(WIDTH - RIGHT) y2=(baseline) {}
+            text.axis-title x="14" y=((TOP + baseline) / 2.0) text-anchor="middle"
+                transform=(format!("rotate(-90 14 {})", (TOP + baseline) / 2.0)) { "Seats" }
             text.axis-label x=(LEFT - 6.0) y=(TOP + 4.0) text-anchor="end" { (max) }
             text.axis-label x=(LEFT - 6.0) y=(baseline) text-anchor="end" { "0" }
-            text.axis-label x=(LEFT) y=(HEIGHT - 6.0) text-anchor="start" { (first) }
-            text.axis-label x=(WIDTH - RIGHT) y=(HEIGHT - 6.0) text-anchor="end" { (last) }
-            @if !days.is_empty() {
-                polyline.series-purchased points=(points(&purchased, max)) fill="none" {}
-                polyline.series-consumed points=(points(&consumed, max)) fill="none" {}
-            }
-            // Dots on short periods: a line of one day is a point, and a few days read better as dots.
-            @if days.len() <= MAX_DOTTED_DAYS {
-                @for point in points(&consumed, max).split(' ').filter(|point| !point.is_empty()) {
-                    @if let Some((x, y)) = point.split_once(',') {
-                        circle.point-consumed cx=(x) cy=(y) r="3" {}
+            @match days {
+                [] => {
+                    text.axis-label x=(middle_x) y=(HEIGHT - 6.0) text-anchor="middle" { "Day" }
+                    text.no-data x=(middle_x) y=((TOP + baseline) / 2.0) text-anchor="middle" { "No usage recorded yet" }
+                }
+                [day] => {
+                    // One day: a short line per series around the middle, a dot, and the values written beside it.
+                    // The higher value is labelled above its line and the lower below, so that the labels never meet.
+                    @let (consumed_y, purchased_y) = (y_of(day.consumed, max), y_of(day.purchased, max));
+                    @let consumed_above = day.consumed >= day.purchased;
+                    text.axis-label x=(middle_x) y=(HEIGHT - 6.0) text-anchor="middle" { (first) }
+                    line.series-purchased x1=(middle_x - SINGLE_DAY_HALF_WIDTH) y1=(purchased_y)
+                        x2=(middle_x + SINGLE_DAY_HALF_WIDTH) y2=(purchased_y) {}
+                    line.series-consumed x1=(middle_x - SINGLE_DAY_HALF_WIDTH) y1=(consumed_y)
+                        x2=(middle_x + SINGLE_DAY_HALF_WIDTH) y2=(consumed_y) {}
+                    circle.point-consumed cx=(middle_x) cy=(consumed_y) r="4" {}
+                    text.value-consumed x=(middle_x + SINGLE_DAY_HALF_WIDTH + 6.0)
+                        y=(if consumed_above { consumed_y - 4.0 } else { consumed_y + 14.0 }) {
+                        (day.consumed) " consumed"
+                    }
+                    text.value-purchased x=(middle_x + SINGLE_DAY_HALF_WIDTH + 6.0)
+                        y=(if consumed_above { purchased_y + 14.0 } else { purchased_y - 4.0 }) {
+                        (day.purchased) " purchased"
+                    }
+                }
+                _ => {
+                    text.axis-label x=(LEFT) y=(HEIGHT - 6.0) text-anchor="start" { (first) }
+                    text.axis-label x=(middle_x) y=(HEIGHT - 6.0) text-anchor="middle" { "Day" }
+                    text.axis-label x=(WIDTH - RIGHT) y=(HEIGHT - 6.0) text-anchor="end" { (last) }
+                    polyline.series-purchased points=(points(&purchased, max)) fill="none" {}
+                    polyline.series-consumed points=(points(&consumed, max)) fill="none" {}
+                    // Dots on short periods: a few days read better as dots.
+                    @if days.len() <= MAX_DOTTED_DAYS {
+                        @for point in points(&consumed, max).split(' ').filter(|point| !point.is_empty()) {
+                            @if let Some((x, y)) = point.split_once(',') {
+                                circle.point-consumed cx=(x) cy=(y) r="3" {}
+                            }
+                        }
                     }
                 }
             }
@@ -106,5 +154,54 @@ mod tests {
         assert_eq!(pairs[0], (LEFT, HEIGHT - BOTTOM));
         assert_eq!(pairs[2], (WIDTH - RIGHT, TOP));
         assert!((pairs[1].1 - (TOP + (HEIGHT - TOP - BOTTOM) / 2.0)).abs() < 0.1);
+    }
+
+    fn history(values: &[(i64, i64)]) -> Vec<UsageDay> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(index, &(consumed, purchased))| UsageDay {
+                date: format!("2026-{:02}-{:02}", 1 + index / 28, 1 + index % 28),
+                consumed,
+                max_consumed: consumed,
+                purchased,
+                instances: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_single_day_is_drawn_as_short_lines_with_its_values() {
+        let drawn = usage_chart(&history(&[(6, 3)])).into_string();
+        assert_eq!(drawn.matches("<line class=\"series-consumed\"").count(), 1);
+        assert_eq!(drawn.matches("<line class=\"series-purchased\"").count(), 1);
+        assert!(drawn.contains(">6 consumed</text>"), "{drawn}");
+        assert!(drawn.contains(">3 purchased</text>"), "{drawn}");
+        assert!(drawn.contains("2026-01-01"));
+        assert!(drawn.contains(">Seats</text>"));
+        // The consumed line is the top of the scale, the purchased one half way down.
+        assert!(drawn.contains(&format!("y1=\"{TOP}\"")));
+        assert!(!drawn.contains("<polyline"));
+    }
+
+    #[test]
+    fn two_and_ninety_days_are_polylines_dotted_only_when_short() {
+        let two = usage_chart(&history(&[(1, 4), (2, 4)])).into_string();
+        assert_eq!(two.matches("<polyline").count(), 2);
+        assert_eq!(two.matches("class=\"point-consumed\"").count(), 2);
+        assert!(two.contains("2026-01-01") && two.contains("2026-01-02"));
+        assert!(two.contains(">Day</text>"));
+        let ninety: Vec<(i64, i64)> = (0..90).map(|day| (day, 50)).collect();
+        let long = usage_chart(&history(&ninety)).into_string();
+        assert_eq!(long.matches("<polyline").count(), 2);
+        assert_eq!(long.matches("class=\"point-consumed\"").count(), 0);
+        assert!(long.contains("highest value shown is 89"));
+    }
+
+    #[test]
+    fn no_day_says_so_in_the_chart() {
+        let drawn = usage_chart(&[]).into_string();
+        assert!(drawn.contains("No usage recorded yet"));
+        assert!(!drawn.contains("series-consumed"));
     }
 }

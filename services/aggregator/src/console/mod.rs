@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodRouter, get, post};
 use maud::{DOCTYPE, Markup, html};
@@ -39,11 +41,12 @@ const MULTIPART_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// The console's routes, for the REST router to serve (see `rest::router`). `upload_timeout` is the REST upload's.
 pub(crate) fn routes(
-    config: &AggregatorConfig,
+    app: &Arc<App>,
     upload_timeout: (Duration, &'static str),
 ) -> Vec<(&'static str, MethodRouter<Arc<App>>)> {
+    let config: &AggregatorConfig = &app.config;
     let form_limit = || DefaultBodyLimit::max(FORM_BODY_BYTES);
-    vec![
+    let pages = vec![
         ("/console", get(|| async { Redirect::to("/console/") })),
         ("/console/", get(session::home)),
         ("/console/assets/console.css", get(css)),
@@ -102,7 +105,65 @@ pub(crate) fn routes(
             "/console/{enterprise}/downloads/consumed-licenses.csv",
             get(pages::consumed_licenses_csv),
         ),
-    ]
+    ];
+    pages
+        .into_iter()
+        .map(|(path, methods)| {
+            let navigation = axum::middleware::from_fn_with_state(Arc::clone(app), with_navigation);
+            (path, methods.layer(navigation))
+        })
+        .collect()
+}
+
+/// Marks a response as a console error page, with its error, so that [`with_navigation`] can draw it again with
+/// the navigation.
+#[derive(Debug, Clone)]
+struct ErrorPage(ServiceError);
+
+/// Gives a console error page the navigation bar when its request has a live session, so that a refusal (403) or a
+/// missing page (404) is not a dead end. Errors are answered where the session is not at hand (an extractor's
+/// rejection, a handler's `?`), hence here, after the fact; the session is looked up again only for error pages.
+async fn with_navigation(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let mut cookies = HeaderMap::new();
+    for value in request.headers().get_all(header::COOKIE) {
+        cookies.append(header::COOKIE, value.clone());
+    }
+    let response = next.run(request).await;
+    signed_error_page(&app, &cookies, response).await
+}
+
+async fn signed_error_page(app: &App, cookies: &HeaderMap, response: Response) -> Response {
+    let Some(ErrorPage(error)) = response.extensions().get::<ErrorPage>().cloned() else {
+        return response;
+    };
+    // No session (or the store failing to say): the page as it was, without the navigation.
+    let Ok(signed) = session::current_session(app, cookies).await else {
+        return response;
+    };
+    let (parts, _) = response.into_parts();
+    let markup = error_markup(parts.status, &error, Some(&signed));
+    Response::from_parts(parts, axum::body::Body::from(markup.into_string()))
+}
+
+/// An error page: the status, the error's message and the way on (the navigation when `signed`).
+fn error_markup(status: StatusCode, error: &ServiceError, signed: Option<&Signed>) -> Markup {
+    let title = status.canonical_reason().unwrap_or("Error");
+    layout(
+        title,
+        signed.map(|signed| (signed, None)),
+        html! {
+            h1 { (status.as_u16()) " " (title) }
+            p #error-message role="alert" { (error.message) }
+            @match signed {
+                Some(signed) => p { a href=(enterprise_path(signed, "")) { "Back to the overview" } },
+                None => p { a href="/console/" { "Back to the console" } },
+            }
+        },
+    )
 }
 
 /// `GET /`: browsers (an `Accept` with `text/html`) go to the console; API clients keep the JSON 404.
@@ -116,7 +177,11 @@ pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
 }
 
 /// The answer to a path no route matched: an HTML page under `/console`, the API's JSON 404 elsewhere.
-pub(crate) async fn fallback(uri: axum::http::Uri) -> Response {
+pub(crate) async fn fallback(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
     let path = uri.path();
     // `/console/acme` is the overview without its slash: typed by hand, so sent on.
     if let Some(enterprise) = path.strip_prefix("/console/")
@@ -128,10 +193,11 @@ pub(crate) async fn fallback(uri: axum::http::Uri) -> Response {
         return Redirect::to(&format!("/console/{enterprise}/")).into_response();
     }
     if path.starts_with("/console/") {
-        ConsoleError(ServiceError::not_found(
+        let page = ConsoleError(ServiceError::not_found(
             "there is no console page here; start from the overview (/console/)",
         ))
-        .into_response()
+        .into_response();
+        signed_error_page(&app, &headers, page).await
     } else {
         ServiceError::not_found("Not Found").into_response()
     }
@@ -205,22 +271,14 @@ pub(crate) type ConsoleResult<T> = Result<T, ConsoleError>;
 impl IntoResponse for ConsoleError {
     fn into_response(self) -> Response {
         let status = self.0.kind.http_status();
-        let title = status.canonical_reason().unwrap_or("Error");
-        let markup = layout(
-            title,
-            None,
-            html! {
-                h1 { (status.as_u16()) " " (title) }
-                p #error-message role="alert" { (self.0.message) }
-                p { a href="/console/" { "Back to the console" } }
-            },
-        );
+        let markup = error_markup(status, &self.0, None);
         let mut response = html_response(status, markup);
         if let Some(wait) = self.0.retry_after
             && let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
+        response.extensions_mut().insert(ErrorPage(self.0));
         response
     }
 }
@@ -269,8 +327,9 @@ impl Nav {
     }
 }
 
-/// A whole page: the navigation and sign-out form when signed in (`signed`), then `body` as the page's `main`.
-pub(crate) fn layout(title: &str, signed: Option<(&Signed, Nav)>, body: Markup) -> Markup {
+/// A whole page: the navigation (with the current page, if it is one of them) and sign-out form when signed in
+/// (`signed`), then `body` as the page's `main`.
+pub(crate) fn layout(title: &str, signed: Option<(&Signed, Option<Nav>)>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -294,7 +353,7 @@ pub(crate) fn layout(title: &str, signed: Option<(&Signed, Nav)>, body: Markup) 
                                 @for item in Nav::ALL {
                                     li {
                                         a href=(format!("/console/{}/{}", signed.enterprise.slug, item.path()))
-                                            aria-current=[(item == current).then_some("page")] {
+                                            aria-current=[(Some(item) == current).then_some("page")] {
                                             (item.label())
                                         }
                                     }

@@ -30,7 +30,7 @@ use crate::rest::history::peak_day;
 use crate::rest::instances::parse_uuid_segment;
 use crate::rest::read_body_up_to;
 use crate::rest::status::{InstanceStatus, LastSync, active_instances, statuses};
-use crate::rest::upload::apply_usage_file;
+use crate::rest::upload::{NotAUsageFile, UploadRefusal, apply_usage_file};
 use crate::store::SyncRequestState;
 use crate::time_format::{rfc3339, utc_date};
 use crate::view::{MergedView, ViewGuard};
@@ -44,11 +44,33 @@ const MAX_DAYS: usize = 3660;
 const ACCOUNTS_PER_ROW: usize = 5;
 
 fn page(signed: &Signed, nav: Nav, title: &str, body: Markup) -> Response {
-    html_response(StatusCode::OK, layout(title, Some((signed, nav)), body))
+    html_response(
+        StatusCode::OK,
+        layout(title, Some((signed, Some(nav))), body),
+    )
 }
 
-fn date_or_dash(time: Option<OffsetDateTime>) -> String {
-    time.map(rfc3339).unwrap_or_else(|| "—".to_owned())
+/// `noun` after `count`, in the singular for exactly one.
+pub(super) fn counted(count: impl Into<i128>, one: &str, many: &str) -> String {
+    let count = count.into();
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
+/// A moment as people read it (`2026-12-03 12:34 UTC`), with the exact RFC 3339 time in `datetime`.
+pub(super) fn moment(time: OffsetDateTime) -> Markup {
+    let utc = time.to_offset(time::UtcOffset::UTC);
+    html! {
+        time.moment datetime=(rfc3339(time)) {
+            (utc_date(utc)) " " (format!("{:02}:{:02}", utc.hour(), utc.minute())) " UTC"
+        }
+    }
+}
+
+fn moment_or_dash(time: Option<OffsetDateTime>) -> Markup {
+    match time {
+        Some(time) => moment(time),
+        None => html! { "—" },
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,25 +268,27 @@ fn instance_row(
                 @if status.stale { br; span.stale { "stale: no successful sync recently" } }
             }
             td {
-                span.last-sync-date { (date_or_dash(instance.last_attempt_at)) }
+                span.last-sync-date { (moment_or_dash(instance.last_attempt_at)) }
                 br;
                 span class=(format!("last-sync-status {last_sync_class}")) { (status.last_sync.as_str()) }
                 @if !instance.last_error.is_empty() { br; span.last-sync-error { (instance.last_error) } }
                 br;
-                span.last-success { "last success: " (date_or_dash(instance.last_success_at)) }
+                span.last-success { "last success: " (moment_or_dash(instance.last_success_at)) }
             }
             td {
                 span.agent-connected { @if status.agent_connected { "connected" } @else { "not connected" } }
-                br; span.agent-last-seen { "last seen: " (date_or_dash(instance.agent.last_seen_at)) }
+                br; span.agent-last-seen { "last seen: " (moment_or_dash(instance.agent.last_seen_at)) }
                 @if let Some(version) = &instance.agent.version { br; span.agent-version { "version " (version) } }
                 @if let Some(pending) = instance.agent.pending_deliveries {
                     br;
-                    span.pending-deliveries { (pending) " pending deliveries" }
+                    span.pending-deliveries { (counted(pending, "pending delivery", "pending deliveries")) }
                 }
             }
             td {
-                span.user-count { (instance.user_count) } " users"
-                @if instance.rows_skipped > 0 { br; span.rows-skipped { (instance.rows_skipped) " rows skipped" } }
+                span.user-count { (instance.user_count) } @if instance.user_count == 1 { " user" } @else { " users" }
+                @if instance.rows_skipped > 0 {
+                    br; span.rows-skipped { (counted(instance.rows_skipped, "row skipped", "rows skipped")) }
+                }
             }
             td.actions {
                 @if instance.has_credential {
@@ -380,8 +404,8 @@ pub(super) async fn retire_page(
         .ok_or_else(|| crate::store::no_active_instance(server_id))?;
     let body = html! {
         h1 { "Retire " (instance.hostname) "?" }
-        p { "Its " (instance.user_count) " users stop counting at once and its agent's credential stops working. \
-             Enrolling the agent again brings it back." }
+        p { "Its " (counted(instance.user_count, "user stops", "users stop")) " counting at once and its agent's \
+             credential stops working. Enrolling the agent again brings it back." }
         form #retire-form method="post" action=(enterprise_path(&signed, &format!("instances/{server_id}/retire"))) {
             (csrf_field(&signed))
             button #confirm-retire type="submit" { "Retire " (instance.hostname) }
@@ -438,7 +462,7 @@ pub(super) async fn create_enrollment_token(
     let issued = issue_enrollment_token(&app.store, &signed.enterprise, hours).await?;
     let body = html! {
         h1 { "Enrollment token created" }
-        p { "Copy it now: it is shown only once, and works once, until " (rfc3339(issued.expires_at)) "." }
+        p { "Copy it now: it is shown only once, and works once, until " (moment(issued.expires_at)) "." }
         p { label for="enrollment-token" { "Enrollment token" } }
         p { input #enrollment-token type="text" readonly value=(issued.token) size="50"; }
         p { "On the GHES side, save it to a file and run " code { "license-sync-agent enroll --token-file FILE" } "." }
@@ -690,7 +714,7 @@ pub(super) async fn people(
             button type="submit" { "Search" }
         }
         p #people-summary {
-            span #people-total { (total) } " matching · page " (page_number.min(last_page)) " of " (last_page)
+            span #people-total { (total) } @if total == 1 { " person matches" } @else { " people match" } " · page " (page_number.min(last_page)) " of " (last_page)
         }
         form #compare-form method="get" action=(enterprise_path(&signed, "compare")) {
             div.table-scroll {
@@ -857,7 +881,7 @@ pub(super) async fn compare(
         section #comparison data-licenses=(licenses) data-same-person=(same_person) {
             p.verdict {
                 @if same_person { "These are the same person: one license at most." }
-                @else { "These are two people: " (licenses) " license(s) between them." }
+                @else { "These are two people: " (counted(licenses, "license", "licenses")) " between them." }
             }
             h2 { "Why they were not merged" }
             ul.reasons { @for reason in &reasons { li { (reason) } } }
@@ -907,7 +931,7 @@ pub(super) async fn duplicates(
     let body = html! {
         h1 { "Likely duplicates" }
         p { "People who consume a license each and share a login or a display name: perhaps one human. Compare a pair to see why they were not merged." }
-        p #duplicates-total { (total) " groups" }
+        p #duplicates-total { (counted(total as u64, "group", "groups")) }
         div.table-scroll {
             table #duplicates {
                 thead { tr { th scope="col" { "Reason" } th scope="col" { "People" } th scope="col" { "Compare" } } }
@@ -949,7 +973,30 @@ pub(super) async fn duplicates(
 enum UploadResult {
     Applied(crate::app::Receipt),
     AlreadyApplied(crate::app::Receipt),
-    Error(ServiceError),
+    Error(UploadRefusal),
+}
+
+/// What the upload page says of a refusal. REST's message speaks of a request body; a person chose a file, so a
+/// file that is not a usage file at all is described as a file, with what to do. Every other refusal (a wrong
+/// instance, a newer snapshot, a key that does not decrypt) already names the file's problem and keeps its words.
+fn upload_refusal_message(refusal: &UploadRefusal) -> String {
+    let export = "a usage file exported by `license-sync-agent export`";
+    let again =
+        "choose the file exactly as the export wrote it (encrypted or not) and upload it again";
+    match refusal.not_a_usage_file {
+        Some(NotAUsageFile::NotJson { line, column }) => format!(
+            "This file is not {export}: it is not even JSON (it goes wrong at line {line}, column {column}). Perhaps \
+             another file was chosen, or this one was cut short or edited; {again}."
+        ),
+        Some(NotAUsageFile::WrongFields { line, column }) => format!(
+            "This file is JSON but not {export}: its contents are not a usage file's fields (line {line}, column \
+             {column}). Perhaps another JSON file was chosen, or this one was edited; {again}."
+        ),
+        Some(NotAUsageFile::NoFormat) => format!(
+            "This file is not {export}: it has no \"format\" field, which every usage file starts with; {again}."
+        ),
+        None => refusal.error.message.clone(),
+    }
 }
 
 fn upload_markup(signed: &Signed, result: Option<&UploadResult>) -> Markup {
@@ -962,21 +1009,22 @@ fn upload_markup(signed: &Signed, result: Option<&UploadResult>) -> Markup {
                 UploadResult::Applied(receipt) => {
                     section #upload-result.applied role="status" {
                         h2 { "Applied" }
-                        p { (receipt.users_accepted) " users of instance " code { (receipt.server_id) } " were applied (sync "
-                            code { (receipt.sync_id) } ", at " (rfc3339(receipt.committed_at)) ")." }
+                        p { (counted(receipt.users_accepted, "user", "users")) " of instance " code { (receipt.server_id) }
+                            @if receipt.users_accepted == 1 { " was" } @else { " were" }
+                            " applied (sync " code { (receipt.sync_id) } ", at " (moment(receipt.committed_at)) ")." }
                     }
                 }
                 UploadResult::AlreadyApplied(receipt) => {
                     section #upload-result.already-applied role="status" {
                         h2 { "Already applied" }
-                        p { "This file (sync " code { (receipt.sync_id) } ") was applied before, at " (rfc3339(receipt.committed_at))
+                        p { "This file (sync " code { (receipt.sync_id) } ") was applied before, at " (moment(receipt.committed_at))
                             "; nothing changed." }
                     }
                 }
-                UploadResult::Error(error) => {
+                UploadResult::Error(refusal) => {
                     section #upload-result.error role="alert" {
                         h2 { "Not applied" }
-                        p { (error.message) }
+                        p #upload-error-message { (upload_refusal_message(refusal)) }
                     }
                 }
             }
@@ -1057,9 +1105,12 @@ pub(super) async fn upload(
     signed.check_csrf(token.as_deref())?;
     signed.require_admin()?;
     let result = match file.filter(|bytes| !bytes.is_empty()) {
-        None => UploadResult::Error(ServiceError::invalid(
-            "no file was chosen (or it is empty): choose the usage file the agent exported and upload it",
-        )),
+        None => UploadResult::Error(
+            ServiceError::invalid(
+                "No file was chosen, or it is empty: choose the usage file the agent exported and upload it.",
+            )
+            .into(),
+        ),
         Some(bytes) => match apply_usage_file(&app, &signed.enterprise, bytes).await {
             Ok(receipt) if receipt.duplicate => UploadResult::AlreadyApplied(receipt),
             Ok(receipt) => UploadResult::Applied(receipt),
@@ -1069,7 +1120,7 @@ pub(super) async fn upload(
     let status = match &result {
         UploadResult::Applied(_) => StatusCode::CREATED,
         UploadResult::AlreadyApplied(_) => StatusCode::OK,
-        UploadResult::Error(error) => error.kind.http_status(),
+        UploadResult::Error(refusal) => refusal.error.kind.http_status(),
     };
     let markup = upload_markup(&signed, Some(&result));
     let mut response = page(&signed, Nav::Upload, "Add server usage", markup);

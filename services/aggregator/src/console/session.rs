@@ -125,14 +125,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 }
 
 /// Why a request has no session, for its answer.
-enum NoSession {
+pub(super) enum NoSession {
     /// No cookie, or one the store does not know (expired, signed out, its token revoked).
     Missing,
     Error(ServiceError),
 }
 
 /// The request's live session, if any.
-async fn current_session(app: &App, headers: &HeaderMap) -> Result<Signed, NoSession> {
+pub(super) async fn current_session(app: &App, headers: &HeaderMap) -> Result<Signed, NoSession> {
     let session_id = session_cookie(headers).ok_or(NoSession::Missing)?;
     let session_sha256 = tokens::sha256_hex(session_id);
     let session = app
@@ -206,14 +206,24 @@ pub(super) async fn home(State(app): State<Arc<App>>, headers: HeaderMap) -> Res
     }
 }
 
-fn sign_in_markup(error: Option<&str>) -> maud::Markup {
+/// Why a sign-in was refused (`message`, a sentence), and what to do about it when the message does not say.
+struct SignInRefusal<'m> {
+    message: &'m str,
+    hint: Option<&'static str>,
+}
+
+fn sign_in_markup(refusal: Option<SignInRefusal<'_>>) -> maud::Markup {
     layout(
         "Sign in",
         None,
         html! {
             h1 { "Sign in to the license-sync console" }
-            @if let Some(error) = error {
-                p #sign-in-error.error role="alert" { (error) }
+            @if let Some(refusal) = refusal {
+                div #sign-in-refusal role="alert" {
+                    h2 { "Not signed in" }
+                    p #sign-in-error.error { (sentence(refusal.message)) }
+                    @if let Some(hint) = refusal.hint { p #sign-in-hint { (hint) } }
+                }
             }
             form #sign-in method="post" action="/console/sign-in" {
                 p {
@@ -222,13 +232,27 @@ fn sign_in_markup(error: Option<&str>) -> maud::Markup {
                         aria-describedby="token-help";
                 }
                 p #token-help.help {
-                    "A token from `license-sync-aggregator token create`. An operator can also print a one-time \
-                     sign-in link with `license-sync-aggregator console-link --enterprise SLUG`."
+                    "A token from " code { "license-sync-aggregator token create" } ". An operator can also print a \
+                     one-time sign-in link with " code { "license-sync-aggregator console-link --enterprise SLUG" } "."
                 }
                 button #sign-in-submit type="submit" { "Sign in" }
             }
         },
     )
+}
+
+/// `message` as a sentence: a capital first letter and a full stop, as GitHub's "Bad credentials" has neither.
+fn sentence(message: &str) -> String {
+    let message = message.trim();
+    let mut chars = message.chars();
+    let mut shown: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    if !shown.ends_with(['.', '!', '?']) {
+        shown.push('.');
+    }
+    shown
 }
 
 pub(super) async fn sign_in_page() -> Response {
@@ -265,14 +289,17 @@ pub(super) async fn sign_in(
         .unwrap_or_default();
     let refused = |error: ServiceError| {
         let status = error.kind.http_status();
-        let message = match error.kind {
-            ErrorKind::Unauthenticated => format!(
-                "{}. The token must be a live REST token of your enterprise (not revoked, not expired).",
-                error.message.trim_end_matches('.')
-            ),
-            _ => error.message,
-        };
-        html_response(status, sign_in_markup(Some(&message)))
+        let hint = (error.kind == ErrorKind::Unauthenticated).then_some(
+            "The token must be a live REST token of your enterprise (not revoked, not expired): paste it again, or \
+             ask an operator for a new one.",
+        );
+        html_response(
+            status,
+            sign_in_markup(Some(SignInRefusal {
+                message: &error.message,
+                hint,
+            })),
+        )
     };
     if token.is_empty() {
         // An empty form is not a guess at a token: not counted.
@@ -381,7 +408,10 @@ pub(super) async fn sign_in_with_link(
             let error = refusal();
             return html_response(
                 error.kind.http_status(),
-                sign_in_markup(Some(&error.message)),
+                sign_in_markup(Some(SignInRefusal {
+                    message: &error.message,
+                    hint: None,
+                })),
             );
         }
         Err(error) => return ConsoleError(error).into_response(),

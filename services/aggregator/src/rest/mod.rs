@@ -171,7 +171,7 @@ pub fn router(app: Arc<App>) -> Router {
     // The web console's pages ride on the same router, so they share its metrics, timeouts and request log.
     routes(upload_timeout)
         .into_iter()
-        .chain(crate::console::routes(&app.config, upload_timeout))
+        .chain(crate::console::routes(&app, upload_timeout))
         .fold(Router::new(), |router, (path, methods)| {
             served_paths(path)
                 .iter()

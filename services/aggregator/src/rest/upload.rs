@@ -47,7 +47,9 @@ pub(super) async fn upload_usage(
     body: Body,
 ) -> ServiceResult<Response> {
     let bytes = read_body(&app, body).await?;
-    let receipt = apply_usage_file(&app, &enterprise, bytes).await?;
+    let receipt = apply_usage_file(&app, &enterprise, bytes)
+        .await
+        .map_err(|refusal| refusal.error)?;
     let status = if receipt.duplicate {
         StatusCode::OK
     } else {
@@ -56,16 +58,41 @@ pub(super) async fn upload_usage(
     Ok((status, Json(receipt)).into_response())
 }
 
+/// An upload refused: the service error (REST answers it as it is), and, when the file is not a usage file at all,
+/// how, so that the console can word it for a person holding a file rather than a request body.
+#[derive(Debug)]
+pub(crate) struct UploadRefusal {
+    pub error: ServiceError,
+    pub not_a_usage_file: Option<NotAUsageFile>,
+}
+
+impl From<ServiceError> for UploadRefusal {
+    fn from(error: ServiceError) -> Self {
+        UploadRefusal {
+            error,
+            not_a_usage_file: None,
+        }
+    }
+}
+
+/// How a file (or an encrypted file's plaintext) is not a usage file; positions are 1-based, as serde_json's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotAUsageFile {
+    NotJson { line: usize, column: usize },
+    WrongFields { line: usize, column: usize },
+    NoFormat,
+}
+
 /// Parses (decrypting it if it is encrypted) and commits one usage file for an instance of the enterprise: the one
 /// path of "Add server usage", for REST and the console.
 pub(crate) async fn apply_usage_file(
     app: &Arc<App>,
     enterprise: &Enterprise,
     bytes: Bytes,
-) -> ServiceResult<Receipt> {
-    let malformed = |error: ServiceError| {
+) -> Result<Receipt, UploadRefusal> {
+    let malformed = |refusal: UploadRefusal| {
         app.metrics.rejected(Rejection::MalformedFile);
-        error
+        refusal
     };
     // An encrypted file (age, told by its first bytes) is decrypted as it is parsed, with any of the enterprise's
     // keys; a plain file, as older agents and `export --unencrypted` write it, is parsed as before. Either way in one
@@ -75,13 +102,13 @@ pub(crate) async fn apply_usage_file(
             .await
             .map_err(|error| match error.kind {
                 // No key to decrypt with: the file's fault, not the store's.
-                ErrorKind::InvalidArgument => malformed(error),
-                _ => error,
+                ErrorKind::InvalidArgument => malformed(error.into()),
+                _ => error.into(),
             })?;
         encrypted_usage_file::read_encrypted(&bytes, &identities).map_err(|error| {
             malformed(match error {
                 EncryptedUsageFileError::Content(error) => usage_file_error(error),
-                undecryptable => usage_keys::decryption_refusal(enterprise, &undecryptable),
+                undecryptable => usage_keys::decryption_refusal(enterprise, &undecryptable).into(),
             })
         })?
     } else {
@@ -91,32 +118,47 @@ pub(crate) async fn apply_usage_file(
     let instance = app
         .store
         .instance_for_upload(enterprise.id, file.meta.instance.server_id)
-        .await?;
+        .await
+        .map_err(ServiceError::from)?;
     let snapshot = match file.into_snapshot() {
         Ok(snapshot) => snapshot,
         Err(error) => {
             app.metrics.rejected(Rejection::of(&error));
             let error = ServiceError::from(error);
             app.record_failure(&instance, Arrival::Upload, &error).await;
-            return Err(error);
+            return Err(error.into());
         }
     };
-    app.commit_snapshot(&instance, snapshot, Arrival::Upload, None)
-        .await
+    Ok(app
+        .commit_snapshot(&instance, snapshot, Arrival::Upload, None)
+        .await?)
 }
 
 /// The 422 for a body (or an encrypted file's plaintext) that is not a usage file: what it is instead, with a
 /// position, never a value.
-fn usage_file_error(error: UsageFileParseError) -> ServiceError {
+fn usage_file_error(error: UsageFileParseError) -> UploadRefusal {
     let what = "a usage file written by `license-sync-agent export`";
-    match error {
-        UsageFileParseError::Json(error) => json_error(&error, what),
-        UsageFileParseError::NoFormat => {
-            ServiceError::invalid(format!("the body has no \"format\" field: expected {what}"))
+    let (error, not_a_usage_file) = match error {
+        UsageFileParseError::Json(error) => {
+            let (line, column) = (error.line(), error.column());
+            let how = match error.classify() {
+                serde_json::error::Category::Data => NotAUsageFile::WrongFields { line, column },
+                _ => NotAUsageFile::NotJson { line, column },
+            };
+            (json_error(&error, what), Some(how))
         }
+        UsageFileParseError::NoFormat => (
+            ServiceError::invalid(format!("the body has no \"format\" field: expected {what}")),
+            Some(NotAUsageFile::NoFormat),
+        ),
+        // Its message already names the formats, in words that suit a file as well as a body.
         unsupported @ UsageFileParseError::UnsupportedFormat(_) => {
-            ServiceError::invalid(unsupported.to_string())
+            (ServiceError::invalid(unsupported.to_string()), None)
         }
+    };
+    UploadRefusal {
+        error,
+        not_a_usage_file,
     }
 }
 

@@ -281,7 +281,13 @@ async fn a_token_signs_in_with_a_strict_cookie_and_bad_or_revoked_tokens_are_ref
     .expect("token");
     let refused = sign_in(&client, base, &expired).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
-    assert!(text_of(&refused.body, "sign-in-error").contains("expired"));
+    // The refusal is a heading, the reason as a sentence, then what to do: no run-on text.
+    let reason = text_of(&refused.body, "sign-in-error");
+    assert!(
+        reason.starts_with("Bad credentials: ") && reason.contains("expired at"),
+        "{reason}"
+    );
+    assert!(text_of(&refused.body, "sign-in-hint").contains("not expired"));
 
     let signed = sign_in(&client, base, &harness.owner_token).await;
     assert_eq!(signed.status, StatusCode::SEE_OTHER, "{}", signed.body);
@@ -342,7 +348,10 @@ async fn refused_sign_ins_are_limited_per_address_like_rest_authentication() {
     }
     let throttled = sign_in(&client, base, "lst_guess").await;
     assert_eq!(throttled.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(text_of(&throttled.body, "sign-in-error").contains("too many failed authentications"));
+    // Shown as a sentence under the refusal's heading.
+    assert!(
+        text_of(&throttled.body, "sign-in-error").starts_with("Too many failed authentications")
+    );
     let link = get(&client, base, "/console/sign-in/link?token=lsl_guess").await;
     assert_eq!(
         link.status,
@@ -425,6 +434,12 @@ async fn sign_out_needs_its_csrf_token_and_ends_the_session_as_does_the_token_ex
     let forged = post_form(&client, base, "/console/sign-out", &[]).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert!(text_of(&forged.body, "error-message").contains("nothing was changed"));
+    // A signed-in refusal keeps the navigation, so that it is not a dead end.
+    assert!(forged.body.contains("id=\"console-nav\""));
+    assert!(
+        !forged.body.contains("aria-current"),
+        "no page of the navigation is current"
+    );
     let wrong = post_form(
         &client,
         base,
@@ -569,6 +584,8 @@ async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
         "/console/other/people",
         "/console/other/downloads/consumed-licenses.csv",
         "/console/nobody/",
+        "/console/acme/people/no-such-person",
+        "/console/acme/no-such-page",
     ] {
         let page = get(&client, base, path).await;
         assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}");
@@ -576,7 +593,22 @@ async fn a_session_of_one_enterprise_gets_404_on_another_enterprises_pages() {
             page.body.starts_with("<!DOCTYPE html>"),
             "{path}: an HTML page"
         );
+        // Signed in: the error page has the navigation of the session's own enterprise.
+        assert!(
+            page.body.contains("id=\"console-nav\""),
+            "{path}: the navigation"
+        );
+        assert!(
+            page.body.contains("href=\"/console/acme/people\""),
+            "{path}"
+        );
+        assert!(!page.body.contains("/console/other/people"), "{path}");
     }
+    // Signed out, the same page has no navigation: there is no session to show.
+    let signed_out = get(&browser(), base, "/console/acme/no-such-page").await;
+    assert_eq!(signed_out.status, StatusCode::NOT_FOUND);
+    assert!(!signed_out.body.contains("id=\"console-nav\""));
+    assert!(signed_out.body.contains("Back to the console"));
     // Changes too, even with the session's own CSRF token.
     let token = csrf(&get(&client, base, "/console/acme/").await.body);
     let changed = post_form(
@@ -626,7 +658,10 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
         "peak date"
     );
     assert!(overview.body.contains("<svg id=\"usage-chart\""));
-    assert!(overview.body.contains("polyline"));
+    // One day of history: a short line per series with its value written, as a polyline of one point draws nothing.
+    assert!(overview.body.contains("<line class=\"series-consumed\""));
+    assert!(overview.body.contains(">3 consumed</text>"));
+    assert!(overview.body.contains(">2 purchased</text>"));
     assert!(overview.body.contains("id=\"instance-usage\""));
     assert!(overview.body.contains(&format!(
         "<th scope=\"row\">{HOSTNAME}</th><td>3</td><td>3</td>"
@@ -657,6 +692,31 @@ async fn every_page_renders_its_contract_elements_and_the_seeded_figures() {
     )));
     assert!(instances.body.contains("class=\"sync-now\""));
     assert!(instances.body.contains("class=\"retire\""));
+    assert!(
+        instances
+            .body
+            .contains("<span class=\"user-count\">3</span> users")
+    );
+    // Dates read as `2026-12-03 12:34 UTC`, with the exact RFC 3339 time in `datetime`.
+    let marker = "<span class=\"last-sync-date\"><time class=\"moment\" datetime=\"";
+    let at = instances
+        .body
+        .find(marker)
+        .expect("the last sync as a <time>")
+        + marker.len();
+    let (exact, rest) = instances.body[at..].split_once("\">").expect("datetime");
+    let shown = &rest[..rest.find('<').expect("</time>")];
+    let parsed = OffsetDateTime::parse(exact, &time::format_description::well_known::Rfc3339)
+        .expect("datetime is RFC 3339");
+    assert_eq!(
+        shown,
+        format!(
+            "{} {:02}:{:02} UTC",
+            license_sync_aggregator::time_format::utc_date(parsed),
+            parsed.hour(),
+            parsed.minute()
+        )
+    );
     assert!(instances.body.contains("id=\"create-enrollment-token\""));
     let created = post_form(
         &client,
@@ -1000,7 +1060,17 @@ async fn an_upload_is_applied_then_already_applied_and_a_bad_file_says_what_is_w
     let bad = upload(b"{\"format\": 1".to_vec(), token.clone()).await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(tag_of(&bad.body, "upload-result").contains("error"));
-    assert!(bad.body.contains("not valid JSON"), "{}", bad.body);
+    // The console speaks of the file the owner chose, not of a request body as REST does.
+    let said = text_of(&bad.body, "upload-error-message");
+    assert!(
+        said.starts_with("This file is not a usage file exported by `license-sync-agent export`: it is not even JSON"),
+        "{said}"
+    );
+    assert!(
+        said.contains("line 1, column 12") && said.contains("upload it again"),
+        "{said}"
+    );
+    assert!(!said.contains("the body"), "{said}");
     let forged = upload(file.clone(), "0".repeat(64)).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     // The raw file as the body, with the token in a header (scripts), takes the same path.
