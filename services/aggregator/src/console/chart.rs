@@ -45,6 +45,40 @@ fn y_of(value: i64, max: i64) -> f64 {
     TOP + plot_height * (1.0 - value.max(0) as f64 / max.max(1) as f64)
 }
 
+/// Baselines of the consumed and purchased value labels beside lines at `consumed_y` and `purchased_y`: level with
+/// their lines, pushed apart to a line of text when the lines are close (or equal), and kept inside the plot.
+fn value_label_ys(consumed_y: f64, purchased_y: f64) -> (f64, f64) {
+    // 13px text: its baseline sits about 4px below the middle of the line it labels.
+    const APART: f64 = 16.0;
+    const HALF_TEXT: f64 = 4.0;
+    let (upper, lower) = if consumed_y <= purchased_y {
+        (consumed_y, purchased_y)
+    } else {
+        (purchased_y, consumed_y)
+    };
+    let (mut upper, mut lower) = if lower - upper < APART {
+        let middle = (upper + lower) / 2.0;
+        (middle - APART / 2.0, middle + APART / 2.0)
+    } else {
+        (upper, lower)
+    };
+    let (top, bottom) = (TOP + 8.0, HEIGHT - BOTTOM - 8.0);
+    if upper < top {
+        lower += top - upper;
+        upper = top;
+    }
+    if lower > bottom {
+        upper -= lower - bottom;
+        lower = bottom;
+    }
+    let (upper, lower) = (upper + HALF_TEXT, lower + HALF_TEXT);
+    if consumed_y <= purchased_y {
+        (upper, lower)
+    } else {
+        (lower, upper)
+    }
+}
+
 /// `svg#usage-chart` for `days` (oldest first).
 pub(super) fn usage_chart(days: &[UsageDay]) -> Markup {
     let consumed: Vec<i64> = days.iter().map(|day| day.consumed).collect();
@@ -95,21 +129,18 @@ pub(super) fn usage_chart(days: &[UsageDay]) -> Markup {
                 }
                 [day] => {
                     // One day: a short line per series around the middle, a dot, and the values written beside it.
-                    // The higher value is labelled above its line and the lower below, so that the labels never meet.
                     @let (consumed_y, purchased_y) = (y_of(day.consumed, max), y_of(day.purchased, max));
-                    @let consumed_above = day.consumed >= day.purchased;
+                    @let (consumed_label_y, purchased_label_y) = value_label_ys(consumed_y, purchased_y);
                     text.axis-label x=(middle_x) y=(HEIGHT - 6.0) text-anchor="middle" { (first) }
                     line.series-purchased x1=(middle_x - SINGLE_DAY_HALF_WIDTH) y1=(purchased_y)
                         x2=(middle_x + SINGLE_DAY_HALF_WIDTH) y2=(purchased_y) {}
                     line.series-consumed x1=(middle_x - SINGLE_DAY_HALF_WIDTH) y1=(consumed_y)
                         x2=(middle_x + SINGLE_DAY_HALF_WIDTH) y2=(consumed_y) {}
                     circle.point-consumed cx=(middle_x) cy=(consumed_y) r="4" {}
-                    text.value-consumed x=(middle_x + SINGLE_DAY_HALF_WIDTH + 6.0)
-                        y=(if consumed_above { consumed_y - 4.0 } else { consumed_y + 14.0 }) {
+                    text.value-consumed x=(middle_x + SINGLE_DAY_HALF_WIDTH + 8.0) y=(consumed_label_y) {
                         (day.consumed) " consumed"
                     }
-                    text.value-purchased x=(middle_x + SINGLE_DAY_HALF_WIDTH + 6.0)
-                        y=(if consumed_above { purchased_y + 14.0 } else { purchased_y - 4.0 }) {
+                    text.value-purchased x=(middle_x + SINGLE_DAY_HALF_WIDTH + 8.0) y=(purchased_label_y) {
                         (day.purchased) " purchased"
                     }
                 }
@@ -196,6 +227,29 @@ mod tests {
         assert_eq!(long.matches("<polyline").count(), 2);
         assert_eq!(long.matches("class=\"point-consumed\"").count(), 0);
         assert!(long.contains("highest value shown is 89"));
+    }
+
+    #[test]
+    fn single_day_labels_stay_apart_and_inside_the_plot() {
+        for (consumed, purchased) in [(6, 6), (6, 5), (0, 0), (3, 6), (6, 3)] {
+            let (consumed_y, purchased_y) = value_label_ys(y_of(consumed, 6), y_of(purchased, 6));
+            assert!(
+                (consumed_y - purchased_y).abs() >= 16.0,
+                "{consumed} and {purchased}"
+            );
+            for y in [consumed_y, purchased_y] {
+                assert!(
+                    y > TOP + 8.0 && y < HEIGHT - BOTTOM,
+                    "{consumed} and {purchased}: {y}"
+                );
+            }
+            // The higher value's label is the upper one.
+            assert_eq!(
+                consumed_y < purchased_y,
+                consumed >= purchased,
+                "{consumed} and {purchased}"
+            );
+        }
     }
 
     #[test]

@@ -149,6 +149,20 @@ async fn signed_error_page(app: &App, cookies: &HeaderMap, response: Response) -
     Response::from_parts(parts, axum::body::Body::from(markup.into_string()))
 }
 
+/// `message` as a sentence: a capital first letter and a full stop, as GitHub's "Bad credentials" has neither.
+pub(crate) fn sentence(message: &str) -> String {
+    let message = message.trim();
+    let mut chars = message.chars();
+    let mut shown: String = match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    if !shown.is_empty() && !shown.ends_with(['.', '!', '?']) {
+        shown.push('.');
+    }
+    shown
+}
+
 /// An error page: the status, the error's message and the way on (the navigation when `signed`).
 fn error_markup(status: StatusCode, error: &ServiceError, signed: Option<&Signed>) -> Markup {
     let title = status.canonical_reason().unwrap_or("Error");
@@ -157,7 +171,7 @@ fn error_markup(status: StatusCode, error: &ServiceError, signed: Option<&Signed
         signed.map(|signed| (signed, None)),
         html! {
             h1 { (status.as_u16()) " " (title) }
-            p #error-message role="alert" { (error.message) }
+            p #error-message role="alert" { (sentence(&error.message)) }
             @match signed {
                 Some(signed) => p { a href=(enterprise_path(signed, "")) { "Back to the overview" } },
                 None => p { a href="/console/" { "Back to the console" } },
@@ -415,5 +429,21 @@ pub(crate) fn positive_parameter(
                 )))
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sentence;
+
+    #[test]
+    fn messages_are_shown_as_sentences() {
+        assert_eq!(sentence("Bad credentials"), "Bad credentials.");
+        assert_eq!(
+            sentence("there is no console page here; start from the overview (/console/)"),
+            "There is no console page here; start from the overview (/console/)."
+        );
+        assert_eq!(sentence("Already one. "), "Already one.");
+        assert_eq!(sentence(""), "");
     }
 }

@@ -284,7 +284,7 @@ fn instance_row(
                     span.pending-deliveries { (counted(pending, "pending delivery", "pending deliveries")) }
                 }
             }
-            td {
+            td.users {
                 span.user-count { (instance.user_count) } @if instance.user_count == 1 { " user" } @else { " users" }
                 @if instance.rows_skipped > 0 {
                     br; span.rows-skipped { (counted(instance.rows_skipped, "row skipped", "rows skipped")) }
@@ -803,7 +803,7 @@ fn explanation_markup(explanation: &Explanation, heading: &str) -> Markup {
                     " — " (account.detail) ". "
                     span.consumes class=[account.consumes_license.then_some("yes")] {
                         @if account.consumes_license { "Consumes a license" } @else { "Does not consume a license" }
-                        " (" (account.consumption) ")"
+                        " (" (account.consumption) ")."
                     }
                     @if !account.tied_with.is_empty() { " Also matched: " (account.tied_with.join(", ")) "." }
                 }

@@ -221,7 +221,7 @@ fn sign_in_markup(refusal: Option<SignInRefusal<'_>>) -> maud::Markup {
             @if let Some(refusal) = refusal {
                 div #sign-in-refusal role="alert" {
                     h2 { "Not signed in" }
-                    p #sign-in-error.error { (sentence(refusal.message)) }
+                    p #sign-in-error.error { (super::sentence(refusal.message)) }
                     @if let Some(hint) = refusal.hint { p #sign-in-hint { (hint) } }
                 }
             }
@@ -239,20 +239,6 @@ fn sign_in_markup(refusal: Option<SignInRefusal<'_>>) -> maud::Markup {
             }
         },
     )
-}
-
-/// `message` as a sentence: a capital first letter and a full stop, as GitHub's "Bad credentials" has neither.
-fn sentence(message: &str) -> String {
-    let message = message.trim();
-    let mut chars = message.chars();
-    let mut shown: String = match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
-    };
-    if !shown.ends_with(['.', '!', '?']) {
-        shown.push('.');
-    }
-    shown
 }
 
 pub(super) async fn sign_in_page() -> Response {
