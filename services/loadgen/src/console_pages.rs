@@ -222,7 +222,8 @@ async fn time_csv(
     ))
 }
 
-/// Someone to look at, from a REST page in the middle: ids for the explanation and the comparison, and search terms.
+/// Someone to look at, from the REST pages from the middle on: ids for the explanation and the comparison, and
+/// search terms.
 struct Subjects {
     person_a: String,
     person_b: String,
@@ -230,46 +231,62 @@ struct Subjects {
     host_id: String,
 }
 
+/// Pages of `consumed-licenses` read at most to find the subjects (where cloud people sort depends on the data).
+const SUBJECT_PAGES: u64 = 50;
+
 async fn subjects(
     http: &reqwest::Client,
     consumed_url: &str,
     token: &str,
     consumed: u64,
 ) -> Result<Subjects> {
-    let middle = consumed.div_ceil(100).div_ceil(2).max(1);
-    let page: serde_json::Value = http
-        .get(format!("{consumed_url}?per_page=100&page={middle}"))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let users = page["users"]
-        .as_array()
-        .context("consumed-licenses answered without `users`")?;
+    let pages = consumed.div_ceil(100).max(1);
     let text = |user: &serde_json::Value, key: &str| user[key].as_str().unwrap_or("").to_owned();
-    let both = users
-        .iter()
-        .find(|user| {
-            !text(user, "github_com_login").is_empty()
-                && user["enterprise_server_user_ids"]
-                    .as_array()
-                    .is_some_and(|ids| !ids.is_empty())
-        })
-        .context("no person with a cloud account and a GHES account in the middle page")?;
-    let other = users
-        .iter()
-        .find(|user| user["person_id"] != both["person_id"])
-        .context("a middle page of one person")?;
+    let (mut cloud, mut server, mut other): (
+        Option<serde_json::Value>,
+        Option<String>,
+        Option<String>,
+    ) = (None, None, None);
+    for n in 0..SUBJECT_PAGES.min(pages) {
+        let page_number = (pages / 2 + n) % pages + 1;
+        let page: serde_json::Value = http
+            .get(format!("{consumed_url}?per_page=100&page={page_number}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let users = page["users"]
+            .as_array()
+            .context("consumed-licenses answered without `users`")?;
+        for user in users {
+            if cloud.is_none() && !text(user, "github_com_login").is_empty() {
+                cloud = Some(user.clone());
+            } else if other.is_none() {
+                other = Some(text(user, "person_id"));
+            }
+            if server.is_none()
+                && let Some(id) = user["enterprise_server_user_ids"][0].as_str()
+            {
+                server = Some(id.to_owned());
+            }
+        }
+        if cloud.is_some() && server.is_some() && other.is_some() {
+            break;
+        }
+    }
+    let (Some(cloud), Some(host_id), Some(person_b)) = (cloud, server, other) else {
+        bail!(
+            "no person with a cloud account, one with a GHES account and a third in {SUBJECT_PAGES} pages of \
+             consumed-licenses: give --cloud-members and --users-per-instance"
+        );
+    };
     Ok(Subjects {
-        person_a: text(both, "person_id"),
-        person_b: text(other, "person_id"),
-        login: text(both, "github_com_login"),
-        host_id: both["enterprise_server_user_ids"][0]
-            .as_str()
-            .unwrap_or("")
-            .to_owned(),
+        person_a: text(&cloud, "person_id"),
+        person_b,
+        login: text(&cloud, "github_com_login"),
+        host_id,
     })
 }
 
