@@ -222,7 +222,7 @@ async fn time_csv(
     ))
 }
 
-/// Someone to look at, from the REST pages from the middle on: ids for the explanation and the comparison, and
+/// Someone to look at, from REST pages of the middle, the start and the end: ids for the explanation and the comparison, and
 /// search terms.
 struct Subjects {
     person_a: String,
@@ -248,7 +248,12 @@ async fn subjects(
         Option<String>,
     ) = (None, None, None);
     for n in 0..SUBJECT_PAGES.min(pages) {
-        let page_number = (pages / 2 + n) % pages + 1;
+        // From the middle, the start and the end in turn: cloud members may sort together at either end.
+        let page_number = match n % 3 {
+            0 => (pages / 2 + n / 3).min(pages - 1) + 1,
+            1 => n / 3 + 1,
+            _ => pages - n / 3,
+        };
         let page: serde_json::Value = http
             .get(format!("{consumed_url}?per_page=100&page={page_number}"))
             .bearer_auth(token)
