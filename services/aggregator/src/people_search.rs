@@ -20,16 +20,17 @@ pub struct PeopleSearch {
     ends: Vec<usize>,
 }
 
-/// Lower-cases `field` onto `text`: ASCII copied whole and lower-cased in place (one pass over the bytes rather than
-/// a `char` pushed at a time), anything else through Unicode's lower case.
+/// Lower-cases `field` onto `text`: ASCII in place, anything else through Unicode's lower case.
 fn push_lowercase(text: &mut String, field: &str) {
     if field.is_empty() {
         return;
     }
     if field.is_ascii() {
-        let start = text.len();
-        text.push_str(field);
-        text[start..].make_ascii_lowercase();
+        text.extend(
+            field
+                .bytes()
+                .map(|byte| char::from(byte.to_ascii_lowercase())),
+        );
     } else {
         text.push_str(&field.to_lowercase());
     }
@@ -52,11 +53,6 @@ impl PeopleSearch {
         let consuming = people.consuming();
         let instances = people.instance_slots();
         let cloud = people.cloud_members();
-        // `host:` of each instance, lower-cased once rather than once per account.
-        let host_prefixes: Vec<String> = instances
-            .iter()
-            .map(|instance| format!("{}:", instance.hostname.to_ascii_lowercase()))
-            .collect();
         // About 64 bytes per account in practice (login, email, host:id).
         let mut text = String::with_capacity(consuming.len() * 64);
         let mut ends = Vec::with_capacity(consuming.len());
@@ -74,18 +70,16 @@ impl PeopleSearch {
                     }
                 }
                 for link in &person.server_accounts {
-                    let index = link.account.instance as usize;
-                    let (Some(instance), Some(host_prefix)) =
-                        (instances.get(index), host_prefixes.get(index))
-                    else {
+                    let Some(instance) = instances.get(link.account.instance as usize) else {
                         continue;
                     };
                     let user = link.account.user as usize;
                     push_lowercase(&mut text, instance.users.login(user));
                     push_lowercase(&mut text, instance.users.email(user));
                     // `host:id` as one field: a query of the whole reference, or of the hostname, matches it.
-                    text.push_str(host_prefix);
-                    let _ = write!(text, "{}", instance.users.id(user));
+                    let start = text.len();
+                    let _ = write!(text, "{}:{}", instance.hostname, instance.users.id(user));
+                    text[start..].make_ascii_lowercase();
                     text.push(FIELD_SEPARATOR);
                 }
             }
