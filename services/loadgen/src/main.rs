@@ -14,7 +14,9 @@
 //! 3. every instance, `--sync-concurrency` at a time in total (users/s, per-sync p50/p99), then the merge;
 //! 4. one instance changes and re-syncs: time until the REST answer reflects it (re-merge);
 //! 5. REST: `--rest-connections` clients read random `consumed-licenses` pages for `--rest-seconds`;
-//! 6. the aggregator's peak RSS.
+//! 6. the aggregator's peak RSS;
+//! 7. with `--console-pages`: the web console's pages timed over HTTP, next to the REST page 1 (`console_pages`),
+//!    and the peak RSS after them.
 //!
 //! `--replicas N` (PostgreSQL only) starts N aggregator processes on the one database: the syncs of phase 3 go to
 //! their gRPC addresses round-robin (instance i to replica i mod N), the REST clients of phase 5 likewise to their
@@ -30,6 +32,7 @@
 //! must answer the in-process merge's consumed count on every replica, with identical first pages; it prints users/s
 //! and syncs/s of both and the ratio N-replica / 1-replica per round, and their median.
 
+mod console_pages;
 mod database;
 mod dataset;
 mod memory;
@@ -123,6 +126,13 @@ struct Args {
     /// parts (accounts, cloud members and their index, people), measured by a counting allocator.
     #[arg(long, conflicts_with_all = ["replicas", "compare_replicas"])]
     memory_breakdown: bool,
+    /// After the REST phase: sign in to the (first) aggregator's web console and time each page over HTTP, next to
+    /// the REST `consumed-licenses` page 1 as a baseline (`console_pages`).
+    #[arg(long, conflicts_with_all = ["compare_replicas", "memory_breakdown"])]
+    console_pages: bool,
+    /// Requests per page of --console-pages; the first is reported apart as cold.
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "console_pages", value_parser = clap::value_parser!(u64).range(2..))]
+    console_requests: u64,
 }
 
 fn micros(duration: Duration) -> u64 {
@@ -754,7 +764,8 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
     )?);
     upload(&first.grpc_url, &credentials[0], snapshot, args.batch_size).await?;
     let resync = started.elapsed();
-    let (remerge_times, _) = wait_on_every_replica(http, &replicas, &token, |t| t != total).await?;
+    let (remerge_times, total_after_change) =
+        wait_on_every_replica(http, &replicas, &token, |t| t != total).await?;
     let remerge = remerge_times[0];
     let remerge_slowest = remerge_times.iter().max().copied().unwrap_or_default();
 
@@ -802,6 +813,21 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
     }
     let cpu_after = cpu_split(&replicas);
     let rss = rss_report(&replicas);
+
+    // 7. The console's pages, after everything above (their caches, e.g. the people search, add to the peak RSS).
+    let console = if args.console_pages {
+        let table = console_pages::run(
+            &replicas[0].http_url,
+            "loadgen",
+            &token,
+            args.console_requests as usize,
+            total_after_change,
+        )
+        .await?;
+        Some((table, rss_report(&replicas)))
+    } else {
+        None
+    };
     stop_all(replicas).await;
     database.drop_database().await?;
 
@@ -897,6 +923,10 @@ async fn default_run(cx: &Run<'_>) -> Result<()> {
         println!("  aggregator peak RSS                           {rss}");
     } else {
         println!("  aggregator peak RSS, per replica              {rss}");
+    }
+    if let Some((table, rss_after)) = console {
+        print!("{table}");
+        println!("  aggregator peak RSS after the console pages   {rss_after}");
     }
     if total != expected_total {
         bail!(
