@@ -122,7 +122,9 @@ impl Views {
             async move {
                 if let Err(error) = views.apply_commit(enterprise_id, committed).await {
                     tracing::warn!(error = %error.message, "could not rebuild the merged view");
+                    return;
                 }
+                views.rebuild_derived(enterprise_id).await;
             }
             .instrument(span),
         );
@@ -349,6 +351,62 @@ impl Views {
             *cached = Some((view.generation, Arc::clone(&duplicates)));
         }
         duplicates
+    }
+
+    /// After a commit of this process: rebuilds the likely duplicates and the people search for the view's new
+    /// generation, each only if it was served for an earlier one (someone reads them), so that their next reader
+    /// does not pay for a pass over every consuming person (at 1M accounts 0.7–1.1 s and 0.35 s, measured by
+    /// `loadgen --console-pages`). A view caught up from another replica's commit still pays on its first read.
+    async fn rebuild_derived(&self, enterprise_id: i64) {
+        let Ok(slot) = self.view_slot(enterprise_id) else {
+            return;
+        };
+        let wants_duplicates = slot.duplicates.lock().is_ok_and(|cached| cached.is_some());
+        let wants_search = slot
+            .people_search
+            .lock()
+            .is_ok_and(|cached| cached.is_some());
+        if !wants_duplicates && !wants_search {
+            return;
+        }
+        let Ok(view) = self.view_as_is(enterprise_id).await else {
+            return;
+        };
+        // Off the async threads, like a reader's build; the read guard is held as a reader's would be.
+        let built = tokio::task::spawn_blocking(move || {
+            let duplicates = wants_duplicates.then(|| Arc::new(view.people.likely_duplicates()));
+            let search = wants_search.then(|| Arc::new(PeopleSearch::build(&view)));
+            (view.generation, duplicates, search)
+        })
+        .await;
+        let Ok((generation, duplicates, search)) = built else {
+            return;
+        };
+        if let Some(duplicates) = duplicates
+            && let Ok(mut cached) = slot.duplicates.lock()
+            && cached
+                .as_ref()
+                .is_none_or(|(known, _)| *known <= generation)
+        {
+            *cached = Some((generation, duplicates));
+        }
+        if let Some(search) = search {
+            self.cache_people_search(enterprise_id, search);
+        }
+    }
+
+    /// The likely duplicates cached for `generation`, if any.
+    pub fn cached_likely_duplicates(
+        &self,
+        enterprise_id: i64,
+        generation: i64,
+    ) -> Option<Arc<Vec<LikelyDuplicate>>> {
+        let slot = self.view_slot(enterprise_id).ok()?;
+        let cached = slot.duplicates.lock().ok()?;
+        cached
+            .as_ref()
+            .filter(|(known, _)| *known == generation)
+            .map(|(_, duplicates)| Arc::clone(duplicates))
     }
 
     /// The enterprise's view as it is now, without asking the store whether it is current (brought up to date when

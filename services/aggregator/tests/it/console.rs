@@ -1143,3 +1143,54 @@ async fn sessions_are_shared_by_replicas(harness: Harness) {
     replica.shutdown().await.expect("replica stops");
     harness.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_commit_rebuilds_the_people_search_and_duplicates_that_were_read_before() {
+    let harness = Harness::start(|_| {}).await;
+    let base = &harness.base;
+    let app = &harness.server().app;
+    let instance = seeded(app, 3).await;
+    let acme = app
+        .store
+        .enterprise_by_slug("acme")
+        .await
+        .expect("store")
+        .expect("acme");
+    let client = browser();
+    sign_in(&client, base, &harness.owner_token).await;
+    // Read both once: from now on they are rebuilt for each new generation this process commits.
+    let search = get(&client, base, "/console/acme/people?q=user").await;
+    assert_eq!(search.status, StatusCode::OK, "{}", search.body);
+    let duplicates = get(&client, base, "/console/acme/duplicates").await;
+    assert_eq!(duplicates.status, StatusCode::OK, "{}", duplicates.body);
+
+    app.commit_snapshot(
+        &instance,
+        snapshot_of(instance.server_id, 5),
+        Arrival::Connect,
+        None,
+    )
+    .await
+    .expect("second commit");
+    let generation = app
+        .store
+        .enterprise_generation(acme.id)
+        .await
+        .expect("generation");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app
+        .views
+        .cached_people_search(acme.id, generation)
+        .is_none()
+        || app
+            .views
+            .cached_likely_duplicates(acme.id, generation)
+            .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no people search and likely duplicates of generation {generation} were built without a reader"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
