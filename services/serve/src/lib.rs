@@ -341,10 +341,36 @@ pub async fn accept(listener: &tokio::net::TcpListener) -> tokio::net::TcpStream
 /// aggregator's and the agent's tests so that both hold their ports to the same checks.
 #[cfg(feature = "test-support")]
 pub mod testing {
+    use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
+
+    /// The Python interpreter of the compatibility tests (`LICENSE_SYNC_TEST_PYTHON`, set by `scripts/test.sh` to
+    /// the virtualenv it fills; else `python3`) if it can import every one of `modules`. Otherwise `test` is
+    /// reported `SKIPPED` with the reason and `None` returned, or, under `LICENSE_SYNC_REQUIRE_ALL_TESTS` (CI), it
+    /// panics: nothing may be skipped there.
+    pub fn python_with(test: &str, modules: &[&str]) -> Option<PathBuf> {
+        let python =
+            std::env::var("LICENSE_SYNC_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let imports = format!("import {}", modules.join(", "));
+        let reason = match std::process::Command::new(&python)
+            .args(["-c", &imports])
+            .output()
+        {
+            Ok(probe) if probe.status.success() => return Some(PathBuf::from(python)),
+            Ok(_) => format!(
+                "{python} cannot `{imports}`; run scripts/test.sh, which installs them into target/test-venv"
+            ),
+            Err(err) => format!("cannot run {python}: {err}"),
+        };
+        if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_some() {
+            panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {test} cannot run: {reason}");
+        }
+        eprintln!("SKIPPED {test}: {reason}");
+        None
+    }
 
     /// Reads until the peer closes the connection (EOF or reset) and returns how long that took, or `None` if it
     /// was still open after `within`.

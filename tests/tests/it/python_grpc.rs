@@ -4,40 +4,20 @@
 //! people) and refuses the same snapshot with one bit of the digest flipped. Skipped without a Python that has
 //! grpcio and grpcio-tools (`scripts/test.sh` makes one), failed instead under `LICENSE_SYNC_REQUIRE_ALL_TESTS=1`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use license_sync_e2e::Aggregator;
 use serde_json::Value;
 
 use crate::traces::enterprise_with_instance;
 
-/// The Python interpreter that has grpcio and grpcio-tools, or why there is none.
-fn python_with_grpc() -> Result<PathBuf, String> {
-    let python = std::env::var("LICENSE_SYNC_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools.protoc"])
-        .output()
-        .map_err(|err| format!("cannot run {python}: {err}"))?;
-    if probe.status.success() {
-        Ok(PathBuf::from(python))
-    } else {
-        Err(format!(
-            "{python} cannot import grpc and grpc_tools; run scripts/test.sh, which installs them"
-        ))
-    }
-}
-
 #[test]
 fn a_python_client_written_from_the_proto_streams_a_snapshot_with_its_digest() {
-    let python = match python_with_grpc() {
-        Ok(python) => python,
-        Err(reason) if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_none() => {
-            eprintln!(
-                "SKIPPED a_python_client_written_from_the_proto_streams_a_snapshot_with_its_digest: {reason}"
-            );
-            return;
-        }
-        Err(reason) => panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {reason}"),
+    let Some(python) = license_sync_serve::testing::python_with(
+        "a_python_client_written_from_the_proto_streams_a_snapshot_with_its_digest",
+        &["grpc", "grpc_tools.protoc"],
+    ) else {
+        return;
     };
     let aggregator = Aggregator::start().expect("aggregator");
     let (server_id, credential) = enterprise_with_instance(&aggregator, "python.ghes.test");

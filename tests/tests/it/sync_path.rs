@@ -704,31 +704,13 @@ fn the_aggregator_keeps_everything_across_a_restart() {
     );
 }
 
-/// The Python interpreter that has PyGithub (`scripts/test.sh` makes one), or `None` with the reason.
-fn python_with_pygithub() -> Result<PathBuf, String> {
-    let python = std::env::var("LICENSE_SYNC_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import github"])
-        .output()
-        .map_err(|err| format!("cannot run {python}: {err}"))?;
-    if probe.status.success() {
-        Ok(PathBuf::from(python))
-    } else {
-        Err(format!(
-            "{python} cannot import PyGithub; run scripts/test.sh, which installs it"
-        ))
-    }
-}
-
 #[test]
 fn pygithub_reads_consumed_licenses_across_pages() {
-    let python = match python_with_pygithub() {
-        Ok(python) => python,
-        Err(reason) if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_none() => {
-            eprintln!("SKIPPED pygithub_reads_consumed_licenses_across_pages: {reason}");
-            return;
-        }
-        Err(reason) => panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {reason}"),
+    let Some(python) = license_sync_serve::testing::python_with(
+        "pygithub_reads_consumed_licenses_across_pages",
+        &["github"],
+    ) else {
+        return;
     };
     let setup = setup();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("compat/pygithub_consumed_licenses.py");

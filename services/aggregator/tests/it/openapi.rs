@@ -1102,31 +1102,13 @@ fn our_schemas_of_githubs_endpoints_declare_githubs_fields_with_compatible_types
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// The Python interpreter that has openapi-spec-validator (`scripts/test.sh` installs it), or the reason.
-fn python_with_validator() -> Result<PathBuf, String> {
-    let python = std::env::var("LICENSE_SYNC_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import openapi_spec_validator"])
-        .output()
-        .map_err(|err| format!("cannot run {python}: {err}"))?;
-    if probe.status.success() {
-        Ok(PathBuf::from(python))
-    } else {
-        Err(format!(
-            "{python} cannot import openapi_spec_validator; run scripts/test.sh, which installs it"
-        ))
-    }
-}
-
 #[tokio::test]
 async fn the_served_document_passes_openapi_spec_validator() {
-    let python = match python_with_validator() {
-        Ok(python) => python,
-        Err(reason) if std::env::var_os("LICENSE_SYNC_REQUIRE_ALL_TESTS").is_none() => {
-            eprintln!("SKIPPED the_served_document_passes_openapi_spec_validator: {reason}");
-            return;
-        }
-        Err(reason) => panic!("LICENSE_SYNC_REQUIRE_ALL_TESTS is set but {reason}"),
+    let Some(python) = license_sync_serve::testing::python_with(
+        "the_served_document_passes_openapi_spec_validator",
+        &["openapi_spec_validator"],
+    ) else {
+        return;
     };
     let harness = Harness::start(|_| {}).await;
     let answer = call(
